@@ -1,0 +1,24 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(1)
+
+from tiny_models import tiny_model  # noqa: E402
+
+
+@pytest.fixture(params=["qwen2", "llama"])
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Factory: tiny(arch, seed=0, **config overrides) -> model reloaded from disk."""
+    counter = iter(range(1000))
+    return lambda arch="qwen2", seed=0, **kw: tiny_model(arch, tmp_path / f"{arch}-{next(counter)}", seed, **kw)
