@@ -1,0 +1,65 @@
+"""MoLFLinear: a base linear plus LoRA experts, y = W x + b + sum_i s_i B_i A_i dropout(x)."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class MoLFLinear(nn.Module):
+    """Wraps (reuses, never copies) `base_layer`; experts are `full` (W, b) and `lora{i}` (A_i, B_i)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        ranks: Sequence[int],
+        alphas: Sequence[float],
+        use_rslora: bool = True,
+        dropout: float = 0.0,
+        trains_base: bool = True,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        weight = base_layer.weight
+        kw = dict(bias=False, device=weight.device, dtype=weight.dtype)
+        self.lora_A = nn.ModuleList(nn.Linear(base_layer.in_features, r, **kw) for r in ranks)
+        self.lora_B = nn.ModuleList(nn.Linear(r, base_layer.out_features, **kw) for r in ranks)
+        self.scaling = [a / (math.sqrt(r) if use_rslora else r) for r, a in zip(ranks, alphas)]
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        loras = [f"lora{i}" for i in range(len(ranks))]
+        self.expert_names = (["full"] if trains_base else []) + loras
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        for a, b in zip(self.lora_A, self.lora_B):
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            nn.init.zeros_(b.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        h = self.lora_dropout(x)
+        for a, b, s in zip(self.lora_A, self.lora_B, self.scaling):
+            y = y + s * b(a(h.to(a.weight.dtype))).to(y.dtype)
+        return y
+
+    def expert_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters of each expert, keyed by expert name (the `full` expert only when it trains)."""
+        experts = {f"lora{i}": [a.weight, b.weight] for i, (a, b) in enumerate(zip(self.lora_A, self.lora_B))}
+        if "full" in self.expert_names:
+            base = self.base_layer
+            experts = {"full": [base.weight] + ([base.bias] if base.bias is not None else []), **experts}
+        return experts
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        """The base layer with every expert folded in: W += sum_i s_i B_i A_i."""
+        w = self.base_layer.weight
+        for a, b, s in zip(self.lora_A, self.lora_B, self.scaling):
+            w.add_((b.weight.float() @ a.weight.float()).mul_(s).to(w.dtype))
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"experts={self.expert_names}, scaling={[round(s, 6) for s in self.scaling]}"
+

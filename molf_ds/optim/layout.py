@@ -1,0 +1,90 @@
+"""Where each expert lives: the (module, expert) cells and the segments of the flat tensors the optimizer steps.
+
+A *cell* is one expert of one MoLF module, numbered `module * n_experts + expert`. A *layout* lists the
+segments `(offset, length, cell)` of one flat tensor. Without ZeRO every parameter is its own flat tensor
+with a single segment; the ZeRO adapters build layouts of DeepSpeed's fp32 partitions instead, so the
+optimizer runs one code path for every stage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..wrapping import _numel, molf_modules
+
+
+@dataclass(frozen=True)
+class Layout:
+    offsets: torch.Tensor  # int64, sorted, non-overlapping
+    lengths: torch.Tensor  # int64
+    cells: torch.Tensor  # int64, module * n_experts + expert
+
+    @staticmethod
+    def of(segments: list[tuple[int, int, int]]) -> "Layout":
+        segments = sorted(s for s in segments if s[1] > 0)
+        offsets, lengths, cells = zip(*segments) if segments else ((), (), ())
+        as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+        return Layout(as_long(offsets), as_long(lengths), as_long(cells))
+
+    def select(self, cell_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(offsets, lengths) of the segments whose cell is set in the flat boolean `cell_mask`."""
+        keep = cell_mask[self.cells]
+        return self.offsets[keep], self.lengths[keep]
+
+
+class LayoutSource(Protocol):
+    def __call__(self, flat: torch.Tensor) -> Layout | None: ...
+
+
+class ExpertIndex:
+    """The MoLF modules of a model, their experts, and which expert every parameter belongs to."""
+
+    def __init__(self, model: nn.Module) -> None:
+        modules = molf_modules(model)
+        if not modules:
+            raise ValueError("the model has no MoLF layers: call molf_ds.wrap_model(model, cfg) first")
+        self.module_names = [name for name, _ in modules]
+        self.expert_names = list(modules[0][1].expert_names)
+        self.cell_of: dict[int, int] = {}  # id(param) -> cell
+        self.params_by_cell: dict[int, list[nn.Parameter]] = {}
+        sizes = torch.zeros(len(modules), len(self.expert_names), dtype=torch.float64)
+        for m, (name, module) in enumerate(modules):
+            if module.expert_names != self.expert_names:
+                raise ValueError(f"{name} has experts {module.expert_names}, others {self.expert_names}")
+            for e, params in enumerate(module.expert_parameters().values()):
+                cell = m * self.n_experts + e
+                self.params_by_cell[cell] = params
+                for p in params:
+                    self.cell_of[id(p)] = cell
+                sizes[m, e] = sum(_numel(p) for p in params)
+        self.sizes = sizes  # N_e per (module, expert)
+
+    @property
+    def n_modules(self) -> int:
+        return len(self.module_names)
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.expert_names)
+
+    def param_layout(self, param: torch.Tensor) -> Layout | None:
+        """The layout of an unpartitioned parameter: one segment covering it, or None outside MoLF."""
+        cell = self.cell_of.get(id(param))
+        return None if cell is None else Layout.of([(0, param.numel(), cell)])
+
+
+class ParamLayouts:
+    """LayoutSource for optimizers that step the model's own parameters (no ZeRO partitioning)."""
+
+    def __init__(self, index: ExpertIndex) -> None:
+        self.index = index
+        self._cache: dict[int, Layout | None] = {}
+
+    def __call__(self, flat: torch.Tensor) -> Layout | None:
+        key = id(flat)
+        if key not in self._cache:
+            self._cache[key] = self.index.param_layout(flat)
+        return self._cache[key]

@@ -1,0 +1,194 @@
+"""MoLFAdamW: AdamW that routes each module's update to its top-k experts (../shared/DESIGN.md section 1).
+
+The optimizer steps *flat tensors* (parameters, or DeepSpeed's fp32 partitions) and learns where the
+experts lie in them from a LayoutSource. Every tensor with a gradient updates its moments; MoLF tensors
+add their segments' score sums into a [modules, experts] table, which is reduced across ranks once
+(`reduce_scores`, set by the ZeRO adapters); then every rank takes the same top-k and updates only the
+winners' segments. Tensors outside MoLF modules take plain AdamW.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..config import MoLFConfig
+from . import kernels
+from .layout import ExpertIndex, Layout, LayoutSource, ParamLayouts
+from .routing_log import RoutingLog
+
+SCORE_EPS = 1e-8
+MOLF_KINDS = ("full", "full_bias", "lora")
+ScoreReducer = Callable[[torch.Tensor], None]
+
+
+class MoLFAdamW(torch.optim.Optimizer):
+    def __init__(
+        self,
+        param_groups: Iterable[dict[str, Any]],
+        index: ExpertIndex,
+        cfg: MoLFConfig,
+        routing_log: RoutingLog | None = None,
+    ) -> None:
+        super().__init__(list(param_groups), dict(lr=cfg.lr, weight_decay=0.0, betas=cfg.betas, eps=cfg.eps))
+        self.index = index
+        self.cfg = cfg
+        self.routing_log = routing_log
+        self.layouts: LayoutSource = ParamLayouts(index)
+        self.reduce_scores: ScoreReducer | None = None  # in-place SUM over data-parallel ranks
+        self.molf_step = 0
+        self.last_scores: torch.Tensor | None = None  # [modules, experts], -inf where an expert sat out
+        self.last_winners: torch.Tensor | None = None  # [modules, experts] bool
+
+    # ---- the step -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        t = self.molf_step + 1
+        beta1, beta2 = self.cfg.betas
+        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+        sums = torch.zeros(self.index.n_modules * self.index.n_experts, dtype=torch.float64)
+        took_part = torch.zeros_like(sums, dtype=torch.bool)
+        routed: list[tuple[torch.Tensor, dict[str, Any], Layout]] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._state_of(p, t)
+                layout = self.layouts(p) if group.get("kind") in MOLF_KINDS else None
+                if layout is None:
+                    kernels.adamw_step(
+                        p, p.grad, state["exp_avg"], state["exp_avg_sq"], group["lr"], beta1, beta2,
+                        self.cfg.eps, group["weight_decay"], bc1, bc2,
+                    )
+                    continue
+                seg_sums = kernels.moments_and_scores(
+                    p.grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2,
+                    layout.offsets, layout.lengths, self.cfg.score, SCORE_EPS,
+                )
+                if self.cfg.score == "epd":
+                    seg_sums = seg_sums * group["lr"]
+                sums.index_add_(0, layout.cells, seg_sums.to(sums.device))
+                took_part[layout.cells] = True
+                routed.append((p, group, layout))
+        winners = self._route(sums, took_part)
+        for p, group, layout in routed:
+            offsets, lengths = layout.select(winners)
+            if len(offsets):
+                state = self.state[p]
+                kernels.adamw_update_ranges(
+                    p, state["exp_avg"], state["exp_avg_sq"], offsets, lengths,
+                    group["lr"], group["weight_decay"], bc1, bc2, self.cfg.eps,
+                )
+        self.molf_step = t
+        if self.routing_log is not None and self.routing_log.wants(t):
+            self.routing_log.write(self.last_routing)
+        return loss
+
+    def _state_of(self, p: torch.Tensor, t: int) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] = torch.tensor(float(t))
+        return state
+
+    def _route(self, sums: torch.Tensor, took_part: torch.Tensor) -> torch.Tensor:
+        """Global scores from the local sums, then the same top-k on every rank; returns the flat winner mask."""
+        if self.reduce_scores is not None:
+            self.reduce_scores(sums)  # the one collective of the step
+            took_part = self.index.sizes.view(-1) > 0  # partitioned grads always exist
+        shape = (self.index.n_modules, self.index.n_experts)
+        per_element = sums.view(shape) / self.index.sizes.clamp(min=1)
+        scores = per_element if self.cfg.score == "epd" else per_element.sqrt()
+        scores = scores.masked_fill(~took_part.view(shape), -math.inf)
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, : self.cfg.top_k]
+        winners = torch.zeros(shape, dtype=torch.bool).scatter_(1, order, True) & took_part.view(shape)
+        self.last_scores, self.last_winners = scores, winners
+        return winners.view(-1)
+
+    # ---- reporting ------------------------------------------------------------------------------
+    @property
+    def lr_scale(self) -> float:
+        """The LR schedule factor: current / initial lr of the first MoLF group."""
+        group = next(g for g in self.param_groups if g.get("kind") in MOLF_KINDS)
+        return group["lr"] / group["base_lr"] if group["base_lr"] else 0.0
+
+    @property
+    def last_routing(self) -> dict[str, Any]:
+        """The routing record of the last step, in the routing-log format of DESIGN.md section 4."""
+        names = self.index.expert_names
+        modules = {}
+        for name, scores, wins in zip(self.index.module_names, self.last_scores.tolist(), self.last_winners.tolist()):
+            modules[name] = {
+                "winners": [e for e, w in zip(names, wins) if w],
+                "scores": {e: s for e, s in zip(names, scores) if s != -math.inf},
+            }
+        return {"step": self.molf_step, "lr_scale": self.lr_scale, "modules": modules}
+
+    def routing_shares(self) -> dict[str, float]:
+        """Fraction of modules each expert won at the last step."""
+        share = self.last_winners.double().mean(dim=0).tolist()
+        return dict(zip(self.index.expert_names, share))
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["molf"] = {"step": self.molf_step}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        molf = state_dict.pop("molf", None)
+        super().load_state_dict(state_dict)
+        steps = [int(s["step"]) for s in self.state.values() if "step" in s]
+        self.molf_step = molf["step"] if molf else max(steps, default=0)
+
+
+def param_groups(model: nn.Module, index: ExpertIndex, cfg: MoLFConfig) -> list[dict[str, Any]]:
+    """One group per (lr, weight decay) kind: full, full_bias, lora, decay, no_decay. Empty ones are dropped."""
+    kinds: dict[str, list[nn.Parameter]] = {k: [] for k in ("full", "full_bias", "lora", "decay", "no_decay")}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        cell = index.cell_of.get(id(p))
+        if cell is None:
+            kinds["decay" if len(getattr(p, "ds_shape", p.shape)) >= 2 else "no_decay"].append(p)
+        elif index.expert_names[cell % index.n_experts] != "full":
+            kinds["lora"].append(p)
+        else:
+            kinds["full" if len(getattr(p, "ds_shape", p.shape)) >= 2 else "full_bias"].append(p)
+    settings = {
+        "full": (cfg.lr, cfg.weight_decay),
+        "full_bias": (cfg.lr, 0.0),
+        "lora": (cfg.lora_lr, cfg.lora_weight_decay),
+        "decay": (cfg.lr, cfg.weight_decay),
+        "no_decay": (cfg.lr, 0.0),
+    }
+    return [
+        {"params": params, "kind": kind, "lr": settings[kind][0], "base_lr": settings[kind][0],
+         "weight_decay": settings[kind][1]}
+        for kind, params in kinds.items()
+        if params
+    ]
+
+
+def build_optimizer(
+    model: nn.Module, cfg: MoLFConfig, routing_log: str | Path | RoutingLog | None = None
+) -> MoLFAdamW:
+    """MoLFAdamW over the trainable parameters of a model wrapped by `wrap_model`."""
+    index = ExpertIndex(model)
+    if index.expert_names != list(cfg.expert_names):
+        raise ValueError(
+            f"the model's MoLF experts {index.expert_names} differ from the config's {list(cfg.expert_names)}: "
+            "build the optimizer with the MoLFConfig the model was wrapped with"
+        )
+    if routing_log is not None and not isinstance(routing_log, RoutingLog):
+        routing_log = RoutingLog(routing_log, cfg.log_every)
+    return MoLFAdamW(param_groups(model, index, cfg), index, cfg, routing_log)
