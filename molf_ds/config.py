@@ -78,8 +78,11 @@ class MoLFConfig:
             raise ValueError(f"MoLFConfig.betas={self.betas!r}: give two values in [0, 1), e.g. [0.9, 0.999]")
         for name in ("lr", "lora_lr", "weight_decay", "lora_weight_decay", "eps"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"MoLFConfig.{name}={value!r} must be a finite number >= 0")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"MoLFConfig.{name}={value!r} must be a finite number")
+            if value < 0 or (value == 0 and name in ("lr", "lora_lr")):
+                bound = "> 0 (the LR schedule scales it)" if name in ("lr", "lora_lr") else ">= 0"
+                raise ValueError(f"MoLFConfig.{name}={value!r} must be {bound}")
         if not self.target_modules:
             raise ValueError("MoLFConfig.target_modules is empty: name at least one linear layer, e.g. ['q_proj']")
         if not isinstance(self.log_every, int) or self.log_every < 1:

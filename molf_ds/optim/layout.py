@@ -1,13 +1,13 @@
 """Where each expert lives: the (module, expert) cells and the segments of the flat tensors the optimizer steps.
 
 A *cell* is one expert of one MoLF module, numbered `module * n_experts + expert`. A *layout* lists the
-segments `(offset, length, cell)` of one flat tensor. Without ZeRO every parameter is its own flat tensor
+segments `(offset, length, cell, kind)` of one flat tensor; the kind (full weight, full bias, LoRA)
+sets the segment's lr and weight decay. Without ZeRO every parameter is its own flat tensor
 with a single segment; the ZeRO adapters build layouts of DeepSpeed's fp32 partitions instead, so the
 optimizer runs one code path for every stage.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -16,23 +16,27 @@ from torch import nn
 from ..wrapping import _numel, molf_modules
 
 
-@dataclass(frozen=True)
+KINDS = ("full", "full_bias", "lora")
+FULL, FULL_BIAS, LORA = range(len(KINDS))
+
+
 class Layout:
-    offsets: torch.Tensor  # int64, sorted, non-overlapping
-    lengths: torch.Tensor  # int64
-    cells: torch.Tensor  # int64, module * n_experts + expert
+    """Segments of one flat tensor: offsets (sorted, non-overlapping), lengths, cells and kinds."""
 
-    @staticmethod
-    def of(segments: list[tuple[int, int, int]]) -> "Layout":
-        segments = sorted(s for s in segments if s[1] > 0)
-        offsets, lengths, cells = zip(*segments) if segments else ((), (), ())
-        as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-        return Layout(as_long(offsets), as_long(lengths), as_long(cells))
+    def __init__(self, segments: list[tuple[int, int, int, int]]) -> None:
+        self.segments = sorted(s for s in segments if s[1] > 0)
+        columns = list(zip(*self.segments)) if self.segments else [(), (), (), ()]
+        self.offsets, self.lengths, self.cells, self.kinds = (torch.tensor(c, dtype=torch.long) for c in columns)
 
-    def select(self, cell_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(offsets, lengths) of the segments whose cell is set in the flat boolean `cell_mask`."""
-        keep = cell_mask[self.cells]
-        return self.offsets[keep], self.lengths[keep]
+    def winning_ranges(self, winners: list[bool]) -> dict[int, tuple[list[int], list[int]]]:
+        """{kind: (offsets, lengths)} of the segments whose cell won (`winners` is indexed by cell)."""
+        ranges: dict[int, tuple[list[int], list[int]]] = {}
+        for offset, length, cell, kind in self.segments:
+            if winners[cell]:
+                offsets, lengths = ranges.setdefault(kind, ([], []))
+                offsets.append(offset)
+                lengths.append(length)
+        return ranges
 
 
 class LayoutSource(Protocol):
@@ -49,6 +53,7 @@ class ExpertIndex:
         self.module_names = [name for name, _ in modules]
         self.expert_names = list(modules[0][1].expert_names)
         self.cell_of: dict[int, int] = {}  # id(param) -> cell
+        self.kind_of: dict[int, int] = {}  # id(param) -> kind
         self.params_by_cell: dict[int, list[nn.Parameter]] = {}
         sizes = torch.zeros(len(modules), len(self.expert_names), dtype=torch.float64)
         for m, (name, module) in enumerate(modules):
@@ -59,6 +64,7 @@ class ExpertIndex:
                 self.params_by_cell[cell] = params
                 for p in params:
                     self.cell_of[id(p)] = cell
+                    self.kind_of[id(p)] = _kind(p, module)
                 sizes[m, e] = sum(_numel(p) for p in params)
         self.sizes = sizes  # N_e per (module, expert)
 
@@ -73,7 +79,13 @@ class ExpertIndex:
     def param_layout(self, param: torch.Tensor) -> Layout | None:
         """The layout of an unpartitioned parameter: one segment covering it, or None outside MoLF."""
         cell = self.cell_of.get(id(param))
-        return None if cell is None else Layout.of([(0, param.numel(), cell)])
+        return None if cell is None else Layout([(0, param.numel(), cell, self.kind_of[id(param)])])
+
+
+def _kind(p: nn.Parameter, module: nn.Module) -> int:
+    if p is module.base_layer.weight:
+        return FULL
+    return FULL_BIAS if p is module.base_layer.bias else LORA
 
 
 class ParamLayouts:

@@ -5,6 +5,11 @@ experts lie in them from a LayoutSource. Every tensor with a gradient updates it
 add their segments' score sums into a [modules, experts] table, which is reduced across ranks once
 (`reduce_scores`, set by the ZeRO adapters); then every rank takes the same top-k and updates only the
 winners' segments. Tensors outside MoLF modules take plain AdamW.
+
+All expert parameters share ONE param group (kind "molf"): DeepSpeed's ZeRO-1/2 optimizer calls the
+wrapped optimizer once per group, and routing needs every expert's score before the first update. The
+group's lr carries the schedule; each segment's lr is that lr times its kind's ratio (LoRA lr / full lr),
+and its weight decay comes from its kind.
 """
 from __future__ import annotations
 
@@ -21,7 +26,6 @@ from .layout import ExpertIndex, Layout, LayoutSource, ParamLayouts
 from .routing_log import RoutingLog
 
 SCORE_EPS = 1e-8
-MOLF_KINDS = ("full", "full_bias", "lora")
 ScoreReducer = Callable[[torch.Tensor], None]
 
 
@@ -55,41 +59,51 @@ class MoLFAdamW(torch.optim.Optimizer):
         bc1, bc2 = 1 - beta1**t, 1 - beta2**t
         sums = torch.zeros(self.index.n_modules * self.index.n_experts, dtype=torch.float64)
         took_part = torch.zeros_like(sums, dtype=torch.bool)
-        routed: list[tuple[torch.Tensor, dict[str, Any], Layout]] = []
+        routed: list[tuple[torch.Tensor, Layout]] = []
+        kind_lrs = self._kind_lrs()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self._state_of(p, t)
-                layout = self.layouts(p) if group.get("kind") in MOLF_KINDS else None
-                if layout is None:
+                if group["kind"] != "molf":
                     kernels.adamw_step(
                         p, p.grad, state["exp_avg"], state["exp_avg_sq"], group["lr"], beta1, beta2,
                         self.cfg.eps, group["weight_decay"], bc1, bc2,
                     )
                     continue
+                layout = self.layouts(p)
                 seg_sums = kernels.moments_and_scores(
                     p.grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2,
                     layout.offsets, layout.lengths, self.cfg.score, SCORE_EPS,
                 )
                 if self.cfg.score == "epd":
-                    seg_sums = seg_sums * group["lr"]
+                    seg_sums = seg_sums * kind_lrs[layout.kinds]
                 sums.index_add_(0, layout.cells, seg_sums.to(sums.device))
                 took_part[layout.cells] = True
-                routed.append((p, group, layout))
-        winners = self._route(sums, took_part)
-        for p, group, layout in routed:
-            offsets, lengths = layout.select(winners)
-            if len(offsets):
-                state = self.state[p]
+                routed.append((p, layout))
+        winners = self._route(sums, took_part).tolist()
+        lrs, wds = kind_lrs.tolist(), self._kind_weight_decays()
+        for p, layout in routed:
+            state = self.state[p]
+            for kind, (offsets, lengths) in layout.winning_ranges(winners).items():
                 kernels.adamw_update_ranges(
-                    p, state["exp_avg"], state["exp_avg_sq"], offsets, lengths,
-                    group["lr"], group["weight_decay"], bc1, bc2, self.cfg.eps,
+                    p, state["exp_avg"], state["exp_avg_sq"], torch.tensor(offsets), torch.tensor(lengths),
+                    lrs[kind], wds[kind], bc1, bc2, self.cfg.eps,
                 )
         self.molf_step = t
         if self.routing_log is not None and self.routing_log.wants(t):
             self.routing_log.write(self.last_routing)
         return loss
+
+    def _kind_lrs(self) -> torch.Tensor:
+        """Current lr of each segment kind: the full lr and LoRA lr, times the schedule factor."""
+        scale = self.lr_scale
+        lrs = [self.cfg.lr * scale] * 2 + [self.cfg.lora_lr * scale]
+        return torch.tensor(lrs, dtype=torch.float64)
+
+    def _kind_weight_decays(self) -> list[float]:
+        return [self.cfg.weight_decay, 0.0, self.cfg.lora_weight_decay]
 
     def _state_of(self, p: torch.Tensor, t: int) -> dict[str, Any]:
         state = self.state[p]
@@ -116,9 +130,9 @@ class MoLFAdamW(torch.optim.Optimizer):
     # ---- reporting ------------------------------------------------------------------------------
     @property
     def lr_scale(self) -> float:
-        """The LR schedule factor: current / initial lr of the first MoLF group."""
-        group = next(g for g in self.param_groups if g.get("kind") in MOLF_KINDS)
-        return group["lr"] / group["base_lr"] if group["base_lr"] else 0.0
+        """The LR schedule factor: the MoLF group's current lr over its configured lr."""
+        group = next(g for g in self.param_groups if g["kind"] == "molf")
+        return group["lr"] / group["base_lr"]
 
     @property
     def last_routing(self) -> dict[str, Any]:
@@ -152,25 +166,17 @@ class MoLFAdamW(torch.optim.Optimizer):
 
 
 def param_groups(model: nn.Module, index: ExpertIndex, cfg: MoLFConfig) -> list[dict[str, Any]]:
-    """One group per (lr, weight decay) kind: full, full_bias, lora, decay, no_decay. Empty ones are dropped."""
-    kinds: dict[str, list[nn.Parameter]] = {k: [] for k in ("full", "full_bias", "lora", "decay", "no_decay")}
+    """The "molf" group (every expert parameter), then "decay" and "no_decay" for the rest; no empty groups."""
+    kinds: dict[str, list[nn.Parameter]] = {"molf": [], "decay": [], "no_decay": []}
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        cell = index.cell_of.get(id(p))
-        if cell is None:
-            kinds["decay" if len(getattr(p, "ds_shape", p.shape)) >= 2 else "no_decay"].append(p)
-        elif index.expert_names[cell % index.n_experts] != "full":
-            kinds["lora"].append(p)
+        if id(p) in index.cell_of:
+            kinds["molf"].append(p)
         else:
-            kinds["full" if len(getattr(p, "ds_shape", p.shape)) >= 2 else "full_bias"].append(p)
-    settings = {
-        "full": (cfg.lr, cfg.weight_decay),
-        "full_bias": (cfg.lr, 0.0),
-        "lora": (cfg.lora_lr, cfg.lora_weight_decay),
-        "decay": (cfg.lr, cfg.weight_decay),
-        "no_decay": (cfg.lr, 0.0),
-    }
+            kinds["decay" if len(getattr(p, "ds_shape", p.shape)) >= 2 else "no_decay"].append(p)
+    base_lr = cfg.lr if cfg.trains_base else cfg.lora_lr
+    settings = {"molf": (base_lr, cfg.weight_decay), "decay": (cfg.lr, cfg.weight_decay), "no_decay": (cfg.lr, 0.0)}
     return [
         {"params": params, "kind": kind, "lr": settings[kind][0], "base_lr": settings[kind][0],
          "weight_decay": settings[kind][1]}

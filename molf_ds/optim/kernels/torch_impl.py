@@ -1,0 +1,137 @@
+"""Torch implementation of the MoLF element-wise kernels (any device).
+
+Segment work is cut into pieces of at most ``CHUNK`` elements and batched so that each
+batch spans at most ``CHUNK`` elements: temporaries stay bounded whatever the tensor
+size, and sums follow a fixed order (per-piece sums in double, then per segment).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+CHUNK = 1 << 20
+
+Piece = tuple[int, int]  # (start, length)
+
+
+def _split(offsets: torch.Tensor, lengths: torch.Tensor) -> tuple[list[Piece], list[int]]:
+    """Pieces of at most CHUNK elements, in segment order, and the piece count per segment."""
+    pieces: list[Piece] = []
+    counts: list[int] = []
+    for start, length in zip(offsets.tolist(), lengths.tolist()):
+        cuts = [(s, min(CHUNK, start + length - s)) for s in range(start, start + length, CHUNK)]
+        pieces += cuts
+        counts.append(len(cuts))
+    return pieces, counts
+
+
+def _batches(pieces: list[Piece]) -> Iterator[list[Piece]]:
+    """Consecutive pieces grouped so that each group spans at most CHUNK elements."""
+    batch: list[Piece] = []
+    size = 0
+    for piece in pieces:
+        if batch and size + piece[1] > CHUNK:
+            yield batch
+            batch, size = [], 0
+        batch.append(piece)
+        size += piece[1]
+    if batch:
+        yield batch
+
+
+def _views(t: torch.Tensor, batch: list[Piece]) -> list[torch.Tensor]:
+    return [t[s : s + n] for s, n in batch]
+
+
+def _segment_sum(values: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    lengths = torch.tensor(counts, dtype=torch.int64, device=values.device)
+    return torch.segment_reduce(values, "sum", lengths=lengths, unsafe=True)
+
+
+def _batch_scores(
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, batch: list[Piece], score: str, eps_s: float
+) -> torch.Tensor:
+    """Sum of q over each piece of the batch, in float64."""
+    ms = _views(exp_avg, batch)
+    denom = torch._foreach_sqrt(_views(exp_avg_sq, batch))
+    torch._foreach_add_(denom, eps_s)
+    if score == "epd":
+        q = torch._foreach_mul(ms, ms)
+        torch._foreach_div_(q, denom)
+    else:
+        q = torch._foreach_div(ms, denom)
+        torch._foreach_mul_(q, q)
+    flat = (torch.cat(q) if len(q) > 1 else q[0]).double()
+    return _segment_sum(flat, [n for _, n in batch])
+
+
+def update_moments(
+    grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, beta1: float, beta2: float
+) -> None:
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+
+def moments_and_scores(
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    offsets: torch.Tensor,
+    lengths: torch.Tensor,
+    score: str,
+    eps_s: float = 1e-8,
+) -> torch.Tensor:
+    update_moments(grad, exp_avg, exp_avg_sq, beta1, beta2)
+    pieces, counts = _split(offsets, lengths)
+    if not counts:
+        return torch.zeros(0, dtype=torch.float64)
+    sums = [_batch_scores(exp_avg, exp_avg_sq, b, score, eps_s) for b in _batches(pieces)]
+    piece_sums = torch.cat(sums) if sums else exp_avg.new_zeros(0, dtype=torch.float64)
+    return _segment_sum(piece_sums, counts).cpu()
+
+
+def adamw_update_ranges(
+    param: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    offsets: torch.Tensor,
+    lengths: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    bias_correction1: float,
+    bias_correction2: float,
+    eps: float,
+) -> None:
+    for batch in _batches(_split(offsets, lengths)[0]):
+        params = _views(param, batch)
+        if weight_decay != 0:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        denom = torch._foreach_sqrt(_views(exp_avg_sq, batch))
+        torch._foreach_div_(denom, math.sqrt(bias_correction2))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, _views(exp_avg, batch), denom, value=-lr / bias_correction1)
+
+
+def adamw_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction1: float,
+    bias_correction2: float,
+) -> None:
+    update_moments(grad, exp_avg, exp_avg_sq, beta1, beta2)
+    whole = torch.tensor([0]), torch.tensor([param.numel()])
+    adamw_update_ranges(
+        param, exp_avg, exp_avg_sq, *whole, lr, weight_decay, bias_correction1, bias_correction2, eps
+    )
