@@ -53,11 +53,17 @@ class MoLFLinear(nn.Module):
         return experts
 
     @torch.no_grad()
-    def merged_linear(self) -> nn.Linear:
-        """The base layer with every expert folded in: W += sum_i s_i B_i A_i."""
-        w = self.base_layer.weight
+    def merged_weight(self) -> torch.Tensor:
+        """A new tensor W + sum_i s_i B_i A_i (computed in fp32, returned in W's dtype)."""
+        w = self.base_layer.weight.float()
         for a, b, s in zip(self.lora_A, self.lora_B, self.scaling):
-            w.add_((b.weight.float() @ a.weight.float()).mul_(s).to(w.dtype))
+            w = w + s * (b.weight.float() @ a.weight.float())
+        return w.to(self.base_layer.weight.dtype)
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        """The base layer with every expert folded into its weight, in place."""
+        self.base_layer.weight.copy_(self.merged_weight())
         return self.base_layer
 
     def extra_repr(self) -> str:

@@ -23,8 +23,10 @@
 
 namespace {
 
-constexpr int64_t kChunk = int64_t{1} << 16;  // elements per work unit
-constexpr int kLanes = 16;                    // independent double accumulators
+constexpr int64_t kChunk = int64_t{1} << 16;  // elements per work unit (fixed grid)
+constexpr int64_t kBlock = 64;                // elements per vectorised block: 4 cache lines
+constexpr int64_t kLineFloats = 16;           // floats per 64-byte cache line
+constexpr int64_t kAhead = 1024;              // software prefetch distance in elements
 
 // A run of elements inside one grid chunk; seg < 0 marks a gap between segments.
 struct Piece {
@@ -53,21 +55,22 @@ struct Moments {
   inline float v(float g, float v_old) const { return v_old * beta2 + w2 * g * g; }
 };
 
-// AdamW update coefficients: p = p*decay + step * m / (sqrt(v)/sqrt_bc2 + eps).
+// AdamW update coefficients: p = p*decay + step * m / (sqrt(v)/sqrt(bc2) + eps).
+// The division by sqrt(bc2) becomes a multiplication (one division per element).
 struct Update {
   float decay;
   float step;
-  float sqrt_bc2;
+  float inv_sqrt_bc2;
   float eps;
 
   Update(double lr, double wd, double bc1, double bc2, double eps_)
       : decay(static_cast<float>(1.0 - lr * wd)),
         step(static_cast<float>(-lr / bc1)),
-        sqrt_bc2(static_cast<float>(std::sqrt(bc2))),
+        inv_sqrt_bc2(static_cast<float>(1.0 / std::sqrt(bc2))),
         eps(static_cast<float>(eps_)) {}
 
   inline float p(float p_old, float m, float v) const {
-    return p_old * decay + step * (m / (std::sqrt(v) / sqrt_bc2 + eps));
+    return p_old * decay + step * (m / (std::sqrt(v) * inv_sqrt_bc2 + eps));
   }
 };
 
@@ -136,62 +139,90 @@ std::vector<Piece> make_pieces(const Segments& s, int64_t numel, bool with_gaps)
   return pieces;
 }
 
-void update_moments(const float* g, float* m, float* v, int64_t n, const Moments& c) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    m[i] = c.m(g[i], m[i]);
-    v[i] = c.v(g[i], v[i]);
+// Software prefetch into L2 of each stream, kAhead elements past i. Addresses are
+// clamped to the last element (cheaper than a branch, which GCC 12 mis-optimises).
+template <typename... T>
+inline void prefetch_ahead(int64_t i, int64_t n, const T*... streams) {
+  for (int64_t k = i + kAhead; k < i + kAhead + kBlock; k += kLineFloats) {
+    const int64_t at = std::min(k, n - 1);
+    (__builtin_prefetch(streams + at, 0, 2), ...);
   }
 }
 
-// Moments over n elements, returning sum(q) in double with a fixed summation order.
-template <bool kPfn>
-double update_moments_scored(const float* g, float* m, float* v, int64_t n, const Moments& c,
-                             float eps_s) {
-  double acc[kLanes] = {};
+// Calls body(i) for every i in [0, n): vectorised blocks of kBlock, then a scalar tail.
+template <typename Body, typename... T>
+inline void for_each_elem(int64_t n, Body body, const T*... streams) {
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
+  for (; i + kBlock <= n; i += kBlock) {
+    prefetch_ahead(i, n, streams...);
 #pragma omp simd
-    for (int j = 0; j < kLanes; ++j) {
-      const float mj = c.m(g[i + j], m[i + j]);
-      const float vj = c.v(g[i + j], v[i + j]);
-      m[i + j] = mj;
-      v[i + j] = vj;
-      acc[j] += static_cast<double>(score<kPfn>(mj, vj, eps_s));
-    }
+    for (int64_t j = i; j < i + kBlock; ++j) body(j);
   }
-  for (int j = 0; i < n; ++i, ++j) {
-    m[i] = c.m(g[i], m[i]);
-    v[i] = c.v(g[i], v[i]);
-    acc[j] += static_cast<double>(score<kPfn>(m[i], v[i], eps_s));
+  for (; i < n; ++i) body(i);
+}
+
+void update_moments(const float* g, float* m, float* v, int64_t n, Moments c) {
+  for_each_elem(
+      n,
+      [&](int64_t i) {
+        const float gi = g[i];
+        m[i] = c.m(gi, m[i]);
+        v[i] = c.v(gi, v[i]);
+      },
+      g, m, v);
+}
+
+// Moments over n elements, returning sum(q) in double. Element i always goes to
+// accumulator i % kBlock and the accumulators are added in index order: the result
+// depends only on the data and n.
+template <bool kPfn>
+double update_moments_scored(const float* g, float* m, float* v, int64_t n, Moments c,
+                             float eps_s) {
+  double acc[kBlock] = {};
+  const auto step = [&](int64_t i, int64_t lane) {
+    const float gi = g[i];
+    const float mi = c.m(gi, m[i]);
+    const float vi = c.v(gi, v[i]);
+    m[i] = mi;
+    v[i] = vi;
+    acc[lane] += static_cast<double>(score<kPfn>(mi, vi, eps_s));
+  };
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock) {
+    prefetch_ahead(i, n, g, m, v);
+#pragma omp simd
+    for (int64_t j = 0; j < kBlock; ++j) step(i + j, j);
   }
+  for (int64_t j = 0; i + j < n; ++j) step(i + j, j);
   double total = 0.0;
   for (double a : acc) total += a;
   return total;
 }
 
-void update_params(float* p, const float* m, const float* v, int64_t n, const Update& u) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) p[i] = u.p(p[i], m[i], v[i]);
+void update_params(float* p, const float* m, const float* v, int64_t n, Update u) {
+  for_each_elem(n, [&](int64_t i) { p[i] = u.p(p[i], m[i], v[i]); }, p, m, v);
 }
 
-void adamw_fused(float* p, const float* g, float* m, float* v, int64_t n, const Moments& c,
-                 const Update& u) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const float mi = c.m(g[i], m[i]);
-    const float vi = c.v(g[i], v[i]);
-    m[i] = mi;
-    v[i] = vi;
-    p[i] = u.p(p[i], mi, vi);
-  }
+void adamw_fused(float* p, const float* g, float* m, float* v, int64_t n, Moments c,
+                 Update u) {
+  for_each_elem(
+      n,
+      [&](int64_t i) {
+        const float gi = g[i];
+        const float mi = c.m(gi, m[i]);
+        const float vi = c.v(gi, v[i]);
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = u.p(p[i], mi, vi);
+      },
+      p, g, m, v);
 }
 
 int threads() { return std::max(1, at::get_num_threads()); }
 
 template <bool kPfn>
 void score_pieces(const std::vector<Piece>& pieces, const float* g, float* m, float* v,
-                  const Moments& c, float eps_s, double* partial) {
+                  Moments c, float eps_s, double* partial) {
   const int64_t np = static_cast<int64_t>(pieces.size());
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads())
   for (int64_t k = 0; k < np; ++k) {

@@ -13,9 +13,10 @@ and its weight decay comes from its kind.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -46,21 +47,43 @@ class MoLFAdamW(torch.optim.Optimizer):
         self.molf_step = 0
         self.last_scores: torch.Tensor | None = None  # [modules, experts], -inf where an expert sat out
         self.last_winners: torch.Tensor | None = None  # [modules, experts] bool
+        self._paused = False
+        self._pinned_step: int | None = None
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """step() does nothing inside: DeepSpeed's wrappers may call it on zero grads to create state."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     # ---- the step -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def grouped_step(self) -> Iterator[None]:
+        """DeepSpeed's ZeRO-1/2 wrapper calls step() once per param group: inside, those calls make one step t."""
+        self._pinned_step = self.molf_step + 1
+        try:
+            yield
+        finally:
+            self._pinned_step = None
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
+        if self._paused:
+            return loss
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        t = self.molf_step + 1
+        t = self._pinned_step or self.molf_step + 1
         beta1, beta2 = self.cfg.betas
         bc1, bc2 = 1 - beta1**t, 1 - beta2**t
         sums = torch.zeros(self.index.n_modules * self.index.n_experts, dtype=torch.float64)
         took_part = torch.zeros_like(sums, dtype=torch.bool)
         routed: list[tuple[torch.Tensor, Layout]] = []
-        kind_lrs = self._kind_lrs()
+        kind_lrs = self._kind_lrs()  # only read when the molf group is stepped
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -82,8 +105,17 @@ class MoLFAdamW(torch.optim.Optimizer):
                 sums.index_add_(0, layout.cells, seg_sums.to(sums.device))
                 took_part[layout.cells] = True
                 routed.append((p, layout))
-        winners = self._route(sums, took_part).tolist()
-        lrs, wds = kind_lrs.tolist(), self._kind_weight_decays()
+        self.molf_step = t
+        if routed:
+            self._update_winners(routed, self._route(sums, took_part).tolist(), kind_lrs.tolist(), bc1, bc2)
+            if self.routing_log is not None and self.routing_log.wants(t):
+                self.routing_log.write(self.last_routing)
+        return loss
+
+    def _update_winners(
+        self, routed: list[tuple[torch.Tensor, Layout]], winners: list[bool], lrs: list[float], bc1: float, bc2: float
+    ) -> None:
+        wds = self._kind_weight_decays()
         for p, layout in routed:
             state = self.state[p]
             for kind, (offsets, lengths) in layout.winning_ranges(winners).items():
@@ -91,14 +123,10 @@ class MoLFAdamW(torch.optim.Optimizer):
                     p, state["exp_avg"], state["exp_avg_sq"], torch.tensor(offsets), torch.tensor(lengths),
                     lrs[kind], wds[kind], bc1, bc2, self.cfg.eps,
                 )
-        self.molf_step = t
-        if self.routing_log is not None and self.routing_log.wants(t):
-            self.routing_log.write(self.last_routing)
-        return loss
 
     def _kind_lrs(self) -> torch.Tensor:
         """Current lr of each segment kind: the full lr and LoRA lr, times the schedule factor."""
-        scale = self.lr_scale
+        scale = self.lr_scale if any(g["kind"] == "molf" for g in self.param_groups) else 0.0
         lrs = [self.cfg.lr * scale] * 2 + [self.cfg.lora_lr * scale]
         return torch.tensor(lrs, dtype=torch.float64)
 
@@ -145,6 +173,12 @@ class MoLFAdamW(torch.optim.Optimizer):
                 "scores": {e: s for e, s in zip(names, scores) if s != -math.inf},
             }
         return {"step": self.molf_step, "lr_scale": self.lr_scale, "modules": modules}
+
+    def record_skipped_step(self) -> None:
+        """Log a step DeepSpeed skipped (overflow); no weight or moment changed, the step number is reused."""
+        if self.routing_log is not None:
+            record = {"step": self.molf_step + 1, "lr_scale": self.lr_scale, "skipped": True, "modules": {}}
+            self.routing_log.write(record)
 
     def routing_shares(self) -> dict[str, float]:
         """Fraction of modules each expert won at the last step."""

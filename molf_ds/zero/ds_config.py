@@ -1,0 +1,93 @@
+"""Checks and fills a DeepSpeed config for MoLF before any process group starts."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+from packaging.version import Version
+
+TESTED_DEEPSPEED = (Version("0.19.8"), Version("0.20"))  # [low, high)
+SUPPORTED_STAGES = (0, 1, 2)
+
+
+def check_deepspeed_version(version: str | None = None) -> None:
+    """molf_ds hooks DeepSpeed internals; refuse a release outside the tested range unless told otherwise."""
+    found = Version(version or deepspeed.__version__)
+    low, high = TESTED_DEEPSPEED
+    if not low <= found < high and os.environ.get("MOLF_DS_ALLOW_UNTESTED_DEEPSPEED") != "1":
+        raise RuntimeError(
+            f"molf_ds is tested with deepspeed>={low},<{high} but deepspeed {found} is installed: "
+            f"run `pip install 'deepspeed>={low},<{high}'` (or set MOLF_DS_ALLOW_UNTESTED_DEEPSPEED=1 at your risk)"
+        )
+
+
+def load_ds_config(config: dict[str, Any] | str | Path | None) -> dict[str, Any]:
+    if config is None:
+        raise ValueError("molf_ds.initialize needs a DeepSpeed config: a dict or a JSON path such as ds_configs/zero2.json")
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    path = Path(config)
+    if not path.is_file():
+        raise ValueError(f"DeepSpeed config {path} does not exist: give a JSON file path or a dict")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON: line {error.lineno}: {error.msg}") from None
+
+
+def prepare_ds_config(config: dict[str, Any] | str | Path | None) -> dict[str, Any]:
+    """A copy of `config` that DeepSpeed accepts with MoLFAdamW as client optimizer, or a ValueError naming the key."""
+    ds = load_ds_config(config)
+    if "optimizer" in ds:
+        raise ValueError(
+            "DeepSpeed config key 'optimizer': remove it; MoLF is the optimizer (its lrs and betas are MoLFConfig "
+            "fields), and an optimizer block would make DeepSpeed drop it"
+        )
+    autos = [key for key, value in _walk(ds) if value == "auto"]
+    if autos:
+        raise ValueError(
+            f"DeepSpeed config key(s) {autos} are 'auto': only the HF Trainer / accelerate integration fills "
+            "those; give numbers when calling molf_ds.initialize"
+        )
+    zero = ds.setdefault("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ValueError("DeepSpeed config key 'zero_optimization' must be an object, e.g. {\"stage\": 2}")
+    stage = zero.get("stage", 0)
+    if stage not in SUPPORTED_STAGES:
+        raise ValueError(
+            f"DeepSpeed config key 'zero_optimization.stage'={stage!r}: molf_ds supports stages {SUPPORTED_STAGES}"
+        )
+    offload = zero.get("offload_optimizer") or {}
+    device = offload.get("device", "none")
+    if device not in ("none", "cpu"):
+        raise ValueError(
+            f"DeepSpeed config key 'zero_optimization.offload_optimizer.device'={device!r}: molf_ds supports "
+            "'cpu' or 'none' (NVMe offload is not supported)"
+        )
+    if (zero.get("offload_param") or {}).get("device", "none") != "none":
+        raise ValueError("DeepSpeed config key 'zero_optimization.offload_param' needs ZeRO stage 3")
+    if device == "cpu" and stage not in (1, 2):
+        raise ValueError("DeepSpeed config key 'zero_optimization.offload_optimizer' needs ZeRO stage 1 or 2 here")
+    if device == "cpu":
+        if ds.get("zero_force_ds_cpu_optimizer") is True:
+            raise ValueError(
+                "DeepSpeed config key 'zero_force_ds_cpu_optimizer' is true, which replaces MoLF by DeepSpeedCPUAdam "
+                "under offload: remove it or set it to false"
+            )
+        ds["zero_force_ds_cpu_optimizer"] = False
+    if ds.get("zero_allow_untested_optimizer") is False:
+        raise ValueError("DeepSpeed config key 'zero_allow_untested_optimizer' is false: remove it; MoLF needs it true")
+    ds["zero_allow_untested_optimizer"] = True
+    return ds
+
+
+def _walk(tree: Any, prefix: str = ""):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _walk(value, f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), tree
