@@ -47,6 +47,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         self.molf_step = 0
         self.last_scores: torch.Tensor | None = None  # [modules, experts], -inf where an expert sat out
         self.last_winners: torch.Tensor | None = None  # [modules, experts] bool
+        self.last_lr_scale = 0.0
         self._paused = False
         self._pinned_step: int | None = None
 
@@ -107,6 +108,7 @@ class MoLFAdamW(torch.optim.Optimizer):
                 routed.append((p, layout))
         self.molf_step = t
         if routed:
+            self.last_lr_scale = self.lr_scale
             self._update_winners(routed, self._route(sums, took_part).tolist(), kind_lrs.tolist(), bc1, bc2)
             if self.routing_log is not None and self.routing_log.wants(t):
                 self.routing_log.write(self.last_routing)
@@ -172,7 +174,7 @@ class MoLFAdamW(torch.optim.Optimizer):
                 "winners": [e for e, w in zip(names, wins) if w],
                 "scores": {e: s for e, s in zip(names, scores) if s != -math.inf},
             }
-        return {"step": self.molf_step, "lr_scale": self.lr_scale, "modules": modules}
+        return {"step": self.molf_step, "lr_scale": self.last_lr_scale, "modules": modules}
 
     def record_skipped_step(self) -> None:
         """Log a step DeepSpeed skipped (overflow); no weight or moment changed, the step number is reused."""

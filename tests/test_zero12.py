@@ -1,0 +1,125 @@
+"""DeepSpeed stages 0, 1, 2 and 2 + CPU optimizer offload on 2 CPU ranks reproduce the single-process
+reference step for step in fp32: winners at every step and module (near-ties excepted), merged weights.
+Also: one routing collective per step, experts cut by and absent from partitions, bf16/fp16 runs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distributed import spawn
+from molf_ds.zero.ds_config import prepare_ds_config
+from tiny_models import token_batches
+from zero_runs import deepspeed_worker, reference_run
+
+STEPS, GLOBAL_BATCH, SEQ = 20, 4, 16
+MOLF = dict(lora_ranks=(8,), lora_alphas=(16.0,), lora_dropout=0.0, lr=1e-3, lora_lr=6e-4)  # both experts win
+NEAR_TIE = 1e-6
+
+
+def ds_config(stage: int, offload: bool = False, **extra) -> dict:
+    zero = {"stage": stage, **({"offload_optimizer": {"device": "cpu"}} if offload else {})}
+    return {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // 2, "gradient_clipping": 0.0,
+            "zero_optimization": zero, **extra}
+
+
+FP32_RUNS = {
+    "zero0": {"ds": ds_config(0)},
+    "zero1": {"ds": ds_config(1), "baseline_ds": prepare_ds_config(ds_config(1))},
+    "zero2": {"ds": ds_config(2), "baseline_ds": prepare_ds_config(ds_config(2))},
+    "zero2_offload": {"ds": ds_config(2, offload=True), "baseline_ds": prepare_ds_config(ds_config(2, True))},
+}
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def fp32_runs(request, tmp_path_factory):
+    from tiny_models import tiny_model
+
+    root = tmp_path_factory.mktemp(f"zero12-{request.param}")
+    tiny_model(request.param, root / "model", seed=1, num_hidden_layers=3)  # odd: the rank boundary cuts a layer
+    batches = token_batches(STEPS, GLOBAL_BATCH, SEQ, seed=2)
+    reference = reference_run(root / "model", MOLF, batches)
+    spawn(deepspeed_worker, 2, str(root / "model"), MOLF, FP32_RUNS, batches, str(root))
+    ranks = [torch.load(root / f"rank{r}.pt") for r in range(2)]
+    return reference, ranks, root
+
+
+def _near_tie(scores: torch.Tensor) -> torch.Tensor:
+    top2 = scores.topk(2, dim=1).values
+    return (top2[:, 0] - top2[:, 1]).abs() <= NEAR_TIE * top2[:, 0].abs()
+
+
+@pytest.mark.parametrize("run", list(FP32_RUNS))
+def test_stage_reproduces_reference(fp32_runs, run):
+    reference, ranks, root = fp32_runs
+    for rank in ranks:
+        got = rank[run]
+        for step, (want, have, scores) in enumerate(zip(reference["winners"], got["winners"], reference["scores"])):
+            differs = (want != have).any(dim=1)
+            assert not (differs & ~_near_tie(scores)).any(), f"{run}: winners differ at step {step + 1}"
+            torch.testing.assert_close(got["scores"][step], scores, rtol=1e-4, atol=1e-12)
+        for key, value in reference["merged"].items():
+            torch.testing.assert_close(got["merged"][key], value, rtol=1e-5, atol=1e-5, msg=f"{run}: {key}")
+    wins = torch.stack(reference["winners"]).float().mean(dim=(0, 1))
+    assert (wins > 0).all(), f"the run must route to every expert to test anything: shares {wins.tolist()}"
+    lines = [json.loads(line) for line in (root / f"{run}.routing.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize("run", ["zero1", "zero2"])
+def test_partitions_cut_experts(fp32_runs, run):
+    """Rank partitions split at least one expert between the ranks, and some expert is absent from a rank."""
+    _, ranks, _ = fp32_runs
+    cells = [set(rank[run]["cells"]) for rank in ranks]
+    assert cells[0] & cells[1], "no expert is cut by the partition boundary"
+    assert cells[0] ^ cells[1], "every rank holds every expert: the absent-expert path is untested"
+
+
+@pytest.mark.parametrize("run", ["zero1", "zero2", "zero2_offload"])
+def test_exactly_one_extra_collective_per_step(fp32_runs, run):
+    _, ranks, _ = fp32_runs
+    for rank in ranks:
+        baseline = {len(calls) for calls in rank[run]["baseline_collectives"]}
+        molf = {len(calls) for calls in rank[run]["collectives"]}
+        assert len(baseline) == 1 and len(molf) == 1, (baseline, molf)
+        assert molf.pop() - baseline.pop() == 1
+        extra = [c for c in rank[run]["collectives"][0]]
+        for name in rank[run]["baseline_collectives"][0]:
+            extra.remove(name)
+        assert extra == ["allreduce"]
+
+
+LOW_PRECISION_RUNS = {
+    "bf16_zero2": {"ds": ds_config(2, bf16={"enabled": True})},
+    "fp16_zero2": {"ds": ds_config(2, fp16={"enabled": True, "initial_scale_power": 8}), "overflow_steps": (4,)},
+    "fp16_zero1_offload": {"ds": ds_config(1, offload=True, fp16={"enabled": True, "initial_scale_power": 8}),
+                           "overflow_steps": (3,)},
+}
+
+
+@pytest.fixture(scope="module")
+def low_precision_runs(tmp_path_factory):
+    from tiny_models import tiny_model
+
+    root = tmp_path_factory.mktemp("zero12-lowp")
+    tiny_model("qwen2", root / "model", seed=1)
+    batch = token_batches(1, GLOBAL_BATCH, SEQ, seed=3)[0]
+    molf = {**MOLF, "lr": 3e-3, "lora_lr": 3e-3}
+    spawn(deepspeed_worker, 2, str(root / "model"), molf, LOW_PRECISION_RUNS, [batch] * 10, str(root))
+    return torch.load(root / "rank0.pt"), root
+
+
+@pytest.mark.parametrize("run", list(LOW_PRECISION_RUNS))
+def test_low_precision_trains_and_logs(low_precision_runs, run):
+    results, root = low_precision_runs
+    got = results[run]
+    skipped = set(LOW_PRECISION_RUNS[run].get("overflow_steps", ()))
+    losses = [loss for step, loss in enumerate(got["losses"]) if step not in skipped]
+    assert losses[-1] < 0.8 * losses[0], losses
+    lines = [json.loads(line) for line in (root / f"{run}.routing.jsonl").read_text().splitlines()]
+    assert len(lines) == 10
+    assert [line.get("skipped", False) for line in lines] == [step in skipped for step in range(10)]
+    for step in skipped:
+        assert lines[step]["step"] == lines[step + 1]["step"], "a skipped step's number is reused"
+    assert got.get("overflow_changed", []) == [0.0] * len(skipped), "an overflow step changed weights"
