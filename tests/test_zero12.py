@@ -29,6 +29,7 @@ FP32_RUNS = {
     "zero1": {"ds": ds_config(1), "baseline_ds": prepare_ds_config(ds_config(1))},
     "zero2": {"ds": ds_config(2), "baseline_ds": prepare_ds_config(ds_config(2))},
     "zero2_offload": {"ds": ds_config(2, offload=True), "baseline_ds": prepare_ds_config(ds_config(2, True))},
+    "zero2_resumed": {"ds": ds_config(2), "resume_at": 9},  # checkpoint after step 9, resume in a new engine
 }
 
 

@@ -40,14 +40,19 @@ def deepspeed_worker(rank: int, world: int, model_dir: str, molf: dict, runs: di
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     results = {}
     for name, run in runs.items():
-        model = load(model_dir, seed=0)
         log = Path(out) / f"{name}.routing.jsonl"
-        engine, *_ = molf_ds.initialize(model, molf_ds.MoLFConfig(**molf), run["ds"], routing_log=log)
+        engine, *_ = molf_ds.initialize(load(model_dir, seed=0), molf_ds.MoLFConfig(**molf), run["ds"], routing_log=log)
         optimizer = engine.basic_optimizer
         cells = sorted({c for layout in optimizer.layouts.layouts.values() for c in layout.cells.tolist()}) \
             if hasattr(optimizer.layouts, "layouts") else None
         record: dict[str, Any] = {"winners": [], "scores": [], "losses": [], "collectives": [], "cells": cells}
         for step, ids in enumerate(batches):
+            if step == run.get("resume_at"):  # a new engine on a fresh model, from the checkpoint
+                molf_ds.save_checkpoint(engine, Path(out) / f"{name}.ckpt", tag="mid")
+                engine, *_ = molf_ds.initialize(load(model_dir, seed=99), molf_ds.MoLFConfig(**molf), run["ds"],
+                                                routing_log=log)
+                molf_ds.load_checkpoint(engine, Path(out) / f"{name}.ckpt", tag="mid")
+                optimizer = engine.basic_optimizer
             local = ids.chunk(world)[rank]
             loss = engine(input_ids=local, labels=local).loss
             if step in run.get("overflow_steps", ()):
