@@ -3,10 +3,11 @@ from .config import MoLFConfig
 from .layers import MoLFLinear
 from .optim import MoLFAdamW, build_optimizer
 from .wrapping import merge_and_unwrap, merged_state_dict, molf_modules, wrap_model
-from .zero import initialize, load_checkpoint, save_checkpoint, save_merged
+from .export import export_peft, save_merged
+from .zero import initialize, load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
 __all__ = [
-    "MoLFConfig", "MoLFLinear", "MoLFAdamW", "build_optimizer", "initialize", "merge_and_unwrap",
+    "MoLFConfig", "MoLFLinear", "MoLFAdamW", "build_optimizer", "export_peft", "initialize", "merge_and_unwrap",
     "merged_state_dict", "molf_modules", "save_merged", "wrap_model", "save_checkpoint", "load_checkpoint",
 ]

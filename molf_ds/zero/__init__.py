@@ -1,5 +1,5 @@
-"""DeepSpeed integration: `initialize`, the layouts of DeepSpeed's flat tensors, merged saving."""
+"""DeepSpeed integration: `initialize`, the layouts of DeepSpeed's flat tensors, checkpoints."""
 from .checkpoint import load_checkpoint, save_checkpoint
-from .engine import initialize, save_merged
+from .engine import initialize
 
-__all__ = ["initialize", "load_checkpoint", "save_checkpoint", "save_merged"]
+__all__ = ["initialize", "load_checkpoint", "save_checkpoint"]

@@ -18,8 +18,7 @@ from torch import nn
 
 from ..config import MoLFConfig
 from ..optim import MoLFAdamW, RoutingLog, build_optimizer
-from ..optim.routing_log import is_rank_zero
-from ..wrapping import merged_state_dict, molf_modules, wrap_model
+from ..wrapping import molf_modules, wrap_model
 from .ds_config import check_deepspeed_version, prepare_ds_config
 from .layouts import copied_param_layouts, zero12_layouts
 
@@ -94,17 +93,3 @@ def _hook_wrapper_step(wrapper: Any, optimizer: MoLFAdamW) -> None:
         return result
 
     wrapper.step = step
-
-
-def save_merged(engine: Any, out_dir: str | Path, tokenizer: Any = None) -> Path:
-    """Rank 0 writes the merged model as a vanilla transformers checkpoint (and the tokenizer, when given)."""
-    out_dir = Path(out_dir)
-    model = engine.module
-    state = merged_state_dict(model)
-    if is_rank_zero():
-        model.save_pretrained(out_dir, state_dict=state)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir)
-    if dist.is_initialized():
-        dist.barrier()
-    return out_dir

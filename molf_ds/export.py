@@ -1,0 +1,83 @@
+"""What a run leaves behind: the merged vanilla transformers model, and MoLF-E experts as a PEFT adapter."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .optim.routing_log import is_rank_zero
+from .wrapping import merged_state_dict, molf_modules
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _module_of(engine_or_model: Any) -> nn.Module:
+    return getattr(engine_or_model, "module", engine_or_model)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_merged(engine_or_model: Any, out_dir: str | Path, tokenizer: Any = None) -> Path:
+    """Rank 0 writes the merged model as a vanilla transformers checkpoint (and the tokenizer, when given)."""
+    out_dir = Path(out_dir)
+    model = _module_of(engine_or_model)
+    state = merged_state_dict(model)
+    if is_rank_zero():
+        model.save_pretrained(out_dir, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+    _barrier()
+    return out_dir
+
+
+@torch.no_grad()
+def peft_adapter(model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(LoraConfig, adapter weights) equal to the LoRA experts of a MoLF-E model: one adapter of rank
+    sum(r_i) whose A stacks the A_i and whose B concatenates the s_i B_i (PEFT scaling 1)."""
+    from peft import LoraConfig
+
+    layers = molf_modules(model)
+    if not layers:
+        raise ValueError("export_peft: the model has no MoLF layers")
+    if "full" in layers[0][1].expert_names:
+        raise ValueError(
+            "export_peft: this MoLF model trains its base weights, which a LoRA adapter cannot carry; "
+            "use molf_ds.save_merged for it (export_peft is for molf-e)"
+        )
+    weights = {}
+    for name, layer in layers:
+        a = torch.cat([a.weight for a in layer.lora_A], dim=0)
+        b = torch.cat([s * b.weight for b, s in zip(layer.lora_B, layer.scaling)], dim=1)
+        weights[f"base_model.model.{name}.lora_A.weight"] = a.detach().contiguous()
+        weights[f"base_model.model.{name}.lora_B.weight"] = b.detach().contiguous()
+    rank = sum(a.out_features for a in layers[0][1].lora_A)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,  # scaling 1: the experts' own scalings are folded into B
+        lora_dropout=0.0,
+        target_modules=sorted({name.rsplit(".", 1)[-1] for name, _ in layers}),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
+    )
+    return config, weights
+
+
+def export_peft(engine_or_model: Any, out_dir: str | Path) -> Path:
+    """Rank 0 writes MoLF-E's experts as a standard PEFT LoRA adapter (adapter_config.json + safetensors)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    config, weights = peft_adapter(_module_of(engine_or_model))
+    if is_rank_zero():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(out_dir)
+        save_file({k: v.cpu() for k, v in weights.items()}, out_dir / ADAPTER_WEIGHTS)
+    _barrier()
+    return out_dir
