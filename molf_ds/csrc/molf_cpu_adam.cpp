@@ -13,7 +13,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
-#include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -149,22 +148,23 @@ inline void prefetch_ahead(int64_t i, int64_t n, const T*... streams) {
   }
 }
 
-// Calls body(i) for every i in [0, n): vectorised blocks of kBlock, then a scalar tail.
+// Calls body(i, lane) for every i in [0, n), lane = i % kBlock: vectorised blocks of
+// kBlock elements with software prefetch of the streams, then a scalar tail.
 template <typename Body, typename... T>
 inline void for_each_elem(int64_t n, Body body, const T*... streams) {
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
     prefetch_ahead(i, n, streams...);
 #pragma omp simd
-    for (int64_t j = i; j < i + kBlock; ++j) body(j);
+    for (int64_t lane = 0; lane < kBlock; ++lane) body(i + lane, lane);
   }
-  for (; i < n; ++i) body(i);
+  for (int64_t lane = 0; i + lane < n; ++lane) body(i + lane, lane);
 }
 
 void update_moments(const float* g, float* m, float* v, int64_t n, Moments c) {
   for_each_elem(
       n,
-      [&](int64_t i) {
+      [&](int64_t i, int64_t) {
         const float gi = g[i];
         m[i] = c.m(gi, m[i]);
         v[i] = c.v(gi, v[i]);
@@ -172,42 +172,37 @@ void update_moments(const float* g, float* m, float* v, int64_t n, Moments c) {
       g, m, v);
 }
 
-// Moments over n elements, returning sum(q) in double. Element i always goes to
-// accumulator i % kBlock and the accumulators are added in index order: the result
-// depends only on the data and n.
+// Moments over n elements, returning sum(q) in double. Each lane has its own
+// accumulator and the lanes are added in order: the result depends only on the data.
 template <bool kPfn>
 double update_moments_scored(const float* g, float* m, float* v, int64_t n, Moments c,
                              float eps_s) {
   double acc[kBlock] = {};
-  const auto step = [&](int64_t i, int64_t lane) {
-    const float gi = g[i];
-    const float mi = c.m(gi, m[i]);
-    const float vi = c.v(gi, v[i]);
-    m[i] = mi;
-    v[i] = vi;
-    acc[lane] += static_cast<double>(score<kPfn>(mi, vi, eps_s));
-  };
-  int64_t i = 0;
-  for (; i + kBlock <= n; i += kBlock) {
-    prefetch_ahead(i, n, g, m, v);
-#pragma omp simd
-    for (int64_t j = 0; j < kBlock; ++j) step(i + j, j);
-  }
-  for (int64_t j = 0; i + j < n; ++j) step(i + j, j);
+  for_each_elem(
+      n,
+      [&](int64_t i, int64_t lane) {
+        const float gi = g[i];
+        const float mi = c.m(gi, m[i]);
+        const float vi = c.v(gi, v[i]);
+        m[i] = mi;
+        v[i] = vi;
+        acc[lane] += static_cast<double>(score<kPfn>(mi, vi, eps_s));
+      },
+      g, m, v);
   double total = 0.0;
   for (double a : acc) total += a;
   return total;
 }
 
 void update_params(float* p, const float* m, const float* v, int64_t n, Update u) {
-  for_each_elem(n, [&](int64_t i) { p[i] = u.p(p[i], m[i], v[i]); }, p, m, v);
+  for_each_elem(n, [&](int64_t i, int64_t) { p[i] = u.p(p[i], m[i], v[i]); }, p, m, v);
 }
 
 void adamw_fused(float* p, const float* g, float* m, float* v, int64_t n, Moments c,
                  Update u) {
   for_each_elem(
       n,
-      [&](int64_t i) {
+      [&](int64_t i, int64_t) {
         const float gi = g[i];
         const float mi = c.m(gi, m[i]);
         const float vi = c.v(gi, v[i]);

@@ -99,7 +99,8 @@ def adamw_update_ranges(
     _check_sizes(tensors)
     _check_segments(offsets, lengths, param.numel())
     _impl(*tensors).adamw_update_ranges(
-        param, exp_avg, exp_avg_sq, offsets, lengths, lr, weight_decay, bias_correction1, bias_correction2, eps
+        param, exp_avg, exp_avg_sq, offsets, lengths,
+        lr, weight_decay, bias_correction1, bias_correction2, eps,
     )
 
 
@@ -119,5 +120,6 @@ def adamw_step(
     tensors = (param, grad, exp_avg, exp_avg_sq)
     _check_sizes(tensors)
     _impl(*tensors).adamw_step(
-        param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2
+        param, grad, exp_avg, exp_avg_sq,
+        lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2,
     )

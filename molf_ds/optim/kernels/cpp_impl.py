@@ -77,7 +77,8 @@ def adamw_update_ranges(
     eps: float,
 ) -> None:
     torch.ops.molf_cpu_adam.adamw_update_ranges(
-        param, exp_avg, exp_avg_sq, offsets, lengths, lr, weight_decay, bias_correction1, bias_correction2, eps
+        param, exp_avg, exp_avg_sq, offsets, lengths,
+        lr, weight_decay, bias_correction1, bias_correction2, eps,
     )
 
 
@@ -95,5 +96,6 @@ def adamw_step(
     bias_correction2: float,
 ) -> None:
     torch.ops.molf_cpu_adam.adamw_step(
-        param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2
+        param, grad, exp_avg, exp_avg_sq,
+        lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2,
     )

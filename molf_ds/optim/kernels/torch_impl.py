@@ -42,8 +42,17 @@ def _batches(pieces: list[Piece]) -> Iterator[list[Piece]]:
         yield batch
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """The tensor as 1-D, sharing its storage: segment offsets index its elements in order."""
+    try:
+        return t.view(-1)
+    except RuntimeError as exc:
+        raise ValueError(f"segments need a 1-D or contiguous tensor, got shape {tuple(t.shape)}") from exc
+
+
 def _views(t: torch.Tensor, batch: list[Piece]) -> list[torch.Tensor]:
-    return [t[s : s + n] for s, n in batch]
+    flat = _flat(t)
+    return [flat[s : s + n] for s, n in batch]
 
 
 def _segment_sum(values: torch.Tensor, counts: list[int]) -> torch.Tensor:
