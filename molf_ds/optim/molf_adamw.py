@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -28,6 +29,18 @@ from .routing_log import RoutingLog
 
 SCORE_EPS = 1e-8
 ScoreReducer = Callable[[torch.Tensor], None]
+
+
+@dataclass
+class _Routing:
+    """One step's score sums and MoLF tensors, kept until every expert's score is in."""
+
+    step: int
+    sums: torch.Tensor  # [modules * experts] float64, this rank's part
+    took_part: torch.Tensor  # [modules * experts] bool
+    kind_lrs: torch.Tensor  # lr per segment kind
+    lr_scale: float
+    tensors: list[tuple[torch.Tensor, Layout]] = field(default_factory=list)
 
 
 class MoLFAdamW(torch.optim.Optimizer):
@@ -50,6 +63,8 @@ class MoLFAdamW(torch.optim.Optimizer):
         self.last_lr_scale = 0.0
         self._paused = False
         self._pinned_step: int | None = None
+        self.defer_routing = False  # ZeRO-3: step() only gathers scores; the adapter calls finish_routing()
+        self._routing: _Routing | None = None
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -81,10 +96,6 @@ class MoLFAdamW(torch.optim.Optimizer):
         t = self._pinned_step or self.molf_step + 1
         beta1, beta2 = self.cfg.betas
         bc1, bc2 = 1 - beta1**t, 1 - beta2**t
-        sums = torch.zeros(self.index.n_modules * self.index.n_experts, dtype=torch.float64)
-        took_part = torch.zeros_like(sums, dtype=torch.bool)
-        routed: list[tuple[torch.Tensor, Layout]] = []
-        kind_lrs = self._kind_lrs()  # only read when the molf group is stepped
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -96,39 +107,58 @@ class MoLFAdamW(torch.optim.Optimizer):
                         self.cfg.eps, group["weight_decay"], bc1, bc2,
                     )
                     continue
+                routing = self._routing_of(t)
                 layout = self.layouts(p)
                 seg_sums = kernels.moments_and_scores(
                     p.grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2,
                     layout.offsets, layout.lengths, self.cfg.score, SCORE_EPS,
                 )
                 if self.cfg.score == "epd":
-                    seg_sums = seg_sums * kind_lrs[layout.kinds]
-                sums.index_add_(0, layout.cells, seg_sums.to(sums.device))
-                took_part[layout.cells] = True
-                routed.append((p, layout))
+                    seg_sums = seg_sums * routing.kind_lrs[layout.kinds]
+                routing.sums.index_add_(0, layout.cells, seg_sums.to(routing.sums.device))
+                routing.took_part[layout.cells] = True
+                routing.tensors.append((p, layout))
         self.molf_step = t
-        if routed:
-            self.last_lr_scale = self.lr_scale
-            self._update_winners(routed, self._route(sums, took_part).tolist(), kind_lrs.tolist(), bc1, bc2)
-            if self.routing_log is not None and self.routing_log.wants(t):
-                self.routing_log.write(self.last_routing)
+        if not self.defer_routing:
+            self.finish_routing()
         return loss
 
-    def _update_winners(
-        self, routed: list[tuple[torch.Tensor, Layout]], winners: list[bool], lrs: list[float], bc1: float, bc2: float
-    ) -> None:
-        wds = self._kind_weight_decays()
-        for p, layout in routed:
+    def _routing_of(self, t: int) -> "_Routing":
+        if self._routing is None or self._routing.step != t:
+            cells = self.index.n_modules * self.index.n_experts
+            self._routing = _Routing(
+                step=t,
+                sums=torch.zeros(cells, dtype=torch.float64),
+                took_part=torch.zeros(cells, dtype=torch.bool),
+                kind_lrs=self._kind_lrs(),
+                lr_scale=self.lr_scale,
+            )
+        return self._routing
+
+    def finish_routing(self) -> None:
+        """Reduce the scores gathered this step, take the top-k, update the winners and log the step.
+        Called by step() itself, or by a ZeRO-3 adapter once every sub-group has been through step()."""
+        routing, self._routing = self._routing, None
+        if routing is None:
+            return
+        winners = self._route(routing.sums, routing.took_part).tolist()
+        beta1, beta2 = self.cfg.betas
+        bc1, bc2 = 1 - beta1**routing.step, 1 - beta2**routing.step
+        lrs, wds = routing.kind_lrs.tolist(), self._kind_weight_decays()
+        for p, layout in routing.tensors:
             state = self.state[p]
             for kind, (offsets, lengths) in layout.winning_ranges(winners).items():
                 kernels.adamw_update_ranges(
                     p, state["exp_avg"], state["exp_avg_sq"], torch.tensor(offsets), torch.tensor(lengths),
                     lrs[kind], wds[kind], bc1, bc2, self.cfg.eps,
                 )
+        self.last_lr_scale = routing.lr_scale
+        if self.routing_log is not None and self.routing_log.wants(routing.step):
+            self.routing_log.write(self.last_routing)
 
     def _kind_lrs(self) -> torch.Tensor:
         """Current lr of each segment kind: the full lr and LoRA lr, times the schedule factor."""
-        scale = self.lr_scale if any(g["kind"] == "molf" for g in self.param_groups) else 0.0
+        scale = self.lr_scale
         lrs = [self.cfg.lr * scale] * 2 + [self.cfg.lora_lr * scale]
         return torch.tensor(lrs, dtype=torch.float64)
 
