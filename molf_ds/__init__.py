@@ -2,8 +2,8 @@
 from .config import MoLFConfig
 from .layers import MoLFLinear
 from .optim import MoLFAdamW, build_optimizer
-from .wrapping import merge_and_unwrap, merged_state_dict, molf_modules, wrap_model
-from .export import export_peft, save_merged
+from .wrapping import merge_and_unwrap, molf_modules, wrap_model
+from .export import export_peft, merged_state_dict, save_merged
 from .zero import initialize, load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"

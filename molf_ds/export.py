@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .optim.routing_log import is_rank_zero
-from .wrapping import merged_state_dict, molf_modules
+from .wrapping import molf_modules
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -23,11 +23,46 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def gathered(params: list[nn.Parameter]):
+    """Full parameters inside the block under ZeRO-3 (a no-op for ordinary parameters)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict (on CPU) of the merged vanilla model, leaving `model` untouched. Under ZeRO-3 the
+    parameters are gathered one layer at a time; every rank must call it, and with `rank0_only` only
+    rank 0 keeps the tensors."""
+    keep = not rank0_only or is_rank_zero()
+    state: dict[str, torch.Tensor] = {}
+    layers = molf_modules(model)
+    for name, layer in layers:
+        with gathered(list(layer.parameters())):
+            if keep:
+                state[f"{name}.weight"] = layer.merged_weight().cpu()
+                if layer.base_layer.bias is not None:
+                    state[f"{name}.bias"] = layer.base_layer.bias.detach().cpu().clone()
+    inside_layers = tuple(f"{name}." for name, _ in layers)
+    for key, p in model.named_parameters(remove_duplicate=False):
+        if not key.startswith(inside_layers):
+            with gathered([p]):
+                if keep:
+                    state[key] = p.detach().cpu().clone()
+    if keep:
+        buffers = dict(model.named_buffers())
+        for key in model.state_dict():
+            if key in buffers and not key.startswith(inside_layers):
+                state[key] = buffers[key].detach().cpu().clone()
+    return state
+
+
 def save_merged(engine_or_model: Any, out_dir: str | Path, tokenizer: Any = None) -> Path:
     """Rank 0 writes the merged model as a vanilla transformers checkpoint (and the tokenizer, when given)."""
     out_dir = Path(out_dir)
     model = _module_of(engine_or_model)
-    state = merged_state_dict(model)
+    state = merged_state_dict(model, rank0_only=True)
     if is_rank_zero():
         model.save_pretrained(out_dir, state_dict=state)
         if tokenizer is not None:

@@ -1,6 +1,7 @@
 """MoLFLinear: a base linear plus LoRA experts, y = W x + b + sum_i s_i B_i A_i dropout(x)."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -32,10 +33,13 @@ class MoLFLinear(nn.Module):
         self.expert_names = (["full"] if trains_base else []) + loras
         self.reset_lora_parameters()
 
+    @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        for a, b in zip(self.lora_A, self.lora_B):
-            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-            nn.init.zeros_(b.weight)
+        params = [lin.weight for lin in (*self.lora_A, *self.lora_B)]
+        with _full_parameters(params):
+            for a, b in zip(self.lora_A, self.lora_B):
+                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+                nn.init.zeros_(b.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -69,3 +73,13 @@ class MoLFLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"experts={self.expert_names}, scaling={[round(s, 6) for s in self.scaling]}"
 
+
+
+def _full_parameters(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+    """Under `deepspeed.zero.Init` the experts are created partitioned: gather them to initialise them
+    (rank 0's values win); for ordinary parameters nothing happens."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)

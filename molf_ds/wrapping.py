@@ -103,16 +103,3 @@ def merge_and_unwrap(model: nn.Module) -> nn.Module:
         del model.molf_summary
     return model
 
-
-@torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of the merged vanilla model, leaving `model` untouched."""
-    state = model.state_dict()
-    for name, module in molf_modules(model):
-        prefix = f"{name}."
-        for key in [k for k in state if k.startswith(prefix)]:
-            del state[key]
-        state[f"{name}.weight"] = module.merged_weight()
-        if module.base_layer.bias is not None:
-            state[f"{name}.bias"] = module.base_layer.bias.detach()
-    return state

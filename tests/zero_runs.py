@@ -1,6 +1,8 @@
-"""Training runs for the DeepSpeed tests: the single-process reference and the per-rank DeepSpeed worker."""
+"""Training runs for the DeepSpeed tests: the single-process reference, the per-rank DeepSpeed worker,
+and the check that a run reproduces the reference."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,10 @@ from transformers import AutoModelForCausalLM
 import molf_ds
 from distributed import count_collectives
 
+STEPS, GLOBAL_BATCH, SEQ = 20, 4, 16
+MOLF = dict(lora_ranks=(8,), lora_alphas=(16.0,), lora_dropout=0.0, lr=1e-3, lora_lr=6e-4)  # both experts win
+NEAR_TIE = 1e-6
+
 
 def load(model_dir: str | Path, seed: int) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
@@ -17,7 +23,9 @@ def load(model_dir: str | Path, seed: int) -> torch.nn.Module:
     return model
 
 
-def reference_run(model_dir: str | Path, molf: dict[str, Any], batches: list[torch.Tensor], seed: int = 0) -> dict:
+def reference_run(
+    model_dir: str | Path, molf: dict[str, Any], batches: list[torch.Tensor], seed: int = 0, clip: float = 0.0
+) -> dict:
     """One process, the whole global batch, build_optimizer: the run every stage must reproduce."""
     cfg = molf_ds.MoLFConfig(**molf)
     model = molf_ds.wrap_model(load(model_dir, seed), cfg)
@@ -25,6 +33,8 @@ def reference_run(model_dir: str | Path, molf: dict[str, Any], batches: list[tor
     winners, scores = [], []
     for ids in batches:
         model(input_ids=ids, labels=ids).loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         optimizer.zero_grad()
         winners.append(optimizer.last_winners.clone())
@@ -34,18 +44,26 @@ def reference_run(model_dir: str | Path, molf: dict[str, Any], batches: list[tor
 
 def deepspeed_worker(rank: int, world: int, model_dir: str, molf: dict, runs: dict, batches: list, out: str) -> None:
     """For each named DeepSpeed config in `runs`: train on this rank's slice of every global batch and
-    save what the test checks (winners, scores, losses, collectives per step, layout cells, merged weights)."""
+    save what the test checks (winners, scores, losses, collectives per step, layout cells, merged weights).
+    Run options: "zero_init" loads the model partitioned (transformers' ZeRO-3 loading), "save_merged"
+    writes the merged checkpoint to OUT/NAME.final, "resume_at", "overflow_steps", "baseline_ds"."""
     import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     results = {}
     for name, run in runs.items():
         log = Path(out) / f"{name}.routing.jsonl"
-        engine, *_ = molf_ds.initialize(load(model_dir, seed=0), molf_ds.MoLFConfig(**molf), run["ds"], routing_log=log)
+        zero3_loading = HfDeepSpeedConfig(run["ds"]) if run.get("zero_init") else None  # alive while loading
+        model = load(model_dir, seed=0)
+        partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
+        engine, *_ = molf_ds.initialize(model, molf_ds.MoLFConfig(**molf), run["ds"], routing_log=log)
+        del zero3_loading
         optimizer = engine.basic_optimizer
         cells = sorted({c for layout in optimizer.layouts.layouts.values() for c in layout.cells.tolist()}) \
             if hasattr(optimizer.layouts, "layouts") else None
-        record: dict[str, Any] = {"winners": [], "scores": [], "losses": [], "collectives": [], "cells": cells}
+        record: dict[str, Any] = {"winners": [], "scores": [], "losses": [], "collectives": [], "cells": cells,
+                                  "built_partitioned": partitioned}
         for step, ids in enumerate(batches):
             if step == run.get("resume_at"):  # a new engine on a fresh model, from the checkpoint
                 molf_ds.save_checkpoint(engine, Path(out) / f"{name}.ckpt", tag="mid")
@@ -69,12 +87,25 @@ def deepspeed_worker(rank: int, world: int, model_dir: str, molf: dict, runs: di
             record["losses"].append(loss.item())
             record["winners"].append(optimizer.last_winners.clone())
             record["scores"].append(optimizer.last_scores.clone())
+        record["resident"] = _residency(engine.module)
         record["merged"] = {k: v.float() for k, v in molf_ds.merged_state_dict(engine.module).items()}
+        if run.get("save_merged"):
+            molf_ds.save_merged(engine, Path(out) / f"{name}.final")
         if "baseline_ds" in run:
             record["baseline_collectives"] = _adamw_collectives(
                 model_dir, molf, run["baseline_ds"], batches[:2], rank, world)
         results[name] = record
     torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
+def _residency(model: torch.nn.Module) -> dict[str, bool] | None:
+    """Under ZeRO-3: whether LoRA and base weights are gathered (resident) between steps."""
+    layer = molf_ds.molf_modules(model)[0][1]
+    if not hasattr(layer.base_layer.weight, "ds_status"):
+        return None
+    available = lambda p: p.ds_status.name == "AVAILABLE"  # noqa: E731
+    return {"lora": all(available(p) for m in (*layer.lora_A, *layer.lora_B) for p in m.parameters()),
+            "base": available(layer.base_layer.weight)}
 
 
 def _adamw_collectives(model_dir: str, molf: dict, ds: dict, batches: list, rank: int, world: int) -> list[list[str]]:
@@ -95,3 +126,23 @@ def _adamw_collectives(model_dir: str, molf: dict, ds: dict, batches: list, rank
             engine.step()
         counts.append(list(calls))
     return counts
+
+
+def _near_tie(scores: torch.Tensor) -> torch.Tensor:
+    top2 = scores.topk(2, dim=1).values
+    return (top2[:, 0] - top2[:, 1]).abs() <= NEAR_TIE * top2[:, 0].abs()
+
+
+def assert_reproduces(reference: dict, got_per_rank: list[dict], run: str, root) -> None:
+    """Winners at every step and module (near-ties excepted), scores, merged weights, and the routing log."""
+    for got in got_per_rank:
+        for step, (want, have, scores) in enumerate(zip(reference["winners"], got["winners"], reference["scores"])):
+            differs = (want != have).any(dim=1)
+            assert not (differs & ~_near_tie(scores)).any(), f"{run}: winners differ at step {step + 1}"
+            torch.testing.assert_close(got["scores"][step], scores, rtol=1e-4, atol=1e-12)
+        for key, value in reference["merged"].items():
+            torch.testing.assert_close(got["merged"][key], value, rtol=1e-5, atol=1e-5, msg=f"{run}: {key}")
+    wins = torch.stack(reference["winners"]).float().mean(dim=(0, 1))
+    assert (wins > 0).all(), f"the run must route to every expert to test anything: shares {wins.tolist()}"
+    lines = [json.loads(line) for line in (root / f"{run}.routing.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, STEPS + 1))

@@ -11,7 +11,7 @@ import deepspeed
 from packaging.version import Version
 
 TESTED_DEEPSPEED = (Version("0.19.8"), Version("0.20"))  # [low, high)
-SUPPORTED_STAGES = (0, 1, 2)
+SUPPORTED_STAGES = (0, 1, 2, 3)
 
 
 def check_deepspeed_version(version: str | None = None) -> None:
@@ -68,10 +68,16 @@ def prepare_ds_config(config: dict[str, Any] | str | Path | None) -> dict[str, A
             f"DeepSpeed config key 'zero_optimization.offload_optimizer.device'={device!r}: molf_ds supports "
             "'cpu' or 'none' (NVMe offload is not supported)"
         )
-    if (zero.get("offload_param") or {}).get("device", "none") != "none":
+    param_device = (zero.get("offload_param") or {}).get("device", "none")
+    if param_device not in ("none", "cpu"):
+        raise ValueError(
+            f"DeepSpeed config key 'zero_optimization.offload_param.device'={param_device!r}: molf_ds supports "
+            "'cpu' or 'none' (NVMe offload is not supported)"
+        )
+    if param_device == "cpu" and stage != 3:
         raise ValueError("DeepSpeed config key 'zero_optimization.offload_param' needs ZeRO stage 3")
-    if device == "cpu" and stage not in (1, 2):
-        raise ValueError("DeepSpeed config key 'zero_optimization.offload_optimizer' needs ZeRO stage 1 or 2 here")
+    if device == "cpu" and stage == 0:
+        raise ValueError("DeepSpeed config key 'zero_optimization.offload_optimizer' needs ZeRO stage 1, 2 or 3")
     if device == "cpu":
         if ds.get("zero_force_ds_cpu_optimizer") is True:
             raise ValueError(

@@ -6,21 +6,24 @@ hands it and how to reduce scores across data-parallel ranks.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import deepspeed
-import torch
 import deepspeed.comm as dist
+import torch
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from torch import nn
 
 from ..config import MoLFConfig
 from ..optim import MoLFAdamW, RoutingLog, build_optimizer
+from ..optim.layout import LORA
 from ..wrapping import molf_modules, wrap_model
 from .ds_config import check_deepspeed_version, prepare_ds_config
-from .layouts import copied_param_layouts, zero12_layouts
+from .layouts import copied_param_layouts, zero3_layouts, zero12_layouts
 
 
 def initialize(
@@ -40,7 +43,8 @@ def initialize(
     cfg = molf_config or MoLFConfig()
     ds_config = prepare_ds_config(config)
     if not molf_modules(model):
-        wrap_model(model, cfg)
+        with _like_the_model(model, ds_config):
+            wrap_model(model, cfg)
     optimizer = build_optimizer(model, cfg, routing_log)
     with optimizer.paused():  # some wrappers call step() once on zero grads to create state
         engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
@@ -50,12 +54,26 @@ def initialize(
     return engine, ds_optimizer, loader, scheduler
 
 
+def _like_the_model(model: nn.Module, ds_config: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """A model built partitioned (deepspeed.zero.Init, or transformers' ZeRO-3 loading) gets its LoRA
+    experts created partitioned too."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return deepspeed.zero.Init(config_dict_or_path=ds_config)
+    return contextlib.nullcontext()
+
+
 def attach(wrapper: Any, optimizer: MoLFAdamW) -> None:
     """Point `optimizer` at the tensors `wrapper` (DeepSpeed's optimizer) steps, and log skipped steps."""
     index = optimizer.index
     if isinstance(wrapper, DeepSpeedZeroOptimizer):
         optimizer.layouts = zero12_layouts(index, wrapper)
         optimizer.reduce_scores = _all_reduce_over(wrapper.dp_process_group)
+    elif isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
+        optimizer.layouts = zero3_layouts(index, wrapper, dist.get_rank(group=wrapper.dp_process_group))
+        optimizer.reduce_scores = _all_reduce_over(wrapper.dp_process_group)
+        _route_after_all_sub_groups(wrapper, optimizer)
+        _keep_resident(wrapper, [p for cell in index.params_by_cell.values() for p in cell
+                                 if index.kind_of[id(p)] == LORA])
     elif isinstance(wrapper, FP16_UnfusedOptimizer):
         pairs = ((p, c) for lp, hp in zip(wrapper.fp16_groups, wrapper.fp32_groups) for p, c in zip(lp, hp))
         optimizer.layouts = copied_param_layouts(index, pairs)
@@ -66,6 +84,46 @@ def attach(wrapper: Any, optimizer: MoLFAdamW) -> None:
         )
     if wrapper is not optimizer:
         _hook_wrapper_step(wrapper, optimizer)
+
+
+def _route_after_all_sub_groups(zero3: DeepSpeedZeroOptimizer_Stage3, optimizer: MoLFAdamW) -> None:
+    """ZeRO-3 steps the wrapped optimizer one sub-group at a time. MoLF lets DeepSpeed's loop run as is
+    (grads flattened, unscaled and clipped by DeepSpeed) but only gathers moments and scores in it; the
+    winners' update and the copy of MoLF sub-groups back into the model run once every sub-group is in."""
+    optimizer.defer_routing = True
+    molf_groups = {g for g, group in enumerate(optimizer.param_groups) if group["kind"] == "molf"}
+    molf_sub_groups = {s for s, g in zero3.sub_group_to_group_id.items() if g in molf_groups}
+    copy_back = zero3._reassign_or_swap_out_partitioned_parameters
+    post_step = zero3._post_step
+    waiting: list[int] = []
+
+    def copy_back_after_routing(sub_group_id: int) -> None:
+        if sub_group_id in molf_sub_groups:
+            waiting.append(sub_group_id)
+        else:
+            copy_back(sub_group_id)
+
+    def route_then_post_step(*args: Any, **kwargs: Any) -> Any:
+        optimizer.finish_routing()
+        for sub_group_id in waiting:
+            copy_back(sub_group_id)
+        waiting.clear()
+        return post_step(*args, **kwargs)
+
+    zero3._reassign_or_swap_out_partitioned_parameters = copy_back_after_routing
+    zero3._post_step = route_then_post_step
+
+
+def _keep_resident(zero3: DeepSpeedZeroOptimizer_Stage3, params: list[nn.Parameter]) -> None:
+    """Replicate LoRA experts (small) instead of gathering them for every forward: persistent parameters
+    stay gathered and DeepSpeed re-gathers them after each step."""
+    persistent = zero3.persistent_parameters  # shared with the parameter offload coordinator
+    new = [p for p in params if not p.ds_persist]
+    for p in new:
+        p.ds_persist = True
+    persistent.extend(new)
+    if new:
+        new[0].all_gather(new)
 
 
 def _all_reduce_over(group: Any):

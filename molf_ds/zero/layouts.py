@@ -51,3 +51,20 @@ def zero12_layouts(index: ExpertIndex, zero_optimizer) -> TensorLayouts:
                 segments.append((address.start, address.numel, cell, index.kind_of[id(p)]))
         layouts[id(flat)] = Layout(segments)
     return TensorLayouts(layouts)
+
+
+def zero3_layouts(index: ExpertIndex, zero3_optimizer, rank: int) -> TensorLayouts:
+    """ZeRO-3: every parameter is partitioned on its own, and sub-group i's flat fp32 tensor concatenates
+    this rank's slices (`partition_numel()` each) of its parameters; the last rank's slice ends in padding."""
+    layouts = {}
+    for params, flat in zip(zero3_optimizer.fp16_groups, zero3_optimizer.fp32_partitioned_groups_flat):
+        segments, offset = [], 0
+        for p in params:
+            part = p.partition_numel()
+            cell = index.cell_of.get(id(p))
+            if cell is not None:
+                owned = max(0, min(part, p.ds_numel - rank * part))  # padding excluded
+                segments.append((offset, owned, cell, index.kind_of[id(p)]))
+            offset += part
+        layouts[id(flat)] = Layout(segments)
+    return TensorLayouts(layouts)
