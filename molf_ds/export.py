@@ -87,10 +87,11 @@ def peft_adapter(model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
         )
     weights = {}
     for name, layer in layers:
-        a = torch.cat([a.weight for a in layer.lora_A], dim=0)
-        b = torch.cat([s * b.weight for b, s in zip(layer.lora_B, layer.scaling)], dim=1)
-        weights[f"base_model.model.{name}.lora_A.weight"] = a.detach().contiguous()
-        weights[f"base_model.model.{name}.lora_B.weight"] = b.detach().contiguous()
+        with gathered([lin.weight for lin in (*layer.lora_A, *layer.lora_B)]):
+            a = torch.cat([a.weight for a in layer.lora_A], dim=0)
+            b = torch.cat([s * b.weight for b, s in zip(layer.lora_B, layer.scaling)], dim=1)
+            weights[f"base_model.model.{name}.lora_A.weight"] = a.detach().cpu().contiguous()
+            weights[f"base_model.model.{name}.lora_B.weight"] = b.detach().cpu().contiguous()
     rank = sum(a.out_features for a in layers[0][1].lora_A)
     config = LoraConfig(
         r=rank,
@@ -113,6 +114,6 @@ def export_peft(engine_or_model: Any, out_dir: str | Path) -> Path:
     if is_rank_zero():
         out_dir.mkdir(parents=True, exist_ok=True)
         config.save_pretrained(out_dir)
-        save_file({k: v.cpu() for k, v in weights.items()}, out_dir / ADAPTER_WEIGHTS)
+        save_file(weights, out_dir / ADAPTER_WEIGHTS)
     _barrier()
     return out_dir

@@ -27,7 +27,10 @@ RUNS = {
     "zero3_offload": {"ds": zero3(**OFFLOAD), "save_merged": True},
     "zero3_loaded_partitioned": {"ds": zero3(), "zero_init": True},
     "zero3_clipped": {"ds": {**zero3(sub_group_size=4000), "gradient_clipping": CLIP}},
+    "zero3_molf_e": {"ds": zero3(), "molf": dict(variant="molf-e", lora_ranks=(4, 8), lora_alphas=(16.0, 16.0),
+                                                  top_k=2), "export_peft": True},
 }
+FP32_RUNS = [name for name in RUNS if name != "zero3_molf_e"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,7 @@ def runs(tmp_path_factory):
     return references, [torch.load(root / f"rank{r}.pt") for r in range(2)], root
 
 
-@pytest.mark.parametrize("run", list(RUNS))
+@pytest.mark.parametrize("run", FP32_RUNS)
 def test_zero3_reproduces_reference(runs, run):
     references, ranks, root = runs
     reference = references[RUNS[run]["ds"]["gradient_clipping"]]
@@ -58,7 +61,7 @@ def test_subgroups_and_partitioned_loading_really_happened(runs):
 
 def test_lora_experts_stay_resident_base_does_not(runs):
     _, ranks, _ = runs
-    for run in RUNS:
+    for run in FP32_RUNS:
         assert ranks[0][run]["resident"] == {"lora": True, "base": False}, run
 
 
@@ -82,3 +85,15 @@ def test_merged_checkpoint_loads_and_matches(runs, run):
     ids = token_batches(1, 2, SEQ, seed=5)[0]
     torch.testing.assert_close(loaded(input_ids=ids).logits, reference_model(input_ids=ids).logits,
                                rtol=1e-4, atol=1e-4)
+
+
+def test_peft_export_under_zero3(runs):
+    from peft import PeftModel
+
+    _, ranks, root = runs
+    base = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32, attn_implementation="eager")
+    adapted = PeftModel.from_pretrained(base, root / "zero3_molf_e.peft")
+    ids = token_batches(STEPS, GLOBAL_BATCH, SEQ, seed=2)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=ids).logits, ranks[0]["zero3_molf_e"]["probe_logits"],
+                                   rtol=1e-4, atol=1e-4)

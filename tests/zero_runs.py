@@ -45,8 +45,9 @@ def reference_run(
 def deepspeed_worker(rank: int, world: int, model_dir: str, molf: dict, runs: dict, batches: list, out: str) -> None:
     """For each named DeepSpeed config in `runs`: train on this rank's slice of every global batch and
     save what the test checks (winners, scores, losses, collectives per step, layout cells, merged weights).
-    Run options: "zero_init" loads the model partitioned (transformers' ZeRO-3 loading), "save_merged"
-    writes the merged checkpoint to OUT/NAME.final, "resume_at", "overflow_steps", "baseline_ds"."""
+    Run options: "molf" overrides MoLFConfig fields, "zero_init" loads the model partitioned (transformers'
+    ZeRO-3 loading), "save_merged" writes the merged checkpoint to OUT/NAME.final, "export_peft" the PEFT
+    adapter to OUT/NAME.peft (and the logits on batch 0), "resume_at", "overflow_steps", "baseline_ds"."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -57,7 +58,8 @@ def deepspeed_worker(rank: int, world: int, model_dir: str, molf: dict, runs: di
         zero3_loading = HfDeepSpeedConfig(run["ds"]) if run.get("zero_init") else None  # alive while loading
         model = load(model_dir, seed=0)
         partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
-        engine, *_ = molf_ds.initialize(model, molf_ds.MoLFConfig(**molf), run["ds"], routing_log=log)
+        cfg = molf_ds.MoLFConfig(**{**molf, **run.get("molf", {})})
+        engine, *_ = molf_ds.initialize(model, cfg, run["ds"], routing_log=log)
         del zero3_loading
         optimizer = engine.basic_optimizer
         cells = sorted({c for layout in optimizer.layouts.layouts.values() for c in layout.cells.tolist()}) \
@@ -91,6 +93,10 @@ def deepspeed_worker(rank: int, world: int, model_dir: str, molf: dict, runs: di
         record["merged"] = {k: v.float() for k, v in molf_ds.merged_state_dict(engine.module).items()}
         if run.get("save_merged"):
             molf_ds.save_merged(engine, Path(out) / f"{name}.final")
+        if run.get("export_peft"):
+            molf_ds.export_peft(engine, Path(out) / f"{name}.peft")
+            with torch.no_grad():
+                record["probe_logits"] = engine(input_ids=batches[0]).logits.float()
         if "baseline_ds" in run:
             record["baseline_collectives"] = _adamw_collectives(
                 model_dir, molf, run["baseline_ds"], batches[:2], rank, world)
