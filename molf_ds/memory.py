@@ -1,0 +1,144 @@
+"""`molf-ds estimate-memory`: bytes of model states per GPU and per node's CPU, for FFT, LoRA, MoLF, MoLF-E.
+
+Counts come from the real architecture built on the meta device (no weights, no download). Byte
+conventions follow DeepSpeed's own estimators for mixed-precision Adam: 2 bytes per 16-bit parameter,
+and per trainable parameter 2 (16-bit grad) + 4 (fp32 grad) + 4 (fp32 master) + 8 (two moments).
+Under ZeRO-3, MoLF's LoRA experts are kept resident (replicated) on every GPU. (DeepSpeed's ZeRO-3
+estimator counts 2 bytes less per parameter than its ZeRO-2 one; we count the fp32 gradient whole.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .config import DEFAULT_TARGETS
+
+BUNDLED = Path(__file__).parent / "model_configs"
+METHODS = ("fft", "lora", "molf", "molf-e")
+DEFAULT_RANKS = {"lora": (128,), "molf": (128,), "molf-e": (32, 128)}
+GRAD16, STATES32 = 2, 16  # bytes per trainable parameter: 16-bit grad; fp32 grad + master + m + v
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    params: int  # the base model, tied weights once
+    largest: int  # numel of its largest parameter
+    lora_per_rank: int  # LoRA parameters per unit of rank over all target linears: sum(in + out)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    method: str
+    trainable: int
+    frozen: int
+    gpu_bytes: int
+    cpu_bytes_per_node: int
+
+
+def load_config(model: str):
+    """A bundled architecture name (gemma-3-1b, qwen2.5-1.5b, qwen2.5-3b), a config.json, or a model folder."""
+    bundled = BUNDLED / f"{model}.json"
+    path = bundled if bundled.is_file() else Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        names = sorted(p.stem for p in BUNDLED.glob("*.json"))
+        raise ValueError(f"estimate-memory: {model!r} is neither a bundled architecture {names} nor a config.json")
+    values = json.loads(path.read_text())
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def count(config, targets: tuple[str, ...] = DEFAULT_TARGETS) -> ModelCounts:
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = {id(p): p.numel() for p in model.parameters()}
+    output = model.get_output_embeddings()
+    lora = sum(
+        m.in_features + m.out_features
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and m is not output and name.rsplit(".", 1)[-1] in targets
+    )
+    return ModelCounts(sum(params.values()), max(params.values()), lora)
+
+
+def estimate(
+    counts: ModelCounts, method: str, ranks: tuple[int, ...], stage: int, offload_optimizer: bool,
+    offload_param: bool, gpus_per_node: int, nodes: int,
+) -> Estimate:
+    n = gpus_per_node * nodes
+    lora = counts.lora_per_rank * sum(ranks) if method != "fft" else 0
+    trainable = {"fft": counts.params, "lora": lora, "molf": counts.params + lora, "molf-e": lora}[method]
+    frozen = counts.params if method in ("lora", "molf-e") else 0
+    resident = lora if stage == 3 and method in ("molf", "molf-e") else 0
+    weights = 2 * (trainable + frozen)
+    if stage == 3:
+        weights = 2 * (trainable + frozen - resident) / n + 2 * resident + 4 * counts.largest
+    states = STATES32 * trainable / (n if stage >= 1 else 1)
+    grads = GRAD16 * trainable / (n if stage >= 2 else 1)
+    gpu, cpu = weights + grads + states, 0.0
+    if offload_optimizer:  # grads stream to the CPU's fp32 buffers as they are reduced
+        gpu, cpu = gpu - states - grads, cpu + states * gpus_per_node
+    if offload_param:
+        moved = 2 * (trainable + frozen - resident) / n
+        gpu, cpu = gpu - moved, cpu + moved * gpus_per_node
+    return Estimate(method, trainable, frozen, int(gpu), int(cpu))
+
+
+def deepspeed_fft_estimate(counts: ModelCounts, stage: int, offload_optimizer: bool, offload_param: bool,
+                           gpus_per_node: int, nodes: int) -> tuple[int, int] | None:
+    """DeepSpeed's own estimator for full fine-tuning, as (cpu bytes per node, gpu bytes); stages 2 and 3."""
+    if stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            counts.params, counts.largest, gpus_per_node, nodes, offload_optimizer, offload_param)
+        return cpu, gpu
+    if stage == 2:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        return estimate_zero2_model_states_mem_needs(counts.params, gpus_per_node, nodes, offload_optimizer)
+    return None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="gemma-3-1b, qwen2.5-1.5b, qwen2.5-3b, a config.json or a model folder")
+    parser.add_argument("--method", choices=("all",) + METHODS, default="all")
+    parser.add_argument("--ranks", default=None, help="LoRA ranks, comma-separated (default: 128; 32,128 for molf-e)")
+    parser.add_argument("--stage", type=int, choices=(0, 1, 2, 3), default=3)
+    parser.add_argument("--offload-optimizer", action="store_true", help="offload_optimizer: cpu")
+    parser.add_argument("--offload-param", action="store_true", help="offload_param: cpu (stage 3)")
+    parser.add_argument("--gpus-per-node", type=int, default=1)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.offload_param and args.stage != 3:
+        raise SystemExit("estimate-memory: --offload-param needs --stage 3")
+    counts = count(load_config(args.model))
+    methods = METHODS if args.method == "all" else (args.method,)
+    ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else None
+    setup = (args.stage, args.offload_optimizer, args.offload_param, args.gpus_per_node, args.nodes)
+    rows = [estimate(counts, m, ranks or DEFAULT_RANKS.get(m, (0,)), *setup) for m in methods]
+    deepspeed_row = deepspeed_fft_estimate(counts, *setup)
+    if args.json:
+        print(json.dumps({"counts": asdict(counts), "estimates": [asdict(r) for r in rows],
+                          "deepspeed_fft": deepspeed_row}, indent=2))
+        return 0
+    print(f"{args.model}: {counts.params / 1e9:.2f}B parameters; ZeRO-{args.stage}, offload optimizer "
+          f"{args.offload_optimizer}, offload params {args.offload_param}, {args.nodes} x {args.gpus_per_node} GPUs")
+    print(f"{'method':<22}{'trainable':>14}{'GPU GiB':>10}{'CPU GiB/node':>14}")
+    for r in rows:
+        print(f"{r.method:<22}{r.trainable:>14,}{r.gpu_bytes / GIB:>10.2f}{r.cpu_bytes_per_node / GIB:>14.2f}")
+    if deepspeed_row:
+        cpu, gpu = deepspeed_row
+        print(f"{'fft (DeepSpeed est.)':<22}{counts.params:>14,}{gpu / GIB:>10.2f}{cpu / GIB:>14.2f}")
+    print("Model states only: activations, logits and buffers come on top "
+          "(DeepSpeed's own estimate adds a 1.5x buffer on the CPU side).")
+    return 0
