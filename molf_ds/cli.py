@@ -1,0 +1,48 @@
+"""The `molf-ds` command: `molf-ds train CONFIG.yaml [key=value ...]` (more subcommands plug in here)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import ConfigError, load_config, run
+    from .train.data import DataError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as error:  # before any process group: one line, no traceback
+        print(f"molf-ds train: {error}", file=sys.stderr)
+        return 2
+    try:
+        run(cfg)
+    except (ConfigError, DataError) as error:
+        print(f"molf-ds train: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="molf-ds", description="MoLF (Mixture of LoRA and Full fine-tuning) on DeepSpeed")
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = commands.add_parser(
+        "train", help="train a model as a YAML config says",
+        description="Train as CONFIG.yaml says; key=value arguments override its dotted keys "
+                    "(e.g. train.max_steps=20 molf.lora_ranks=[8]). Run it under deepspeed/torchrun/mpirun/"
+                    "accelerate launch for several ranks (`python -m molf_ds.train` is the same command).",
+    )
+    train.add_argument("config", help="the training YAML (see README: Training: molf-ds train)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides, YAML values")
+    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    train.set_defaults(func=_train)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

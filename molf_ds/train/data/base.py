@@ -1,0 +1,119 @@
+"""Reading a task's rows from a hub id or a local json/jsonl/parquet/csv file, and checking their fields.
+
+A malformed row raises `DataError` naming the file, the row (records counted from 1, a CSV header not
+counted) and the field.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be read or a malformed row."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training pair: the loss covers the completion's tokens only."""
+
+    prompt: str
+    completion: str
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Correct when option `answer` has the highest mean log-likelihood as a completion of `prompt`."""
+
+    metric: str
+    prompt: str
+    options: tuple[str, ...]
+    answer: int
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Correct when the greedy completion of `prompt` equals `target` (whitespace-normalised)."""
+
+    metric: str
+    prompt: str
+    target: str
+
+
+class Row:
+    """One record with typed field access; `where` is the file (or hub id and split), `number` counts from 1."""
+
+    def __init__(self, where: str, number: int, record: dict[str, Any], prefix: str = "") -> None:
+        self.where, self.number, self.record, self.prefix = where, number, record, prefix
+
+    def fail(self, name: str, problem: str) -> DataError:
+        return DataError(f"{self.where}: row {self.number}: field '{self.prefix}{name}' {problem}")
+
+    def _get(self, name: str) -> Any:
+        if name not in self.record or self.record[name] is None:
+            raise self.fail(name, "is missing")
+        return self.record[name]
+
+    def text(self, name: str, empty_ok: bool = False) -> str:
+        if empty_ok and self.record.get(name) is None:
+            return ""
+        value = self._get(name)
+        if not isinstance(value, str):
+            raise self.fail(name, f"must be a string, got {value!r}")
+        if not empty_ok and not value.strip():
+            raise self.fail(name, "is empty")
+        return value
+
+    def integer(self, name: str, low: int, high: int) -> int:
+        value = self._get(name)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.fail(name, f"must be an integer in [{low}, {high}], got {value!r}")
+        return value
+
+    def texts(self, name: str) -> list[str]:
+        value = self.record.get(name)
+        if value is None:
+            return []
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise self.fail(name, f"must be a list of strings, got {value!r}")
+        return list(value)
+
+    def mapping(self, name: str) -> "Row":
+        value = self._get(name)
+        if not isinstance(value, dict):
+            raise self.fail(name, f"must be an object, got {value!r}")
+        return Row(self.where, self.number, value, f"{self.prefix}{name}.")
+
+
+def is_local(source: str) -> bool:
+    return Path(source).suffix in FORMATS or Path(source).exists()
+
+
+def open_table(source: str, split: str) -> tuple[str, Any]:
+    """(where, datasets.Dataset) of a local file (its one split) or of a hub dataset's `split`."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if not is_local(source):
+        return f"{source} (split {split})", datasets.load_dataset(source, split=split)
+    path = Path(source)
+    fmt = FORMATS.get(path.suffix)
+    if fmt is None:
+        raise DataError(f"{path}: unknown file type: use one of {', '.join(FORMATS)}")
+    try:
+        return str(path), datasets.load_dataset(fmt, data_files=str(path), split="train")
+    except Exception as error:  # datasets wraps the parser's error
+        cause = error.__cause__ or error
+        raise DataError(f"{path}: cannot be read as {fmt}: {cause}".replace("\n", " ")) from None
+
+
+def rows(where: str, table: Any, indices: range) -> Iterator[Row]:
+    for number, record in enumerate(table.select(indices), start=indices.start + 1):
+        yield Row(where, number, record)

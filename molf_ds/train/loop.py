@@ -1,0 +1,274 @@
+"""The training job: model, data, DeepSpeed engine, the loop, logs, checkpoints, evaluation, outputs.
+
+Runs on every rank; ranks come from the launcher's environment (deepspeed, torchrun, mpirun, accelerate),
+or it is a single process. Every optimizer step reseeds torch from (seed, step, rank), and the data order is
+a function of (seed, epoch), so a resumed run continues exactly as the uninterrupted one would.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import transformers
+import yaml
+
+from . import checkpoints
+from .config import ModelSection, TrainConfig
+from .data import Collator, load_task, pad_id, tokenize
+from .evaluate import evaluate
+from .methods import Trainee, build
+from .outputs import ROUTING_PNG, plot_routing, save_final
+
+logger = logging.getLogger("molf_ds.train")
+ROUTING, METRICS, EVAL, CONFIG = "routing.jsonl", "metrics.jsonl", "eval.jsonl", "config.yaml"
+WATCH_STEPS, WATCH_SHARE = 100, 0.99
+MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+
+def run(cfg: TrainConfig) -> Path:
+    """Train as `cfg` says; returns the output directory."""
+    _init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines drown the progress bar
+    transformers.utils.logging.disable_progress_bar()
+    t = cfg.train
+    out = Path(t.output_dir)
+    tokenizer = _load_tokenizer(cfg.model)
+    with _rank_zero_first(rank):  # datasets' cache is written once
+        task = load_task(cfg.data, cfg.eval)
+    features, dropped = tokenize(task.train, tokenizer, cfg.data.max_length)
+    if dropped:
+        _say(f"{dropped} of {len(task.train)} training examples dropped: no completion token fits in "
+             f"data.max_length={cfg.data.max_length}")
+    order = Order(len(features), cfg.deepspeed["train_micro_batch_size_per_gpu"], world,
+                  cfg.deepspeed["gradient_accumulation_steps"], t.seed)
+    total = t.max_steps or t.epochs * order.steps_per_epoch
+    resume = checkpoints.find_resume(t.resume, out / "checkpoints")
+    start = resume.step if resume else 0
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        for name in (ROUTING, METRICS, EVAL):
+            checkpoints.trim_jsonl(out / name, start)
+    dist.barrier()
+
+    torch.manual_seed(t.seed)  # LoRA experts start the same on every rank and in every run
+    trainee = build(cfg, _load_model(cfg.model), total, out / ROUTING)
+    if resume:
+        trainee.load_checkpoint(resume.directory, resume.tag)
+        _say(f"resumed from {resume.directory / resume.tag} at step {start}")
+    evaluator = Evaluator(cfg, trainee, tokenizer, task, out / EVAL)
+    if cfg.eval.before_training and start == 0:
+        evaluator(0, "before training")
+    Loop(cfg, trainee, features, order, pad_id(tokenizer), out).train(start, total)
+    evaluator(total, "after training")
+    written = save_final(trainee, tokenizer, out)
+    if rank == 0 and trainee.is_molf:
+        written.append(plot_routing(out / METRICS, out / ROUTING_PNG))
+    logs = [out / name for name in (METRICS, ROUTING, EVAL) if (out / name).exists()]
+    _say(f"outputs in {out}/: " + ", ".join(str(p.relative_to(out)) for p in written + logs)
+         + (", checkpoints/" if (out / "checkpoints").is_dir() else ""))
+    return out
+
+
+class Order:
+    """Which examples each rank trains on at each micro-batch: a seeded permutation per epoch, cut into
+    global micro-batches of micro x world examples (the remainder of an epoch is dropped)."""
+
+    def __init__(self, n: int, micro: int, world: int, accumulation: int, seed: int) -> None:
+        self.n, self.micro, self.world, self.seed = n, micro, world, seed
+        self.steps_per_epoch = n // (micro * world) // accumulation
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"data: {n} training examples are fewer than one global batch ({micro} micro-batch "
+                             f"x {world} ranks x {accumulation} accumulation steps)")
+        self.micro_per_epoch = self.steps_per_epoch * accumulation
+        self._epoch, self._perm = -1, torch.empty(0)
+
+    def indices(self, k: int, rank: int) -> list[int]:
+        """Examples of micro-batch `k` (counted over the whole run) on `rank`."""
+        epoch, i = divmod(k, self.micro_per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        start = (i * self.world + rank) * self.micro
+        return self._perm[start:start + self.micro].tolist()
+
+
+class Loop:
+    def __init__(self, cfg: TrainConfig, trainee: Trainee, features: list[dict], order: Order, pad: int,
+                 out: Path) -> None:
+        self.cfg, self.trainee, self.features, self.order, self.out = cfg, trainee, features, order, out
+        self.collate = Collator(pad)
+        self.engine = trainee.engine
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.accumulation = cfg.deepspeed["gradient_accumulation_steps"]
+        self.watch = RoutingWatch()
+
+    def train(self, start: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        seed = self.cfg.train.seed
+        metrics = open(self.out / METRICS, "a", encoding="utf-8") if self.rank == 0 else None
+        bar = tqdm(total=total, initial=start, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        self.engine.train()
+        try:
+            for step in range(start + 1, total + 1):
+                torch.manual_seed((seed * 1_000_003 + step) * 1_009 + self.rank)  # dropout: same on resume
+                record = self.step(step)
+                if metrics is not None:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                bar.update(1)
+                bar.set_postfix(self._postfix(record), refresh=False)
+                warning = self.watch.add(record.get("routing"))
+                if warning and self.rank == 0:
+                    bar.write(warning)
+                if self.cfg.train.save_steps and step % self.cfg.train.save_steps == 0:
+                    self.save(step)
+        finally:
+            bar.close()
+            if metrics is not None:
+                metrics.close()
+
+    def step(self, step: int) -> dict[str, Any]:
+        began = time.perf_counter()
+        lr = self.engine.get_lr()[0]  # this step's lr (DeepSpeed steps the schedule inside engine.step)
+        sums = torch.zeros(2, dtype=torch.float64)  # loss over micro-batches, tokens
+        for a in range(self.accumulation):
+            k = (step - 1) * self.accumulation + a
+            batch = self.collate([self.features[i] for i in self.order.indices(k, self.rank)])
+            batch = {key: value.to(self.engine.device) for key, value in batch.items()}
+            loss = self.engine(**batch).loss
+            self.engine.backward(loss)
+            if a == self.accumulation - 1:
+                self.trainee.before_step(step)
+            self.engine.step()
+            sums += torch.tensor([loss.item(), batch["attention_mask"].sum().item()], dtype=torch.float64)
+        reduced = sums.to(self.engine.device)
+        dist.all_reduce(reduced)
+        loss_sum, tokens = reduced.tolist()
+        record = {
+            "step": step,
+            "epoch": round(step / self.order.steps_per_epoch, 4),
+            "loss": loss_sum / (self.accumulation * self.world),
+            "lr": lr,
+            "tokens_per_s": tokens / (time.perf_counter() - began),
+        }
+        shares = self.trainee.routing_shares()
+        if shares is not None:
+            record["routing"] = shares
+        return record
+
+    def save(self, step: int) -> None:
+        checkpoint = checkpoints.Checkpoint(self.out / "checkpoints", checkpoints.tag_of(step), step)
+        if self.rank == 0:
+            checkpoints.unmark(checkpoint)
+        dist.barrier()
+        self.trainee.save_checkpoint(checkpoint.directory, checkpoint.tag, {"step": step})
+        dist.barrier()  # every rank's files are written
+        if self.rank == 0:
+            checkpoints.mark(checkpoint)
+
+    @staticmethod
+    def _postfix(record: dict[str, Any]) -> dict[str, str]:
+        postfix = {"loss": f"{record['loss']:.4f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+        if "full" in record.get("routing", {}):
+            postfix["full"] = f"{record['routing']['full']:.0%}"
+        return postfix
+
+
+class RoutingWatch:
+    """Warns once when one expert took more than 99% of the routing decisions over the last 100 steps."""
+
+    def __init__(self) -> None:
+        self.recent: collections.deque[dict[str, float]] = collections.deque(maxlen=WATCH_STEPS)
+        self.warned = False
+
+    def add(self, shares: dict[str, float] | None) -> str | None:
+        if shares is None or self.warned:
+            return None
+        self.recent.append(shares)
+        if len(self.recent) < WATCH_STEPS:
+            return None
+        for expert in shares:
+            share = sum(s[expert] for s in self.recent) / (WATCH_STEPS * sum(shares.values()))
+            if share > WATCH_SHARE:
+                self.warned = True
+                return (f"warning: MoLF is effectively running as '{expert}' alone ({share:.1%} of the routing "
+                        f"decisions over the last {WATCH_STEPS} steps); to shift it, change the full/LoRA lr ratio "
+                        "(train.lr / train.lora_lr), the LoRA alphas (molf.lora_alphas) or rsLoRA (molf.use_rslora)")
+        return None
+
+
+class Evaluator:
+    def __init__(self, cfg: TrainConfig, trainee: Trainee, tokenizer: Any, task: Any, path: Path) -> None:
+        self.cfg, self.trainee, self.tokenizer, self.task, self.path = cfg, trainee, tokenizer, task, path
+
+    def __call__(self, step: int, when: str) -> None:
+        if not self.task.evals:
+            return
+        e = self.cfg.eval
+        engine = self.trainee.engine
+        scores = evaluate(engine.module, self.tokenizer, self.task.evals, self.task.metrics, e.batch_size,
+                          e.max_new_tokens, engine.device)
+        if dist.get_rank() == 0:
+            with open(self.path, "a", encoding="utf-8") as file:
+                file.write(json.dumps({"step": step, **scores}) + "\n")
+        _say(f"eval {when} (step {step}): " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+
+
+def _say(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+@contextlib.contextmanager
+def _rank_zero_first(rank: int) -> Iterator[None]:
+    if rank != 0:
+        dist.barrier()
+    yield
+    if rank == 0:
+        dist.barrier()
+
+
+def _init_distributed() -> None:
+    """Process group from the launcher's environment (MPI included); one process when there is none."""
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ and not any(name in os.environ for name in MPI_ENV):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cpu = deepspeed.get_accelerator().device_name() == "cpu"
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else None, auto_mpi_discovery=True)
+
+
+def _load_tokenizer(m: ModelSection) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(m.tokenizer or m.name_or_path)
+
+
+def _load_model(m: ModelSection) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, m.dtype)}
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model

@@ -1,0 +1,122 @@
+"""One DeepSpeed engine setup for every method: molf and molf-e through `molf_ds.initialize`; the baselines
+(fft, lora and adalora through PEFT) through `deepspeed.initialize` with torch AdamW, the same DeepSpeed
+config checks, the same LR schedule and the same checkpoint calls."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import deepspeed
+import torch
+from torch import nn
+
+from .. import zero
+from ..zero.ds_config import check_deepspeed_version, prepare_ds_config
+from .config import TrainConfig, key_error
+
+
+class Trainee:
+    """A DeepSpeed engine plus what differs between methods."""
+
+    def __init__(self, engine: Any, method: str) -> None:
+        self.engine = engine
+        self.method = method
+
+    @property
+    def is_molf(self) -> bool:
+        return self.method in ("molf", "molf-e")
+
+    def routing_shares(self) -> dict[str, float] | None:
+        """Share of MoLF modules each expert won at the last optimizer step (None for baselines)."""
+        optimizer = self.engine.basic_optimizer
+        return optimizer.routing_shares() if self.is_molf and optimizer.last_winners is not None else None
+
+    def before_step(self, step: int) -> None:
+        """Called on every rank after the last backward of optimizer step `step`, before engine.step()."""
+
+    def save_checkpoint(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
+        if self.is_molf:
+            zero.save_checkpoint(self.engine, directory, tag, client_state)
+        else:
+            self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+
+    def load_checkpoint(self, directory: Path, tag: str) -> dict[str, Any]:
+        if self.is_molf:
+            path, state = zero.load_checkpoint(self.engine, directory, tag)
+        else:
+            path, state = self.engine.load_checkpoint(str(directory), tag=tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint {tag} in {directory}")
+        return dict(state or {})
+
+
+class AdaLoraTrainee(Trainee):
+    def before_step(self, step: int) -> None:
+        """PEFT's rank allocation reads p.grad and masks lora_E in place. Under ZeRO-1/2 the grads live in
+        DeepSpeed's partitions and the optimizer steps fp32 copies: lend the full grads, then copy the masked
+        values into the fp32 partitions."""
+        from deepspeed.utils import safe_get_full_grad, safe_set_full_fp32_param
+
+        model = self.engine.module
+        params = [(n, p) for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+        lent = []
+        for _, p in params:  # every rank, same order: safe_get_full_grad all-reduces under ZeRO
+            if p.grad is None:
+                p.grad = safe_get_full_grad(p).to(p.dtype)
+                lent.append(p)
+        model.base_model.update_and_allocate(step)
+        for p in lent:
+            p.grad = None
+        for name, p in params:
+            if "lora_E" in name:
+                safe_set_full_fp32_param(p, p.data)
+
+
+def build(cfg: TrainConfig, model: nn.Module, total_steps: int, routing_log: Path) -> Trainee:
+    """The engine for `cfg.method` over `model` (a transformers model, not yet wrapped)."""
+    schedule = _scheduler(cfg, total_steps)
+    if cfg.method in ("molf", "molf-e"):
+        engine, *_ = zero.initialize(model, cfg.molf_config(), cfg.deepspeed, lr_scheduler=schedule,
+                                     routing_log=routing_log)
+        return Trainee(engine, cfg.method)
+    t = cfg.train
+    if cfg.method == "fft":
+        lr, weight_decay = t.lr, t.weight_decay
+    else:
+        model = _peft(cfg, model, total_steps)
+        lr, weight_decay = t.lora_lr, t.lora_weight_decay
+    check_deepspeed_version()
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # biases, norms
+    groups = [{"params": ps, "weight_decay": wd} for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(t.betas), eps=t.eps)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=prepare_ds_config(cfg.deepspeed),
+                                      lr_scheduler=schedule)
+    return (AdaLoraTrainee if cfg.method == "adalora" else Trainee)(engine, cfg.method)
+
+
+def _peft(cfg: TrainConfig, model: nn.Module, total_steps: int) -> nn.Module:
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    lo = cfg.lora
+    common = dict(lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=list(lo.target_modules),
+                  task_type="CAUSAL_LM")
+    if cfg.method == "lora":
+        peft_config = LoraConfig(r=lo.r, use_rslora=lo.use_rslora, **common)
+    elif lo.tinit >= total_steps - lo.tfinal:
+        raise key_error("lora.tinit", f"AdaLoRA needs lora.tinit < total steps ({total_steps}) - lora.tfinal")
+    else:
+        peft_config = AdaLoraConfig(init_r=lo.init_r, target_r=lo.target_r, tinit=lo.tinit, tfinal=lo.tfinal,
+                                    deltaT=lo.delta_t, orth_reg_weight=lo.orth_reg_weight, total_step=total_steps,
+                                    **common)
+    return get_peft_model(model, peft_config)
+
+
+def _scheduler(cfg: TrainConfig, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
+    """DeepSpeed calls this with its basic optimizer and steps the schedule once per optimizer step."""
+    from transformers import get_scheduler
+
+    t = cfg.train
+    warmup = t.warmup_steps or int(t.warmup_ratio * total_steps)
+    return lambda optimizer: get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup,
+                                           num_training_steps=total_steps)
