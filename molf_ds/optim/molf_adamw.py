@@ -61,19 +61,10 @@ class MoLFAdamW(torch.optim.Optimizer):
         self.last_scores: torch.Tensor | None = None  # [modules, experts], -inf where an expert sat out
         self.last_winners: torch.Tensor | None = None  # [modules, experts] bool
         self.last_lr_scale = 0.0
-        self._paused = False
+        self.paused = False  # step() does nothing while set: DeepSpeed may call it on zero grads at setup
         self._pinned_step: int | None = None
         self.defer_routing = False  # ZeRO-3: step() only gathers scores; the adapter calls finish_routing()
         self._routing: _Routing | None = None
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """step() does nothing inside: DeepSpeed's wrappers may call it on zero grads to create state."""
-        self._paused = True
-        try:
-            yield
-        finally:
-            self._paused = False
 
     # ---- the step -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -88,7 +79,7 @@ class MoLFAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
-        if self._paused:
+        if self.paused:
             return loss
         if closure is not None:
             with torch.enable_grad():

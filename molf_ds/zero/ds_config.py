@@ -39,8 +39,9 @@ def load_ds_config(config: dict[str, Any] | str | Path | None) -> dict[str, Any]
         raise ValueError(f"DeepSpeed config {path} is not valid JSON: line {error.lineno}: {error.msg}") from None
 
 
-def prepare_ds_config(config: dict[str, Any] | str | Path | None) -> dict[str, Any]:
-    """A copy of `config` that DeepSpeed accepts with MoLFAdamW as client optimizer, or a ValueError naming the key."""
+def prepare_ds_config(config: dict[str, Any] | str | Path | None, allow_auto: bool = False) -> dict[str, Any]:
+    """A copy of `config` that DeepSpeed accepts with MoLFAdamW as client optimizer, or a ValueError naming the
+    key. `allow_auto` keeps "auto" values, for the HF Trainer / accelerate integration that fills them."""
     ds = load_ds_config(config)
     if "optimizer" in ds:
         raise ValueError(
@@ -48,7 +49,7 @@ def prepare_ds_config(config: dict[str, Any] | str | Path | None) -> dict[str, A
             "fields), and an optimizer block would make DeepSpeed drop it"
         )
     autos = [key for key, value in _walk(ds) if value == "auto"]
-    if autos:
+    if autos and not allow_auto:
         raise ValueError(
             f"DeepSpeed config key(s) {autos} are 'auto': only the HF Trainer / accelerate integration fills "
             "those; give numbers when calling molf_ds.initialize"

@@ -43,18 +43,18 @@ def initialize(
     cfg = molf_config or MoLFConfig()
     ds_config = prepare_ds_config(config)
     if not molf_modules(model):
-        with _like_the_model(model, ds_config):
+        with zero3_construction(model, ds_config):
             wrap_model(model, cfg)
     optimizer = build_optimizer(model, cfg, routing_log)
-    with optimizer.paused():  # some wrappers call step() once on zero grads to create state
-        engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config, lr_scheduler=lr_scheduler, **deepspeed_kwargs
-        )
+    optimizer.paused = True  # some wrappers call step() once on zero grads to create state
+    engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config, lr_scheduler=lr_scheduler, **deepspeed_kwargs
+    )
     attach(engine.optimizer, optimizer)
     return engine, ds_optimizer, loader, scheduler
 
 
-def _like_the_model(model: nn.Module, ds_config: dict[str, Any]) -> contextlib.AbstractContextManager:
+def zero3_construction(model: nn.Module, ds_config: dict[str, Any]) -> contextlib.AbstractContextManager:
     """A model built partitioned (deepspeed.zero.Init, or transformers' ZeRO-3 loading) gets its LoRA
     experts created partitioned too."""
     if any(hasattr(p, "ds_id") for p in model.parameters()):
@@ -63,7 +63,8 @@ def _like_the_model(model: nn.Module, ds_config: dict[str, Any]) -> contextlib.A
 
 
 def attach(wrapper: Any, optimizer: MoLFAdamW) -> None:
-    """Point `optimizer` at the tensors `wrapper` (DeepSpeed's optimizer) steps, and log skipped steps."""
+    """Point `optimizer` at the tensors `wrapper` (DeepSpeed's optimizer) steps, log skipped steps, and
+    let it step (it is paused while DeepSpeed sets up)."""
     index = optimizer.index
     if isinstance(wrapper, DeepSpeedZeroOptimizer):
         optimizer.layouts = zero12_layouts(index, wrapper)
@@ -84,6 +85,7 @@ def attach(wrapper: Any, optimizer: MoLFAdamW) -> None:
         )
     if wrapper is not optimizer:
         _hook_wrapper_step(wrapper, optimizer)
+    optimizer.paused = False
 
 
 def _route_after_all_sub_groups(zero3: DeepSpeedZeroOptimizer_Stage3, optimizer: MoLFAdamW) -> None:

@@ -1,0 +1,72 @@
+"""HF Trainer users: `MoLFTrainer` is a `transformers.Trainer` whose optimizer is MoLF.
+
+    args = TrainingArguments("out", deepspeed="ds_configs/zero2.json", ...)   # "auto" values are fine
+    trainer = MoLFTrainer(model, args, molf_config=MoLFConfig(...), routing_log="out/routing.jsonl",
+                          train_dataset=..., data_collator=...)
+    trainer.train()
+
+The model is wrapped here when it is not already. Without `molf_config`, MoLF uses the Trainer's learning
+rate for both the full and the LoRA experts and its other defaults. Logs gain the share of modules each
+expert won at the last step (`routing/<expert>`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .config import MoLFConfig
+from .optim import MoLFAdamW, build_optimizer
+from .wrapping import molf_modules, wrap_model
+from .zero.ds_config import prepare_ds_config
+from .zero.engine import attach, zero3_construction
+
+
+class _AttachToDeepSpeed(TrainerCallback):
+    """Once accelerate has built the DeepSpeed engine, point MoLF at the tensors it steps."""
+
+    def __init__(self, trainer: "MoLFTrainer") -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer.is_deepspeed_enabled and trainer.molf_optimizer.paused:
+            attach(trainer.deepspeed.optimizer, trainer.molf_optimizer)
+
+
+class MoLFTrainer(Trainer):
+    def __init__(
+        self,
+        model: nn.Module,
+        args: TrainingArguments,
+        *,
+        molf_config: MoLFConfig | None = None,
+        routing_log: str | Path | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.molf_config = molf_config or MoLFConfig(lr=args.learning_rate, lora_lr=args.learning_rate)
+        self.routing_log_path = routing_log
+        self.molf_optimizer: MoLFAdamW | None = None
+        hf_ds = getattr(args, "hf_deepspeed_config", None)
+        if hf_ds is not None:
+            hf_ds.config.update(prepare_ds_config(hf_ds.config, allow_auto=True))
+        if not molf_modules(model):
+            with zero3_construction(model, hf_ds.config if hf_ds is not None else {}):
+                wrap_model(model, self.molf_config)
+        super().__init__(model=model, args=args, **kwargs)
+        self.add_callback(_AttachToDeepSpeed(self))
+
+    def create_optimizer(self, model: nn.Module | None = None):
+        if self.optimizer is None:
+            self.molf_optimizer = build_optimizer(self.model, self.molf_config, self.routing_log_path)
+            self.molf_optimizer.paused = self.is_deepspeed_enabled  # until attached to the engine
+            self.optimizer = self.molf_optimizer
+        return self.optimizer
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self.molf_optimizer is not None and self.molf_optimizer.last_winners is not None:
+            logs.update({f"routing/{e}": s for e, s in self.molf_optimizer.routing_shares().items()})
+        super().log(logs, *args, **kwargs)
+
