@@ -5,6 +5,7 @@ counted) and the field.
 """
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -69,8 +70,11 @@ class Row:
 
     def integer(self, name: str, low: int, high: int) -> int:
         value = self._get(name)
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value)
+        if isinstance(value, str):  # CSV
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -107,8 +111,13 @@ def open_table(source: str, split: str) -> tuple[str, Any]:
     fmt = FORMATS.get(path.suffix)
     if fmt is None:
         raise DataError(f"{path}: unknown file type: use one of {', '.join(FORMATS)}")
+    options = {}
+    if fmt == "csv":  # CSV has no types: read every column as text, so that a completion like " 42" stays one
+        with open(path, newline="", encoding="utf-8") as file:
+            header = next(csv.reader(file), [])
+        options["features"] = datasets.Features({name: datasets.Value("string") for name in header})
     try:
-        return str(path), datasets.load_dataset(fmt, data_files=str(path), split="train")
+        return str(path), datasets.load_dataset(fmt, data_files=str(path), split="train", **options)
     except Exception as error:  # datasets wraps the parser's error
         cause = error.__cause__ or error
         raise DataError(f"{path}: cannot be read as {fmt}: {cause}".replace("\n", " ")) from None
