@@ -1,4 +1,5 @@
-"""HF Trainer users: `MoLFTrainer` is a `transformers.Trainer` whose optimizer is MoLF.
+"""HF users. `MoLFTrainer` is a `transformers.Trainer` whose optimizer is MoLF; `accelerate_prepare` is
+`accelerator.prepare` for a MoLF model and optimizer.
 
     args = TrainingArguments("out", deepspeed="ds_configs/zero2.json", ...)   # "auto" values are fine
     trainer = MoLFTrainer(model, args, molf_config=MoLFConfig(...), routing_log="out/routing.jsonl",
@@ -70,3 +71,24 @@ class MoLFTrainer(Trainer):
             logs.update({f"routing/{e}": s for e, s in self.molf_optimizer.routing_shares().items()})
         super().log(logs, *args, **kwargs)
 
+
+
+def accelerate_prepare(
+    accelerator: Any, model: nn.Module, molf_config: MoLFConfig, *objects: Any, routing_log: str | Path | None = None
+) -> tuple:
+    """Wrap `model`, build its MoLF optimizer and `accelerator.prepare(model, optimizer, *objects)`; under the
+    DeepSpeed plugin, MoLF is then attached to the engine. Returns what `prepare` returns. On CPU, create the
+    Accelerator with `kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")]`."""
+    plugin = accelerator.state.deepspeed_plugin
+    ds = plugin.deepspeed_config if plugin is not None else None
+    if ds is not None:
+        ds.update(prepare_ds_config(ds, allow_auto=True))
+    if not molf_modules(model):
+        with zero3_construction(model, ds or {}):
+            wrap_model(model, molf_config)
+    optimizer = build_optimizer(model, molf_config, routing_log)
+    optimizer.paused = ds is not None
+    prepared = accelerator.prepare(model, optimizer, *objects)
+    if ds is not None:
+        attach(prepared[0].optimizer, optimizer)
+    return prepared

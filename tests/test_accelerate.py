@@ -1,0 +1,56 @@
+"""`accelerate launch` with each preset in launch/accelerate/ (2 CPU processes, the preset's DeepSpeed JSON):
+MoLF through molf_ds.hf.accelerate_prepare writes the single-process reference's routing log."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed import free_port
+from tiny_models import token_batches
+from zero_runs import MOLF, reference_run
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tiny_models import tiny_model
+
+    path = tmp_path_factory.mktemp("accelerate") / "model"
+    tiny_model("qwen2", path, seed=1, num_hidden_layers=3)
+    return path
+
+
+@pytest.mark.parametrize("preset", ["zero2", "zero3", "zero3_offload"])
+def test_accelerate_launch_preset(model_dir, tmp_path, preset):
+    ds = json.loads((ROOT / "ds_configs" / f"{preset}.json").read_text())
+    if ds.get("bf16", {}).get("enabled"):  # compare in fp32: same preset, precision off
+        config = tmp_path / f"{preset}.json"
+        config.write_text(json.dumps({**ds, "bf16": {"enabled": False}}))
+        yaml = (ROOT / "launch" / "accelerate" / f"{preset}.yaml").read_text()
+        preset_file = tmp_path / f"{preset}.yaml"
+        preset_file.write_text(yaml.replace(f"ds_configs/{preset}.json", str(config)))
+    else:
+        preset_file = ROOT / "launch" / "accelerate" / f"{preset}.yaml"
+    ds = {**ds, "gradient_accumulation_steps": 1}
+    log = tmp_path / "routing.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'tests'}:{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(preset_file),
+           "--main_process_port", str(free_port()), "--gradient_accumulation_steps", "1",
+           str(ROOT / "tests" / "accelerate_script.py"), "--model", str(model_dir), "--routing-log", str(log),
+           "--steps", str(STEPS)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = reference_run(model_dir, MOLF, token_batches(STEPS, 2, 16, seed=2), clip=ds["gradient_clipping"])
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
+    for line, winners in zip(lines, reference["winners"]):
+        got = torch.tensor([[e in m["winners"] for e in ("full", "lora0")] for m in line["modules"].values()])
+        assert torch.equal(got, winners), f"{preset}: step {line['step']}"
