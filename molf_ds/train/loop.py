@@ -23,7 +23,7 @@ import yaml
 
 from . import checkpoints
 from .config import ModelSection, TrainConfig
-from .data import Collator, load_task, pad_id, tokenize
+from .data import Collator, DataError, load_task, pad_id, tokenize
 from .evaluate import evaluate
 from .methods import Trainee, build
 from .outputs import ROUTING_PNG, plot_routing, save_final
@@ -88,7 +88,7 @@ class Order:
         self.n, self.micro, self.world, self.seed = n, micro, world, seed
         self.steps_per_epoch = n // (micro * world) // accumulation
         if self.steps_per_epoch < 1:
-            raise ValueError(f"data: {n} training examples are fewer than one global batch ({micro} micro-batch "
+            raise DataError(f"data: {n} training examples are fewer than one global batch ({micro} micro-batch "
                              f"x {world} ranks x {accumulation} accumulation steps)")
         self.micro_per_epoch = self.steps_per_epoch * accumulation
         self._epoch, self._perm = -1, torch.empty(0)
@@ -251,8 +251,11 @@ def _init_distributed() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cpu = deepspeed.get_accelerator().device_name() == "cpu"
+    accelerator = deepspeed.get_accelerator()
+    cpu = accelerator.device_name() == "cpu"
     deepspeed.init_distributed(dist_backend="gloo" if cpu else None, auto_mpi_discovery=True)
+    if not cpu:  # before the first collective, so that each rank uses its own device
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _load_tokenizer(m: ModelSection) -> Any:
