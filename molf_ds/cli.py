@@ -24,7 +24,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="molf-ds", description="MoLF (Mixture of LoRA and Full fine-tuning) on DeepSpeed")
+    root = argparse.ArgumentParser(prog="molf-ds",
+                                   description="MoLF (Mixture of LoRA and Full fine-tuning) on DeepSpeed")
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = commands.add_parser(
         "train", help="train a model as a YAML config says",

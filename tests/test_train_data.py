@@ -19,7 +19,8 @@ def sql_rows(n: int = 4) -> list[dict]:
         "sql_complexity": "basic SQL", "sql_complexity_description": "basic SQL with a simple select statement",
         "sql_task_type": "analytics and reporting", "sql_task_type_description": "generating reports",
         "sql_prompt": f"How many stores are in region {i}?",
-        "sql_context": "" if i == 1 else f"CREATE TABLE stores (id INT, region INT); INSERT INTO stores VALUES (1, {i});",
+        "sql_context": "" if i == 1 else
+        f"CREATE TABLE stores (id INT, region INT); INSERT INTO stores VALUES (1, {i});",
         "sql": f"SELECT COUNT(*) FROM stores WHERE region = {i};",
         "sql_explanation": "Counts the stores of the region.",
     } for i in range(n)]

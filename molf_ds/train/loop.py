@@ -28,7 +28,6 @@ from .evaluate import evaluate
 from .methods import Trainee, build
 from .outputs import ROUTING_PNG, plot_routing, save_final
 
-logger = logging.getLogger("molf_ds.train")
 ROUTING, METRICS, EVAL, CONFIG = "routing.jsonl", "metrics.jsonl", "eval.jsonl", "config.yaml"
 WATCH_STEPS, WATCH_SHARE = 100, 0.99
 MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
@@ -72,6 +71,7 @@ def run(cfg: TrainConfig) -> Path:
     Loop(cfg, trainee, features, order, pad_id(tokenizer), out).train(start, total)
     evaluator(total, "after training")
     written = save_final(trainee, tokenizer, out)
+    trainee.close()
     if rank == 0 and trainee.is_molf:
         written.append(plot_routing(out / METRICS, out / ROUTING_PNG))
     logs = [out / name for name in (METRICS, ROUTING, EVAL) if (out / name).exists()]

@@ -34,6 +34,12 @@ class Trainee:
     def before_step(self, step: int) -> None:
         """Called on every rank after the last backward of optimizer step `step`, before engine.step()."""
 
+    def close(self) -> None:
+        """Close the routing log (molf, molf-e)."""
+        log = getattr(self.engine.basic_optimizer, "routing_log", None) if self.is_molf else None
+        if log is not None:
+            log.close()
+
     def save_checkpoint(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
         if self.is_molf:
             zero.save_checkpoint(self.engine, directory, tag, client_state)
