@@ -10,4 +10,4 @@ if ! python -c "import torch" 2>/dev/null; then
     python -m pip install torch==2.13.0
   fi
 fi
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,mpi]"

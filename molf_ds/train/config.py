@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import os
 import re
 import types
 import typing
@@ -128,6 +129,7 @@ class TrainConfig:
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection, "lora": LoraSection,
             "eval": EvalSection}
+ACCELERATE_DS_CONFIG = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
 TOP_LEVEL = ("model", "method", "molf", "lora", "data", "eval", "train", "deepspeed")
 
 
@@ -152,7 +154,8 @@ def from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> TrainConfig:
     for keys, value in parsed:  # a new DeepSpeed config first, so that deepspeed.* overrides edit it
         if keys == ["deepspeed"]:
             raw["deepspeed"] = value
-    raw["deepspeed"] = _load_deepspeed(raw.get("deepspeed", REQUIRED))
+    # under `accelerate launch` with a DeepSpeed preset, the preset's JSON is the default
+    raw["deepspeed"] = _load_deepspeed(raw.get("deepspeed", os.environ.get(ACCELERATE_DS_CONFIG, REQUIRED)))
     for keys, value in parsed:
         if keys != ["deepspeed"]:
             _set(raw, keys, value)
