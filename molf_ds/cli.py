@@ -1,4 +1,4 @@
-"""The `molf-ds` command: `molf-ds train CONFIG.yaml [key=value ...]` (more subcommands plug in here)."""
+"""The `molf-ds` command: `train` (the training job), `estimate-memory` (model-state bytes per GPU and node)."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +37,18 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides, YAML values")
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     train.set_defaults(func=_train)
+    _add(commands, "estimate-memory", "memory", "bytes of model states per GPU and per node, for each method")
     return root
+
+
+def _add(commands, name: str, module: str, help: str) -> None:
+    """A subcommand whose module brings `add_arguments(parser)` and `run(args) -> int`."""
+    import importlib
+
+    plugin = importlib.import_module(f"molf_ds.{module}")
+    sub = commands.add_parser(name, help=help, description=plugin.__doc__.splitlines()[0])
+    plugin.add_arguments(sub)
+    sub.set_defaults(func=plugin.run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -63,6 +63,9 @@ def save_merged(engine_or_model: Any, out_dir: str | Path, tokenizer: Any = None
     out_dir = Path(out_dir)
     model = _module_of(engine_or_model)
     state = merged_state_dict(model, rank0_only=True)
+    if getattr(model.config, "tie_word_embeddings", False):  # ZeRO's flat buffers hide the tie from save_pretrained
+        for key in getattr(model, "_tied_weights_keys", None) or ():
+            state.pop(key, None)
     if is_rank_zero():
         model.save_pretrained(out_dir, state_dict=state)
         if tokenizer is not None:
