@@ -1,0 +1,200 @@
+"""`molf-ds bench`: MoLF's cost against FFT and LoRA under every ZeRO stage, measured side by side in one run.
+
+For one model config, every (ZeRO stage, optimizer offload) mode and every method (fft, lora, molf, molf-e),
+`world` ranks are spawned (torch.multiprocessing; gloo and one thread per rank on CPU, NCCL on GPUs); each trains
+for warm-up + measured steps on random tokens and reports median training-step time, tokens/s,
+engine.step() time, the basic optimizer's own time and memory traffic (beside DeepSpeedCPUAdam and torch's
+fused AdamW on tensors of the same sizes, in the same run), peak memory (RSS on CPU, the allocator's peak on
+GPU) and the collectives per step with their bytes. Ratios against FFT and LoRA of the same mode, a text
+table, JSON and markdown (`--out`), PNG charts (`--plot`).
+
+    python -m molf_ds.bench --model qwen2-h256 --out bench_results/bench
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from .methods import BASELINE_OPTIMIZERS, EXTRA_METHODS, METHODS, Settings, default_ranks
+
+__all__ = ["Settings", "add_arguments", "cells_for", "run", "run_bench"]
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .models import bundled
+
+    parser.add_argument("--model", default="qwen2-h256",
+                        help=f"a bench config {bundled()} or an estimate-memory architecture (default qwen2-h256)")
+    parser.add_argument("--stages", type=_ints, default=(0, 1, 2, 3), help="ZeRO stages, e.g. 0,1,2,3")
+    parser.add_argument("--offload", type=_names, default=("none", "cpu"),
+                        help="optimizer offload modes: none,cpu (cpu is skipped for stage 0)")
+    parser.add_argument("--methods", type=_names, default=METHODS, help=f"of {METHODS + EXTRA_METHODS}")
+    parser.add_argument("--world", type=int, default=2, help="ranks (default 2; on GPUs: one per GPU)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per rank (default 1)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default fp32 on CPU, bf16 on GPU")
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8, help="measured steps (after warm-up)")
+    parser.add_argument("--molf-ranks", type=_ints, default=(), help="default: the paper's r=128, scaled to hidden")
+    parser.add_argument("--molf-e-ranks", type=_ints, default=(), help="default: the paper's 32,128, scaled; LoRA "
+                                                                       "gets their sum")
+    parser.add_argument("--lora-dropout", type=float, default=0.1)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lora-lr", type=float, default=5e-5)
+    parser.add_argument("--baseline-optimizer", choices=BASELINE_OPTIMIZERS, default="torch-fused",
+                        help="fft/lora optimizer without offload (with offload: DeepSpeedCPUAdam)")
+    parser.add_argument("--reference-repeats", type=int, default=10)
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--shared-process", action="store_true",
+                        help="run every cell in the same ranks (faster start; peak memory then is not per cell)")
+    parser.add_argument("--out", type=Path, default=None, help="directory for bench.json and bench.md")
+    parser.add_argument("--plot", action="store_true", help="also draw PNG charts into --out")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    import torch
+
+    from .models import hidden_size
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    molf, molf_e = default_ranks(hidden_size(args.model))
+    return Settings(
+        model=args.model, seq=args.seq, micro_batch=args.micro_batch, warmup=args.warmup, steps=args.steps,
+        dtype=args.dtype or ("bf16" if device == "cuda" else "fp32"), device=device,
+        molf_ranks=args.molf_ranks or molf, molf_e_ranks=args.molf_e_ranks or molf_e,
+        lora_dropout=args.lora_dropout, lr=args.lr, lora_lr=args.lora_lr, baseline_optimizer=args.baseline_optimizer,
+        reference_repeats=args.reference_repeats, activation_checkpointing=args.activation_checkpointing,
+    )
+
+
+def cells_for(stages: Sequence[int], offloads: Sequence[str], methods: Sequence[str]) -> list[tuple[int, bool, str]]:
+    """Every valid (stage, offload, method), grouped by mode so that a mode's methods run back to back."""
+    for m in methods:
+        if m not in METHODS + EXTRA_METHODS:
+            raise ValueError(f"bench: unknown method {m!r}: use {METHODS + EXTRA_METHODS}")
+    for o in offloads:
+        if o not in ("none", "cpu"):
+            raise ValueError(f"bench: offload {o!r}: use none or cpu")
+    return [(stage, o == "cpu", m) for stage in stages for o in offloads if not (stage == 0 and o == "cpu")
+            for m in methods]
+
+
+def run_bench(settings: Settings, cells: list[tuple[int, bool, str]], world: int = 2, threads: int = 1,
+              shared_process: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Measure every cell with `world` spawned ranks; returns the report (settings, machine, rows)."""
+    from . import report
+    from .procs import spawn
+    from .worker import cell_name, run_cells
+
+    settings_dict = settings.to_dict()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="molf-bench-") as tmp:
+        if shared_process:
+            spawn(run_cells, world, cells, settings_dict, tmp, progress, threads=threads)
+            indices = list(range(len(cells)))
+        else:
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(cells), desc="bench", unit="cell", file=sys.stderr)
+            for k, cell in enumerate(cells):
+                if bar is not None:
+                    bar.set_postfix_str(cell_name(cell))
+                sub = Path(tmp, f"c{k}")
+                sub.mkdir()
+                spawn(run_cells, world, [cell], settings_dict, str(sub), False, threads=threads)
+                for rank in range(world):
+                    Path(sub, f"cell-0.rank-{rank}.json").rename(Path(tmp, f"cell-{k}.rank-{rank}.json"))
+                if bar is not None:
+                    bar.update()
+            if bar is not None:
+                bar.close()
+            indices = list(range(len(cells)))
+        for k in indices:
+            ranks = [json.loads(Path(tmp, f"cell-{k}.rank-{r}.json").read_text()) for r in range(world)]
+            rows.append(report.merge(ranks))
+    report.add_ratios(rows)
+    return {"settings": settings_dict, "world": world, "threads_per_rank": threads, "memory_per_cell": not shared_process,
+            "machine": _machine(settings.device), "rows": rows}
+
+
+def _machine(device: str) -> dict[str, Any]:
+    import deepspeed
+    import torch
+
+    info = {"platform": platform.platform(), "cpu": platform.processor(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "deepspeed": deepspeed.__version__}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpus"] = torch.cuda.device_count()
+    return info
+
+
+def write(report_dict: dict[str, Any], out: Path, command: str | None, plot: bool) -> list[Path]:
+    from . import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "bench.json", out / "bench.md"]
+    report_dict = {**report_dict, "command": command}
+    written[0].write_text(json.dumps(report_dict, indent=2))
+    written[1].write_text(report.markdown(report_dict, command))
+    if plot:
+        written += report.plot(report_dict, out)
+    return written
+
+
+def run(args: argparse.Namespace) -> int:
+    """`molf-ds bench` / `python -m molf_ds.bench`: measure, print the tables, write --out; 1 if a cell failed."""
+    from . import report
+
+    if args.plot and args.out is None:
+        print("molf-ds bench: --plot needs --out DIR", file=sys.stderr)
+        return 2
+    try:
+        settings = settings_from(args)
+        cells = cells_for(args.stages, args.offload, args.methods)
+    except ValueError as error:
+        print(f"molf-ds bench: {error}", file=sys.stderr)
+        return 2
+    if settings.device == "cuda":
+        import torch
+
+        args.world = min(args.world, torch.cuda.device_count())
+    result = run_bench(settings, cells, args.world, args.threads, args.shared_process, not args.no_progress)
+    print(report.text(result))
+    if args.out is not None:
+        argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
+        command = "molf-ds bench " + " ".join(shlex.quote(a) for a in argv)
+        for path in write(result, args.out, command, args.plot):
+            print(f"wrote {path}")
+    errors = [r for r in result["rows"] if "error" in r]
+    for r in errors:
+        print(f"molf-ds bench: {r['cell']} failed: {r['error']}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m molf_ds.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+

@@ -1,0 +1,46 @@
+"""Models the benchmark builds from a config (random init, no download): the bundled tiny Qwen2 configs for CPU
+runs, or any architecture `molf-ds estimate-memory` knows (qwen2.5-1.5b, qwen2.5-3b, gemma-3-1b, a config.json)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def bundled() -> list[str]:
+    return sorted(p.stem for p in CONFIGS.glob("*.json"))
+
+
+def load_config(name: str):
+    """A bench config (qwen2-h256, qwen2-h512), else what `molf_ds.memory.load_config` accepts."""
+    path = CONFIGS / f"{name}.json"
+    if path.is_file():
+        values = json.loads(path.read_text())
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    from ..memory import load_config as load_architecture
+
+    try:
+        return load_architecture(name)
+    except ValueError:
+        raise ValueError(f"bench: unknown model {name!r}: use one of {bundled()}, a bundled architecture of "
+                         "`molf-ds estimate-memory`, or a config.json path") from None
+
+
+def hidden_size(name: str) -> int:
+    return int(load_config(name).hidden_size)
+
+
+def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The architecture with random weights drawn from `seed` (every rank draws the same model)."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(load_config(name), dtype=dtype, attn_implementation="sdpa")
+
+
+def token_batch(step: int, rank: int, micro_batch: int, seq: int, vocab: int) -> torch.Tensor:
+    """Random tokens, deterministic per (step, rank), the same for every method."""
+    g = torch.Generator().manual_seed(1_000_003 * step + rank)
+    return torch.randint(0, vocab, (micro_batch, seq), generator=g)

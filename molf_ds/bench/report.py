@@ -1,0 +1,228 @@
+"""Merge the ranks' measurements into one row per cell, compute the ratios, and render text, markdown and plots."""
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+MIB = 2**20
+
+
+def _median_of_max(per_rank: list[list[dict]], key: str) -> float:
+    """Per step the slowest rank (a step ends when every rank is done), then the median over steps."""
+    steps = zip(*(r for r in per_rank))
+    return statistics.median(max(s[key] for s in step) for step in steps)
+
+
+def merge(ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from the per-rank results of one cell."""
+    first = ranks[0]
+    row: dict[str, Any] = {k: first[k] for k in ("cell", "stage", "offload", "method")}
+    errors = [r["error"] for r in ranks if "error" in r]
+    if errors:
+        row["error"] = errors[0]
+        return row
+    per_rank = [r["steps"] for r in ranks]
+    step_s = _median_of_max(per_rank, "step_s")
+    row.update(
+        optimizer=first["optimizer"], trainable_params=first["trainable_params"], world=first["world"],
+        measured_steps=len(first["steps"]),
+        step_ms=1e3 * step_s, tokens_per_s=first["tokens_per_step"] / step_s,
+        forward_backward_ms=1e3 * _median_of_max(per_rank, "forward_backward_s"),
+        engine_step_ms=1e3 * _median_of_max(per_rank, "engine_step_s"),
+        optimizer_ms=1e3 * _median_of_max(per_rank, "optimizer_s"),
+        peak_rss_mib=max(r["peak_rss_bytes"] for r in ranks) / MIB,
+        loss=statistics.fmean(s["loss"] for s in first["steps"]),
+    )
+    if "peak_gpu_bytes" in first:
+        row["peak_gpu_mib"] = max(r["peak_gpu_bytes"] for r in ranks) / MIB
+    steps0 = first["steps"]
+    row["collectives_per_step"] = statistics.median(s["collectives"] for s in steps0)
+    row["collective_mib_per_step"] = statistics.median(s["collective_bytes"] for s in steps0) / MIB
+    row["engine_step_collectives"] = steps0[-1]["step_collectives"]  # [name, bytes] of rank 0's last step
+    # Optimizer traffic in training, rank 0 (each rank steps its own partition on its own core).
+    opt_s = statistics.median(s["optimizer_s"] for s in steps0)
+    opt_bytes = statistics.median(s["optimizer_bytes"] for s in steps0)
+    row["optimizer_rank0_ms"] = 1e3 * opt_s
+    row["optimizer_mb_per_step"] = opt_bytes / 1e6
+    row["optimizer_gb_per_s"] = opt_bytes / opt_s / 1e9 if opt_s > 0 else math.nan
+    if all("isolated" in r for r in ranks):  # the same flat tensors, interleaved with the AdamW references
+        iso = ranks[0]["isolated"]
+        row["isolated_ms"] = {name: 1e3 * sec for name, sec in iso["seconds"].items()}
+        row["isolated_gb_per_s"] = {name: iso["bytes"][name] / sec / 1e9 for name, sec in iso["seconds"].items()}
+        row["isolated_mb_per_step"] = iso["bytes"]["own"] / 1e6
+        ratios = []
+        for r in ranks:
+            refs = {n: sec for n, sec in r["isolated"]["seconds"].items() if n != "own"}
+            if refs:
+                ratios.append(r["isolated"]["seconds"]["own"] / min(refs.values()))
+        if ratios:
+            refs0 = {n: sec for n, sec in iso["seconds"].items() if n != "own"}
+            row["best_adamw"] = min(refs0, key=refs0.get)
+            row["optimizer_vs_best_adamw"] = max(ratios)  # the slowest rank against its own best reference
+            row["optimizer_vs_best_adamw_per_rank"] = ratios
+        if "routing_shares" in iso:
+            row["isolated_routing_shares"] = iso["routing_shares"]
+    if "routing_shares" in first:
+        row["routing_shares"] = first["routing_shares"]
+    return row
+
+
+def mode_name(stage: int, offload: bool) -> str:
+    return f"ZeRO-{stage}{' + offload' if offload else ''}"
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Step time, optimizer time and peak memory of every row against FFT and LoRA of the same mode."""
+    by_mode: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        by_mode.setdefault((row["stage"], row["offload"]), {})[row["method"]] = row
+    for methods in by_mode.values():
+        for row in methods.values():
+            if "error" in row:
+                continue
+            ratios = {}
+            for base in ("fft", "lora"):
+                ref = methods.get(base)
+                if ref is None or "error" in ref:
+                    continue
+                ratios[f"step_vs_{base}"] = row["step_ms"] / ref["step_ms"]
+                ratios[f"engine_step_vs_{base}"] = row["engine_step_ms"] / ref["engine_step_ms"]
+                ratios[f"optimizer_vs_{base}"] = row["optimizer_ms"] / ref["optimizer_ms"]
+                ratios[f"peak_rss_vs_{base}"] = row["peak_rss_mib"] / ref["peak_rss_mib"]
+                ratios[f"collectives_minus_{base}"] = row["collectives_per_step"] - ref["collectives_per_step"]
+            row["ratios"] = ratios
+
+
+def _fmt(value: Any, spec: str = ".2f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _shares(row: dict) -> str:
+    shares = row.get("routing_shares")
+    return " ".join(f"{e} {v:.2f}" for e, v in shares.items()) if shares else "-"
+
+
+def step_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    head = ["mode", "method", "step ms", "tokens/s", "x FFT", "x LoRA", "fwd+bwd ms", "engine.step ms",
+            "peak RSS MiB", "RSS x FFT", "collectives/step", "MiB/step"]
+    body = []
+    for r in rows:
+        mode = mode_name(r["stage"], r["offload"])
+        if "error" in r:
+            body.append([mode, r["method"], "error: " + r["error"][:60]] + [""] * (len(head) - 3))
+            continue
+        q = r.get("ratios", {})
+        body.append([
+            mode, r["method"], _fmt(r["step_ms"], ".1f"), _fmt(r["tokens_per_s"], ".0f"),
+            _fmt(q.get("step_vs_fft")), _fmt(q.get("step_vs_lora")), _fmt(r["forward_backward_ms"], ".1f"),
+            _fmt(r["engine_step_ms"], ".2f"), _fmt(r.get("peak_gpu_mib", r["peak_rss_mib"]), ".0f"),
+            _fmt(q.get("peak_rss_vs_fft")), _fmt(r["collectives_per_step"], ".0f"),
+            _fmt(r["collective_mib_per_step"], ".2f"),
+        ])
+    return head, body
+
+
+def optimizer_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    head = ["mode", "method", "optimizer", "train opt ms", "isolated ms", "MB/step", "GB/s", "DeepSpeedCPUAdam GB/s",
+            "torch fused GB/s", "x best AdamW", "routing shares"]
+    body = []
+    for r in rows:
+        if "error" in r:
+            continue
+        gbps, ms = r.get("isolated_gb_per_s", {}), r.get("isolated_ms", {})
+        ds = gbps.get("deepspeed_cpu_adam", gbps.get("deepspeed_fused_adam"))
+        body.append([
+            mode_name(r["stage"], r["offload"]), r["method"], r["optimizer"], _fmt(r["optimizer_ms"]),
+            _fmt(ms.get("own")), _fmt(r.get("isolated_mb_per_step"), ".1f"), _fmt(gbps.get("own"), ".1f"),
+            _fmt(ds, ".1f"), _fmt(gbps.get("torch_adamw_fused"), ".1f"), _fmt(r.get("optimizer_vs_best_adamw")),
+            _shares(r),
+        ])
+    return head, body
+
+
+def text_table(head: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) if i > 1 else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths)))]
+    for b in body:
+        lines.append("  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(b, widths))))
+    return "\n".join(lines)
+
+
+def markdown_table(head: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    lines += ["| " + " | ".join(b) + " |" for b in body]
+    return "\n".join(lines)
+
+
+def markdown(report: dict[str, Any], command: str | None = None) -> str:
+    s = report["settings"]
+    parts = []
+    if command:
+        parts.append(f"`{command}`\n")
+    parts.append(
+        f"Model {s['model']} ({report['rows'][0].get('trainable_params', '?')} trainable params for the first row), "
+        f"{report['world']} ranks on {s['device']}, {s['dtype']}, micro-batch {s['micro_batch']} x {s['seq']} tokens "
+        f"per rank, median of {s['steps']} steps after {s['warmup']} warm-up; MoLF ranks {s['molf_ranks']}, "
+        f"MoLF-E ranks {s['molf_e_ranks']}, LoRA rank {sum(s['molf_e_ranks'])}.\n"
+    )
+    parts.append("Training step\n\n" + markdown_table(*step_table(report["rows"])) + "\n")
+    parts.append("Optimizer step: `train opt ms` is the basic optimizer's time inside engine.step() (slowest rank); "
+                 "`isolated` steps the same flat tensors again, interleaved with DeepSpeedCPUAdam and torch's fused "
+                 "AdamW on tensors of the same sizes, caches flushed before each step (rank 0's numbers; "
+                 "`x best AdamW` is the slowest rank's ratio to its fastest reference)\n\n"
+                 + markdown_table(*optimizer_table(report["rows"])) + "\n")
+    return "\n".join(parts)
+
+
+def text(report: dict[str, Any]) -> str:
+    return "\n\n".join([text_table(*step_table(report["rows"])), text_table(*optimizer_table(report["rows"]))])
+
+
+def plot(report: dict[str, Any], out: Path) -> list[Path]:
+    """Bar charts: step time x FFT, optimizer GB/s beside the AdamW references, peak memory. Returns the PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"] if "error" not in r]
+    modes = sorted({(r["stage"], r["offload"]) for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    get = {(r["stage"], r["offload"], r["method"]): r for r in rows}
+    width = 0.8 / max(1, len(methods))
+    paths = []
+
+    def bars(title: str, ylabel: str, value, name: str, refs: dict[str, Any] | None = None) -> None:
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(modes)), 4))
+        for j, method in enumerate(methods):
+            ys = [value(get[(*m, method)]) if (*m, method) in get else math.nan for m in modes]
+            ax.bar([i + j * width for i in range(len(modes))], ys, width, label=method)
+        for label, fn in (refs or {}).items():
+            ys = [fn([get[(*m, me)] for me in methods if (*m, me) in get]) for m in modes]
+            ax.scatter([i + 0.4 - width / 2 for i in range(len(modes))], ys, marker="_", s=600, label=label,
+                       zorder=3)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(modes))], [mode_name(*m) for m in modes], fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+
+    bars("Training step time against FFT", "x FFT", lambda r: r.get("ratios", {}).get("step_vs_fft", math.nan),
+         "step_vs_fft.png")
+    def best_reference(rs: list[dict]) -> float:
+        values = [v for r in rs for n, v in r.get("isolated_gb_per_s", {}).items() if n != "own"]
+        return max(values, default=math.nan)
+
+    bars("Optimizer step memory traffic (rank 0, isolated)", "GB/s",
+         lambda r: r.get("isolated_gb_per_s", {}).get("own", math.nan), "optimizer_gbps.png",
+         refs={"best plain AdamW": best_reference})
+    bars("Peak memory per rank", "MiB", lambda r: r.get("peak_gpu_mib", r["peak_rss_mib"]), "peak_memory.png")
+    return paths

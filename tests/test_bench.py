@@ -1,0 +1,92 @@
+"""`molf-ds bench` machinery on the smallest bundled config, 2 gloo ranks, 2 measured steps: the files it
+writes, the ratios, and the collectives it counts. Never asserts on wall time."""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+import pytest
+
+from molf_ds import bench
+from molf_ds.bench import report
+
+METHODS = ("fft", "lora", "molf", "molf-e")
+ROW_KEYS = {
+    "cell", "stage", "offload", "method", "optimizer", "trainable_params", "step_ms", "tokens_per_s",
+    "forward_backward_ms", "engine_step_ms", "optimizer_ms", "peak_rss_mib", "collectives_per_step",
+    "collective_mib_per_step", "engine_step_collectives", "optimizer_gb_per_s", "isolated_ms", "isolated_gb_per_s",
+    "optimizer_vs_best_adamw", "ratios",
+}
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args([
+        "--model", "qwen2-h256", "--stages", "2", "--offload", "none", "--methods", ",".join(METHODS),
+        "--warmup", "1", "--steps", "2", "--seq", "16", "--reference-repeats", "1", "--shared-process",
+        "--no-progress", "--out", str(out), "--plot",
+    ])
+    assert bench.run(args) == 0
+    return out, json.loads((out / "bench.json").read_text())
+
+
+def test_files_and_keys(bench_run):
+    out, result = bench_run
+    assert {"settings", "world", "machine", "rows", "command"} <= result.keys()
+    assert result["world"] == 2 and result["settings"]["model"] == "qwen2-h256"
+    assert [r["method"] for r in result["rows"]] == list(METHODS)
+    for row in result["rows"]:
+        assert "error" not in row, row
+        assert ROW_KEYS <= row.keys(), ROW_KEYS - row.keys()
+        assert row["measured_steps"] == 2 and row["stage"] == 2 and row["offload"] is False
+        assert {"own", "deepspeed_cpu_adam", "torch_adamw_fused"} <= row["isolated_ms"].keys()
+    md = (out / "bench.md").read_text()
+    assert md.count("| ZeRO-2 |") == 2 * len(METHODS)  # a row per method in each of the two tables
+    for png in ("step_vs_fft.png", "optimizer_gbps.png", "peak_memory.png"):
+        assert (out / png).stat().st_size > 0
+
+
+def test_ratios(bench_run):
+    rows = {r["method"]: r for r in bench_run[1]["rows"]}
+    for method, row in rows.items():
+        for base in ("fft", "lora"):
+            assert row["ratios"][f"step_vs_{base}"] == pytest.approx(row["step_ms"] / rows[base]["step_ms"])
+            assert row["ratios"][f"optimizer_vs_{base}"] == pytest.approx(
+                row["optimizer_ms"] / rows[base]["optimizer_ms"])
+    assert rows["fft"]["ratios"]["step_vs_fft"] == 1.0 and rows["lora"]["ratios"]["step_vs_lora"] == 1.0
+    text = report.text(bench_run[1])
+    assert "x FFT" in text and "x best AdamW" in text
+
+
+def test_routing_recorded(bench_run):
+    rows = {r["method"]: r for r in bench_run[1]["rows"]}
+    assert set(rows["molf"]["routing_shares"]) == {"full", "lora0"}
+    assert set(rows["molf-e"]["routing_shares"]) == {"lora0", "lora1"}
+    assert sum(rows["molf"]["routing_shares"].values()) == pytest.approx(1.0)  # top-1: one winner per module
+    assert "routing_shares" not in rows["fft"]
+
+
+@pytest.mark.parametrize("molf, baseline", [("molf", "fft"), ("molf-e", "lora")])
+def test_exactly_one_more_all_reduce(bench_run, molf, baseline):
+    """Same stage, same param grouping (fft takes MoLF's three groups; lora and molf-e have one): routing adds
+    one all-reduce per optimizer step, of n_modules x n_experts float64 sums."""
+    rows = {r["method"]: r for r in bench_run[1]["rows"]}
+    ours = Counter(name for name, _ in rows[molf]["engine_step_collectives"])
+    theirs = Counter(name for name, _ in rows[baseline]["engine_step_collectives"])
+    assert ours - theirs == Counter({"allreduce": 1}) and not theirs - ours
+    n_modules, n_experts = 4 * 7, 2  # qwen2-h256: 4 layers x 7 projections; full + lora0, or lora0 + lora1
+    assert [n_modules * n_experts * 8] == [b for name, b in rows[molf]["engine_step_collectives"]
+                                           if name == "allreduce" and b == n_modules * n_experts * 8]
+    assert rows[molf]["ratios"][f"collectives_minus_{baseline}"] == 1
+
+
+def test_cells_and_arguments():
+    cells = bench.cells_for([0, 2], ["none", "cpu"], ["fft", "molf"])
+    assert cells == [(0, False, "fft"), (0, False, "molf"), (2, False, "fft"), (2, False, "molf"),
+                     (2, True, "fft"), (2, True, "molf")]  # no offload at stage 0
+    with pytest.raises(ValueError, match="unknown method"):
+        bench.cells_for([2], ["none"], ["adam"])
