@@ -307,6 +307,211 @@ void adamw_step(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
   }
 }
 
+
+// ---- multi-tensor entry points: one call per param group and step ------------------------------
+//
+// The segments of all tensors of a call come as one int64 table [S, 5] of rows
+// (tensor, offset, length, cell, kind), sorted by (tensor, offset) and non-overlapping within a
+// tensor. Each tensor is cut on the same fixed grid as the single-tensor kernels, so every
+// partial sum, and so every result, is the same as calling them tensor by tensor.
+
+struct Row {
+  int64_t tensor, offset, length, cell, kind;
+};
+
+struct MultiPiece {
+  int64_t tensor;
+  int64_t start;
+  int64_t len;
+  int64_t row;  // row of the segment, or -1 for a gap
+};
+
+void check_list(at::TensorList list, at::TensorList ref, const char* name) {
+  TORCH_CHECK(list.size() == ref.size(), name, " has ", list.size(), " tensors, expected ", ref.size());
+  for (size_t i = 0; i < list.size(); ++i) check_flat(list[i], ref[i], name);
+}
+
+std::vector<Row> read_table(const at::Tensor& table, at::TensorList tensors, int64_t n_cells,
+                            int64_t n_kinds) {
+  TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kLong && table.dim() == 2 &&
+                  table.size(1) == 5 && table.is_contiguous(),
+              "the segment table must be a contiguous int64 CPU tensor [S, 5]");
+  const int64_t* t = table.data_ptr<int64_t>();
+  std::vector<Row> rows(static_cast<size_t>(table.size(0)));
+  int64_t prev_tensor = -1, prev_end = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    Row r{t[5 * i], t[5 * i + 1], t[5 * i + 2], t[5 * i + 3], t[5 * i + 4]};
+    TORCH_CHECK(r.tensor >= 0 && r.tensor < static_cast<int64_t>(tensors.size()) && r.tensor >= prev_tensor,
+                "segment row ", i, ": tensor ", r.tensor, " is out of range or unsorted");
+    if (r.tensor != prev_tensor) prev_end = 0;
+    TORCH_CHECK(r.length >= 0 && r.offset >= prev_end && r.offset + r.length <= tensors[r.tensor].numel(),
+                "segment row ", i, " (offset ", r.offset, ", length ", r.length,
+                ") is unsorted, overlapping or out of bounds");
+    TORCH_CHECK(r.cell >= 0 && r.cell < n_cells && r.kind >= 0 && r.kind < n_kinds, "segment row ", i,
+                ": cell ", r.cell, " or kind ", r.kind, " out of range");
+    prev_tensor = r.tensor;
+    prev_end = r.offset + r.length;
+    rows[i] = r;
+  }
+  return rows;
+}
+
+// Pieces of every tensor (in tensor order), from the rows `keep` accepts; gaps when with_gaps.
+template <typename Keep>
+std::vector<MultiPiece> multi_pieces(const std::vector<Row>& rows, at::TensorList tensors,
+                                     bool with_gaps, Keep keep) {
+  std::vector<MultiPiece> out;
+  size_t i = 0;
+  for (int64_t t = 0; t < static_cast<int64_t>(tensors.size()); ++t) {
+    Segments segs;
+    std::vector<int64_t> ids;
+    for (; i < rows.size() && rows[i].tensor == t; ++i) {
+      if (!keep(rows[i])) continue;
+      segs.offsets.push_back(rows[i].offset);
+      segs.lengths.push_back(rows[i].length);
+      ids.push_back(static_cast<int64_t>(i));
+    }
+    if (!with_gaps && segs.offsets.empty()) continue;
+    for (const Piece& pc : make_pieces(segs, tensors[t].numel(), with_gaps)) {
+      out.push_back({t, pc.start, pc.len, pc.seg < 0 ? -1 : ids[pc.seg]});
+    }
+  }
+  return out;
+}
+
+// Moments of every tensor, and per segment the score sum times scale[kind], added into
+// sums[cell] (float64) in row order; took_part[cell] is set for every row.
+void moments_and_scores_multi(at::TensorList grads, at::TensorList exp_avgs,
+                              at::TensorList exp_avg_sqs, const at::Tensor& table,
+                              const at::Tensor& scale, at::Tensor& sums, at::Tensor& took_part,
+                              double beta1, double beta2, bool pfn, double eps_s) {
+  for (const auto& g : grads) check_flat(g, g, "grad");
+  check_list(exp_avgs, grads, "exp_avg");
+  check_list(exp_avg_sqs, grads, "exp_avg_sq");
+  TORCH_CHECK(sums.device().is_cpu() && sums.scalar_type() == at::kDouble && sums.dim() == 1 &&
+                  sums.is_contiguous(),
+              "sums must be a contiguous 1-D float64 CPU tensor");
+  TORCH_CHECK(took_part.device().is_cpu() && took_part.scalar_type() == at::kBool &&
+                  took_part.numel() == sums.numel() && took_part.is_contiguous(),
+              "took_part must be a contiguous bool CPU tensor as large as sums");
+  TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kDouble && scale.dim() == 1 &&
+                  scale.is_contiguous(),
+              "scale must be a contiguous 1-D float64 CPU tensor (one value per kind)");
+  const std::vector<Row> rows = read_table(table, grads, sums.numel(), scale.numel());
+  const std::vector<MultiPiece> pieces =
+      multi_pieces(rows, grads, /*with_gaps=*/true, [](const Row&) { return true; });
+  std::vector<double> partial(pieces.size(), 0.0);
+  std::vector<const float*> g(grads.size());
+  std::vector<float*> m(grads.size()), v(grads.size());
+  for (size_t t = 0; t < grads.size(); ++t) {
+    g[t] = grads[t].data_ptr<float>();
+    m[t] = exp_avgs[t].data_ptr<float>();
+    v[t] = exp_avg_sqs[t].data_ptr<float>();
+  }
+  const Moments c(beta1, beta2);
+  const float es = static_cast<float>(eps_s);
+  const int64_t np = static_cast<int64_t>(pieces.size());
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads())
+  for (int64_t k = 0; k < np; ++k) {
+    const MultiPiece& pc = pieces[k];
+    const int64_t s = pc.start;
+    const size_t t = static_cast<size_t>(pc.tensor);
+    if (pc.row < 0) {
+      update_moments(g[t] + s, m[t] + s, v[t] + s, pc.len, c);
+    } else if (pfn) {
+      partial[k] = update_moments_scored<true>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es);
+    } else {
+      partial[k] = update_moments_scored<false>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es);
+    }
+  }
+  std::vector<double> seg_sum(rows.size(), 0.0);
+  for (size_t k = 0; k < pieces.size(); ++k) {  // fixed combination order, as moments_and_scores
+    if (pieces[k].row >= 0) seg_sum[pieces[k].row] += partial[k];
+  }
+  double* out = sums.data_ptr<double>();
+  bool* took = took_part.data_ptr<bool>();
+  const double* sc = scale.data_ptr<double>();
+  for (size_t i = 0; i < rows.size(); ++i) {
+    // Rounded product, then the sum (no fused multiply-add): the same two roundings as torch's
+    // `sums.index_add_(0, cells, seg_sums * scale[kinds])`.
+    volatile double scaled = seg_sum[i] * sc[rows[i].kind];
+    out[rows[i].cell] += scaled;
+    took[rows[i].cell] = true;
+  }
+}
+
+// Decoupled weight decay and the Adam update inside the segments whose cell won, with the lr and
+// weight decay of the segment's kind; returns the number of elements updated. Pieces run last
+// to first: what the moments pass touched last is the likeliest to be still in cache.
+int64_t update_winners_multi(at::TensorList params, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs, const at::Tensor& table,
+                             const at::Tensor& winners, const at::Tensor& lrs,
+                             const at::Tensor& weight_decays, double bias_correction1,
+                             double bias_correction2, double eps) {
+  for (const auto& p : params) check_flat(p, p, "param");
+  check_list(exp_avgs, params, "exp_avg");
+  check_list(exp_avg_sqs, params, "exp_avg_sq");
+  TORCH_CHECK(winners.device().is_cpu() && winners.scalar_type() == at::kBool && winners.dim() == 1 &&
+                  winners.is_contiguous(),
+              "winners must be a contiguous 1-D bool CPU tensor (one value per cell)");
+  TORCH_CHECK(lrs.device().is_cpu() && lrs.scalar_type() == at::kDouble && lrs.is_contiguous() &&
+                  weight_decays.device().is_cpu() && weight_decays.scalar_type() == at::kDouble &&
+                  weight_decays.is_contiguous() && lrs.numel() == weight_decays.numel(),
+              "lrs and weight_decays must be contiguous float64 CPU tensors, one value per kind");
+  const std::vector<Row> rows = read_table(table, params, winners.numel(), lrs.numel());
+  const bool* won = winners.data_ptr<bool>();
+  const std::vector<MultiPiece> pieces =
+      multi_pieces(rows, params, /*with_gaps=*/false, [won](const Row& r) { return won[r.cell]; });
+  std::vector<Update> updates;
+  for (int64_t k = 0; k < lrs.numel(); ++k) {
+    updates.emplace_back(lrs.data_ptr<double>()[k], weight_decays.data_ptr<double>()[k],
+                         bias_correction1, bias_correction2, eps);
+  }
+  std::vector<float*> p(params.size());
+  std::vector<const float*> m(params.size()), v(params.size());
+  for (size_t t = 0; t < params.size(); ++t) {
+    p[t] = params[t].data_ptr<float>();
+    m[t] = exp_avgs[t].data_ptr<float>();
+    v[t] = exp_avg_sqs[t].data_ptr<float>();
+  }
+  const int64_t np = static_cast<int64_t>(pieces.size());
+  int64_t updated = 0;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads()) reduction(+ : updated)
+  for (int64_t j = 0; j < np; ++j) {
+    const MultiPiece& pc = pieces[np - 1 - j];
+    const int64_t s = pc.start;
+    const size_t t = static_cast<size_t>(pc.tensor);
+    update_params(p[t] + s, m[t] + s, v[t] + s, pc.len, updates[rows[pc.row].kind]);
+    updated += pc.len;
+  }
+  return updated;
+}
+
+// Plain AdamW over every tensor of the list (the chunks of all tensors in one parallel loop).
+void adamw_step_multi(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, double lr, double beta1, double beta2, double eps,
+                      double weight_decay, double bias_correction1, double bias_correction2) {
+  for (const auto& p : params) check_flat(p, p, "param");
+  check_list(grads, params, "grad");
+  check_list(exp_avgs, params, "exp_avg");
+  check_list(exp_avg_sqs, params, "exp_avg_sq");
+  std::vector<std::pair<int64_t, int64_t>> chunks;  // (tensor, start)
+  for (size_t t = 0; t < params.size(); ++t) {
+    for (int64_t s = 0; s < params[t].numel(); s += kChunk) chunks.emplace_back(t, s);
+  }
+  const Moments c(beta1, beta2);
+  const Update u(lr, weight_decay, bias_correction1, bias_correction2, eps);
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+#pragma omp parallel for schedule(static) num_threads(threads())
+  for (int64_t k = 0; k < nc; ++k) {
+    const size_t t = static_cast<size_t>(chunks[k].first);
+    const int64_t s = chunks[k].second;
+    adamw_fused(params[t].data_ptr<float>() + s, grads[t].data_ptr<float>() + s,
+                exp_avgs[t].data_ptr<float>() + s, exp_avg_sqs[t].data_ptr<float>() + s,
+                std::min(kChunk, params[t].numel() - s), c, u);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(molf_cpu_adam, lib) {
@@ -321,10 +526,25 @@ TORCH_LIBRARY(molf_cpu_adam, lib) {
       "adamw_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "float lr, float beta1, float beta2, float eps, float weight_decay, "
       "float bias_correction1, float bias_correction2) -> ()");
+  lib.def(
+      "moments_and_scores_multi(Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
+      "Tensor table, Tensor scale, Tensor(c!) sums, Tensor(d!) took_part, float beta1, float beta2, "
+      "bool pfn, float eps_s) -> ()");
+  lib.def(
+      "update_winners_multi(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor table, "
+      "Tensor winners, Tensor lrs, Tensor weight_decays, float bias_correction1, "
+      "float bias_correction2, float eps) -> int");
+  lib.def(
+      "adamw_step_multi(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "float bias_correction1, float bias_correction2) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(molf_cpu_adam, CPU, lib) {
   lib.impl("moments_and_scores", &moments_and_scores);
   lib.impl("adamw_update_ranges", &adamw_update_ranges);
   lib.impl("adamw_step", &adamw_step);
+  lib.impl("moments_and_scores_multi", &moments_and_scores_multi);
+  lib.impl("update_winners_multi", &update_winners_multi);
+  lib.impl("adamw_step_multi", &adamw_step_multi);
 }

@@ -9,6 +9,14 @@ two int64 CPU tensors ``offsets`` and ``lengths`` (sorted, non-overlapping).
 - ``adamw_update_ranges``: decoupled weight decay and the Adam update inside the segments.
 - ``adamw_step``: plain AdamW over the whole tensor.
 
+Multi-tensor forms, one call per param group and step (what MoLFAdamW uses): segments of all tensors
+in one int64 table [S, 5] of rows (tensor, offset, length, cell, kind), see ``SegmentTable``.
+
+- ``moments_and_scores_multi``: moments of every tensor; each row's score sum, times ``scale[kind]``,
+  goes into a ``ScoreSums`` (float64 per cell; one host transfer per step on non-CPU devices).
+- ``update_winners_multi``: the AdamW update inside the rows whose cell won, per-kind lr and decay.
+- ``adamw_step_multi``: plain AdamW over every tensor.
+
 Backend: the fused C++ kernel for contiguous fp32 CPU tensors (JIT-built once on first
 use), torch otherwise or when the build fails. ``MOLF_DS_KERNEL=torch`` forces torch.
 """
@@ -22,7 +30,10 @@ import torch
 
 from . import cpp_impl, torch_impl
 
-__all__ = ["adamw_step", "adamw_update_ranges", "backend", "moments_and_scores"]
+__all__ = [
+    "ScoreSums", "SegmentTable", "adamw_step", "adamw_step_multi", "adamw_update_ranges", "backend",
+    "moments_and_scores", "moments_and_scores_multi", "update_winners_multi",
+]
 
 ENV_VAR = "MOLF_DS_KERNEL"
 SCORES = ("epd", "pfn")
@@ -122,4 +133,131 @@ def adamw_step(
     _impl(*tensors).adamw_step(
         param, grad, exp_avg, exp_avg_sq,
         lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2,
+    )
+
+
+# ---- multi-tensor forms ---------------------------------------------------------------------------
+
+
+class SegmentTable:
+    """The segments of a list of flat tensors: rows (tensor, offset, length, cell, kind), checked once here."""
+
+    def __init__(self, rows: list[tuple[int, int, int, int, int]], numels: list[int]) -> None:
+        rows = sorted(r for r in rows if r[2] > 0)
+        prev_tensor, prev_end = -1, 0
+        for tensor, offset, length, _, _ in rows:
+            if tensor != prev_tensor:
+                prev_end = 0
+            if not 0 <= tensor < len(numels) or offset < prev_end or offset + length > numels[tensor]:
+                raise ValueError(f"segment ({tensor}, {offset}, {length}) overlaps another or lies outside its tensor")
+            prev_tensor, prev_end = tensor, offset + length
+        self.rows = rows
+        self.table = torch.tensor(rows, dtype=torch.int64).view(-1, 5)
+        self.cells = self.table[:, 3].clone()
+        self.kinds = self.table[:, 4].clone()
+        self.numels = list(numels)
+        self.plans: dict = {}  # the torch path's per-device plans (torch_impl.segment_sums_multi)
+
+
+class ScoreSums:
+    """A step's score sums per cell (float64) and which cells took part. The C++ path adds into `sums`
+    directly; other devices keep their per-row sums on the device until `totals()`, one transfer per step."""
+
+    def __init__(self, n_cells: int) -> None:
+        self.sums = torch.zeros(n_cells, dtype=torch.float64)
+        self.took_part = torch.zeros(n_cells, dtype=torch.bool)
+        self._pending: list[tuple[torch.Tensor, SegmentTable, torch.Tensor]] = []
+
+    def totals(self) -> torch.Tensor:
+        """The sums with every pending row added, in call and row order (deterministic)."""
+        if self._pending:
+            values = torch.cat([v for v, _, _ in self._pending]).cpu()  # the step's one host sync
+            start = 0
+            for v, table, scale in self._pending:
+                part = values[start : start + v.numel()]
+                start += v.numel()
+                self.sums.index_add_(0, table.cells, part * scale[table.kinds])
+            self._pending.clear()
+        return self.sums
+
+
+def _impl_of(tensors: list[torch.Tensor]) -> ModuleType:
+    cpu_fp32 = all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+    if cpu_fp32 and not _forced_torch() and cpp_impl.load():
+        return cpp_impl
+    return torch_impl
+
+
+def _check_lists(*lists: list[torch.Tensor]) -> None:
+    for tensors in lists[1:]:
+        if len(tensors) != len(lists[0]) or any(a.numel() != b.numel() for a, b in zip(tensors, lists[0])):
+            raise ValueError("tensor lists differ in length or sizes")
+
+
+def moments_and_scores_multi(
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    segments: SegmentTable,
+    scale: torch.Tensor,
+    out: ScoreSums,
+    beta1: float,
+    beta2: float,
+    score: str,
+    eps_s: float = 1e-8,
+) -> None:
+    """m, v of every tensor; out.sums[cell] += (score sum of each row) * scale[kind], in row order."""
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    _check_lists(grads, exp_avgs, exp_avg_sqs)
+    if [g.numel() for g in grads] != segments.numels:
+        raise ValueError("the segment table was built for tensors of other sizes")
+    impl = _impl_of([*grads, *exp_avgs, *exp_avg_sqs])
+    if impl is cpp_impl:
+        cpp_impl.moments_and_scores_multi(grads, exp_avgs, exp_avg_sqs, segments.table, scale, out.sums,
+                                          out.took_part, beta1, beta2, score, eps_s)
+        return
+    values = torch_impl.segment_sums_multi(grads, exp_avgs, exp_avg_sqs, segments, beta1, beta2, score, eps_s)
+    out._pending.append((values, segments, scale))
+    out.took_part[segments.cells] = True
+
+
+def update_winners_multi(
+    params: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    segments: SegmentTable,
+    winners: torch.Tensor,
+    lrs: torch.Tensor,
+    weight_decays: torch.Tensor,
+    bias_correction1: float,
+    bias_correction2: float,
+    eps: float,
+) -> int:
+    """AdamW update (lr and decay of the row's kind) inside every row whose cell won; returns the elements updated."""
+    _check_lists(params, exp_avgs, exp_avg_sqs)
+    if [p.numel() for p in params] != segments.numels:
+        raise ValueError("the segment table was built for tensors of other sizes")
+    return _impl_of([*params, *exp_avgs, *exp_avg_sqs]).update_winners_multi(
+        params, exp_avgs, exp_avg_sqs, segments.table, winners, lrs, weight_decays,
+        bias_correction1, bias_correction2, eps,
+    )
+
+
+def adamw_step_multi(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction1: float,
+    bias_correction2: float,
+) -> None:
+    _check_lists(params, grads, exp_avgs, exp_avg_sqs)
+    _impl_of([*params, *grads, *exp_avgs, *exp_avg_sqs]).adamw_step_multi(
+        params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2
     )

@@ -99,3 +99,56 @@ def adamw_step(
         param, grad, exp_avg, exp_avg_sq,
         lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2,
     )
+
+
+def moments_and_scores_multi(
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    table: torch.Tensor,
+    scale: torch.Tensor,
+    sums: torch.Tensor,
+    took_part: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    score: str,
+    eps_s: float = 1e-8,
+) -> None:
+    torch.ops.molf_cpu_adam.moments_and_scores_multi(
+        grads, exp_avgs, exp_avg_sqs, table, scale, sums, took_part, beta1, beta2, score == "pfn", eps_s
+    )
+
+
+def update_winners_multi(
+    params: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    table: torch.Tensor,
+    winners: torch.Tensor,
+    lrs: torch.Tensor,
+    weight_decays: torch.Tensor,
+    bias_correction1: float,
+    bias_correction2: float,
+    eps: float,
+) -> int:
+    return torch.ops.molf_cpu_adam.update_winners_multi(
+        params, exp_avgs, exp_avg_sqs, table, winners, lrs, weight_decays, bias_correction1, bias_correction2, eps
+    )
+
+
+def adamw_step_multi(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction1: float,
+    bias_correction2: float,
+) -> None:
+    torch.ops.molf_cpu_adam.adamw_step_multi(
+        params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2
+    )

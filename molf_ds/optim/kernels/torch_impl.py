@@ -95,13 +95,27 @@ def moments_and_scores(
     score: str,
     eps_s: float = 1e-8,
 ) -> torch.Tensor:
+    return _moments_and_scores(grad, exp_avg, exp_avg_sq, beta1, beta2, offsets, lengths, score, eps_s).cpu()
+
+
+def _moments_and_scores(
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    offsets: torch.Tensor,
+    lengths: torch.Tensor,
+    score: str,
+    eps_s: float,
+) -> torch.Tensor:
+    """moments_and_scores, with the per-segment sums left on the tensors' device (no host sync)."""
     update_moments(grad, exp_avg, exp_avg_sq, beta1, beta2)
     pieces, counts = _split(offsets, lengths)
     if not counts:
-        return torch.zeros(0, dtype=torch.float64)
+        return exp_avg.new_zeros(0, dtype=torch.float64)
     sums = [_batch_scores(exp_avg, exp_avg_sq, b, score, eps_s) for b in _batches(pieces)]
-    piece_sums = torch.cat(sums) if sums else exp_avg.new_zeros(0, dtype=torch.float64)
-    return _segment_sum(piece_sums, counts).cpu()
+    return _segment_sum(torch.cat(sums), counts)
 
 
 def adamw_update_ranges(
@@ -144,3 +158,110 @@ def adamw_step(
     adamw_update_ranges(
         param, exp_avg, exp_avg_sq, *whole, lr, weight_decay, bias_correction1, bias_correction2, eps
     )
+
+
+def _rows_by_tensor(table: torch.Tensor, n_tensors: int) -> list[list[list[int]]]:
+    rows: list[list[list[int]]] = [[] for _ in range(n_tensors)]
+    for row in table.tolist():
+        rows[row[0]].append(row)
+    return rows
+
+
+class _TensorPlan:
+    """The piece batches of one tensor's segments with their lengths already on the device: a step then
+    copies nothing from the host (a host-to-device copy of a Python list would synchronise the stream)."""
+
+    def __init__(self, rows: list[list[int]], device: torch.device) -> None:
+        offsets = torch.tensor([r[1] for r in rows], dtype=torch.int64)
+        lengths = torch.tensor([r[2] for r in rows], dtype=torch.int64)
+        pieces, counts = _split(offsets, lengths)
+        self.batches = [(b, torch.tensor([n for _, n in b], dtype=torch.int64, device=device)) for b in _batches(pieces)]
+        self.counts = torch.tensor(counts, dtype=torch.int64, device=device)
+        self.empty = not counts
+
+
+def _planned_scores(grad, exp_avg, exp_avg_sq, beta1, beta2, plan: _TensorPlan, score, eps_s) -> torch.Tensor:
+    update_moments(grad, exp_avg, exp_avg_sq, beta1, beta2)
+    if plan.empty:
+        return exp_avg.new_zeros(0, dtype=torch.float64)
+    sums = []
+    for batch, lengths in plan.batches:
+        ms = _views(exp_avg, batch)
+        denom = torch._foreach_sqrt(_views(exp_avg_sq, batch))
+        torch._foreach_add_(denom, eps_s)
+        if score == "epd":
+            q = torch._foreach_mul(ms, ms)
+            torch._foreach_div_(q, denom)
+        else:
+            q = torch._foreach_div(ms, denom)
+            torch._foreach_mul_(q, q)
+        flat = (torch.cat(q) if len(q) > 1 else q[0]).double()
+        sums.append(torch.segment_reduce(flat, "sum", lengths=lengths, unsafe=True))
+    return torch.segment_reduce(torch.cat(sums), "sum", lengths=plan.counts, unsafe=True)
+
+
+def segment_sums_multi(
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    segments,
+    beta1: float,
+    beta2: float,
+    score: str,
+    eps_s: float = 1e-8,
+) -> torch.Tensor:
+    """Moments of every tensor; the score sum of every row of `segments` (a kernels.SegmentTable), in row order,
+    as one float64 tensor on the tensors' device (the caller moves it to the host once per step)."""
+    device = grads[0].device if grads else torch.device("cpu")
+    plans = segments.plans.get(device)
+    if plans is None:
+        plans = segments.plans[device] = [_TensorPlan(rows, device)
+                                          for rows in _rows_by_tensor(segments.table, len(grads))]
+    out = [_planned_scores(g, m, v, beta1, beta2, plan, score, eps_s)
+           for plan, g, m, v in zip(plans, grads, exp_avgs, exp_avg_sqs)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def update_winners_multi(
+    params: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    table: torch.Tensor,
+    winners: torch.Tensor,
+    lrs: torch.Tensor,
+    weight_decays: torch.Tensor,
+    bias_correction1: float,
+    bias_correction2: float,
+    eps: float,
+) -> int:
+    won, lr, wd = winners.tolist(), lrs.tolist(), weight_decays.tolist()
+    updated = 0
+    for rows, p, m, v in zip(_rows_by_tensor(table, len(params)), params, exp_avgs, exp_avg_sqs):
+        by_kind: dict[int, tuple[list[int], list[int]]] = {}
+        for _, offset, length, cell, kind in rows:
+            if won[cell]:
+                offsets, lengths = by_kind.setdefault(kind, ([], []))
+                offsets.append(offset)
+                lengths.append(length)
+                updated += length
+        for kind, (offsets, lengths) in by_kind.items():
+            adamw_update_ranges(p, m, v, torch.tensor(offsets), torch.tensor(lengths), lr[kind], wd[kind],
+                                bias_correction1, bias_correction2, eps)
+    return updated
+
+
+def adamw_step_multi(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction1: float,
+    bias_correction2: float,
+) -> None:
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        adamw_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2)

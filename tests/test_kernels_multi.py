@@ -1,0 +1,128 @@
+"""Multi-tensor kernels (one call per param group and step) against the single-tensor kernels, bit for bit."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from molf_ds.optim import kernels
+from molf_ds.optim.kernels import cpp_impl
+
+BETAS = (0.9, 0.999)
+# Three flat tensors: gaps, a chunk-crossing segment, two rows of one cell (A and B of an expert), a tensor
+# without segments, single elements.
+NUMELS = [200_003, 5_003, 70_001]
+ROWS = [  # (tensor, offset, length, cell, kind)
+    (0, 3, 70_000, 0, 0), (0, 70_010, 1, 0, 1), (0, 131_000, 69_001, 3, 2),
+    (2, 0, 1, 3, 2), (2, 17, 50_000, 1, 2), (2, 50_017, 19_984, 2, 0),
+]
+N_CELLS = 5
+KIND_LRS = torch.tensor([1e-3, 1e-3, 6e-4], dtype=torch.float64)
+KIND_WDS = torch.tensor([0.1, 0.0, 0.01], dtype=torch.float64)
+
+
+@pytest.fixture(params=["cpp", "torch"])
+def backend(request, monkeypatch):
+    if request.param == "cpp" and not cpp_impl.load():
+        pytest.skip("the C++ CPU kernel failed to build")
+    if request.param == "torch":
+        monkeypatch.setenv("MOLF_DS_KERNEL", "torch")
+    return request.param
+
+
+def _tensors(seed: int = 0) -> dict[str, list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "p": [torch.randn(n, generator=gen) for n in NUMELS],
+        "g": [torch.randn(n, generator=gen) * 1e-2 for n in NUMELS],
+        "m": [torch.randn(n, generator=gen) * 1e-3 for n in NUMELS],
+        "v": [torch.rand(n, generator=gen) * 1e-4 for n in NUMELS],
+    }
+
+
+def _clone(s):
+    return {k: [t.clone() for t in ts] for k, ts in s.items()}
+
+
+@pytest.mark.parametrize("score", ["epd", "pfn"])
+def test_moments_and_scores_multi_equals_per_tensor(backend, score):
+    a, b = _tensors(), _tensors()
+    scale = KIND_LRS if score == "epd" else torch.ones(3, dtype=torch.float64)
+    sums = kernels.ScoreSums(N_CELLS)
+    kernels.moments_and_scores_multi(a["g"], a["m"], a["v"], kernels.SegmentTable(ROWS, NUMELS), scale, sums,
+                                     *BETAS, score)
+    want = torch.zeros(N_CELLS, dtype=torch.float64)
+    for t in range(len(NUMELS)):
+        rows = [r for r in ROWS if r[0] == t]
+        offsets = torch.tensor([r[1] for r in rows], dtype=torch.int64)
+        lengths = torch.tensor([r[2] for r in rows], dtype=torch.int64)
+        seg = kernels.moments_and_scores(b["g"][t], b["m"][t], b["v"][t], *BETAS, offsets, lengths, score)
+        cells = torch.tensor([r[3] for r in rows], dtype=torch.int64)
+        kinds = torch.tensor([r[4] for r in rows], dtype=torch.int64)
+        want.index_add_(0, cells, seg * scale[kinds])
+    assert torch.equal(sums.totals(), want)
+    assert sums.took_part.tolist() == [True, True, True, True, False]
+    for key in "mv":
+        for x, y in zip(a[key], b[key]):
+            assert torch.equal(x, y)
+
+
+def test_update_winners_multi_equals_ranges(backend):
+    a, b = _tensors(), _tensors()
+    winners = torch.tensor([True, False, True, True, False])
+    updated = kernels.update_winners_multi(a["p"], a["m"], a["v"], kernels.SegmentTable(ROWS, NUMELS), winners,
+                                           KIND_LRS, KIND_WDS, 0.19, 0.002, 1e-8)
+    assert updated == sum(r[2] for r in ROWS if winners[r[3]])
+    for t in range(len(NUMELS)):
+        for kind in range(3):
+            rows = [r for r in ROWS if r[0] == t and r[4] == kind and winners[r[3]]]
+            if rows:
+                kernels.adamw_update_ranges(
+                    b["p"][t], b["m"][t], b["v"][t], torch.tensor([r[1] for r in rows]),
+                    torch.tensor([r[2] for r in rows]), KIND_LRS[kind].item(), KIND_WDS[kind].item(), 0.19, 0.002,
+                    1e-8)
+    for x, y in zip(a["p"], b["p"]):
+        assert torch.equal(x, y)
+    assert torch.equal(a["p"][1], _tensors()["p"][1])  # no segment: untouched
+
+
+def test_adamw_step_multi_equals_per_tensor(backend):
+    a, b = _tensors(), _tensors()
+    kernels.adamw_step_multi(a["p"], a["g"], a["m"], a["v"], 1e-3, *BETAS, 1e-8, 0.1, 0.19, 0.002)
+    for t in range(len(NUMELS)):
+        kernels.adamw_step(b["p"][t], b["g"][t], b["m"][t], b["v"][t], 1e-3, *BETAS, 1e-8, 0.1, 0.19, 0.002)
+    for key in "pmv":
+        for x, y in zip(a[key], b[key]):
+            assert torch.equal(x, y)
+
+
+def test_multi_kernels_accept_empty_tables(backend):
+    s = _tensors()
+    table = kernels.SegmentTable([], NUMELS)
+    sums = kernels.ScoreSums(N_CELLS)
+    kernels.moments_and_scores_multi(s["g"], s["m"], s["v"], table, KIND_LRS, sums, *BETAS, "epd")
+    assert not sums.totals().any() and not sums.took_part.any()
+    assert kernels.update_winners_multi(s["p"], s["m"], s["v"], table, torch.ones(N_CELLS, dtype=torch.bool),
+                                        KIND_LRS, KIND_WDS, 0.1, 0.1, 1e-8) == 0
+
+
+@pytest.mark.parametrize("rows", [
+    [(0, 10, 5, 0, 0), (0, 12, 5, 1, 0)],  # overlap
+    [(1, 5_000, 4, 0, 0)],  # past the end of its tensor
+    [(3, 0, 1, 0, 0)],  # no such tensor
+])
+def test_segment_table_rejects_bad_rows(rows):
+    with pytest.raises(ValueError):
+        kernels.SegmentTable(rows, NUMELS)
+
+
+def test_cpp_checks_cells_and_kinds():
+    if not cpp_impl.load():
+        pytest.skip("the C++ CPU kernel failed to build")
+    s = _tensors()
+    table = kernels.SegmentTable([(0, 0, 10, N_CELLS, 0)], NUMELS)  # cell out of range
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.moments_and_scores_multi(s["g"], s["m"], s["v"], table, KIND_LRS, kernels.ScoreSums(N_CELLS),
+                                         *BETAS, "epd")
+    with pytest.raises(ValueError, match="other sizes"):
+        kernels.moments_and_scores_multi(s["g"][:2], s["m"][:2], s["v"][:2], kernels.SegmentTable([], NUMELS),
+                                         KIND_LRS, kernels.ScoreSums(N_CELLS), *BETAS, "epd")
