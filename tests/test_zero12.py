@@ -74,6 +74,8 @@ def test_exactly_one_extra_collective_per_step(fp32_runs, run):
 
 LOW_PRECISION_RUNS = {
     "bf16_zero2": {"ds": ds_config(2, bf16={"enabled": True})},
+    "bf16_zero3": {"ds": ds_config(3, bf16={"enabled": True})},
+    "fp16_zero3": {"ds": ds_config(3, fp16={"enabled": True, "initial_scale_power": 8}), "overflow_steps": (5,)},
     "fp16_zero2": {"ds": ds_config(2, fp16={"enabled": True, "initial_scale_power": 8}), "overflow_steps": (4,)},
     "fp16_zero1_offload": {"ds": ds_config(1, offload=True, fp16={"enabled": True, "initial_scale_power": 8}),
                            "overflow_steps": (3,)},

@@ -78,14 +78,15 @@ def deepspeed_worker(rank: int, world: int, model_dir: str, molf: dict, runs: di
             if step in run.get("overflow_steps", ()):
                 loss = loss * float("inf")
             engine.backward(loss)
-            before = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+            overflow = step in run.get("overflow_steps", ())
+            before = molf_ds.merged_state_dict(engine.module) if overflow else None  # gathered under ZeRO-3
             with count_collectives() as calls:
                 engine.step()
             record["collectives"].append(list(calls))
-            if step in run.get("overflow_steps", ()):
-                after = engine.module.state_dict()
+            if overflow:
+                after = molf_ds.merged_state_dict(engine.module)
                 record.setdefault("overflow_changed", []).append(
-                    max((after[k].float() - v).abs().max().item() for k, v in before.items()))
+                    max((after[k].float() - v.float()).abs().max().item() for k, v in before.items()))
             record["losses"].append(loss.item())
             record["winners"].append(optimizer.last_winners.clone())
             record["scores"].append(optimizer.last_scores.clone())
