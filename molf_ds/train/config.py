@@ -20,7 +20,7 @@ import yaml
 
 from ..config import DEFAULT_TARGETS, MoLFConfig
 
-METHODS = ("molf", "molf-e", "fft", "lora", "adalora")
+METHODS = ("molf", "molf-e", "fft", "lora", "lora-rest", "adalora")
 TASKS = ("sql", "med", "fact", "jsonl")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",

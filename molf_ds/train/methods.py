@@ -95,6 +95,8 @@ def build(cfg: TrainConfig, model: nn.Module, total_steps: int, routing_log: Pat
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # biases, norms
     groups = [{"params": ps, "weight_decay": wd} for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
+    if cfg.method == "lora-rest":
+        groups += _rest_groups(model, t.lr, t.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(t.betas), eps=t.eps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=prepare_ds_config(cfg.deepspeed),
                                       lr_scheduler=schedule)
@@ -107,7 +109,7 @@ def _peft(cfg: TrainConfig, model: nn.Module, total_steps: int) -> nn.Module:
     lo = cfg.lora
     common = dict(lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=list(lo.target_modules),
                   task_type="CAUSAL_LM")
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "lora-rest"):
         peft_config = LoraConfig(r=lo.r, use_rslora=lo.use_rslora, **common)
     elif lo.tinit >= total_steps - lo.tfinal:
         raise key_error("lora.tinit", f"AdaLoRA needs lora.tinit < total steps ({total_steps}) - lora.tfinal")
@@ -116,6 +118,20 @@ def _peft(cfg: TrainConfig, model: nn.Module, total_steps: int) -> nn.Module:
                                     deltaT=lo.delta_t, orth_reg_weight=lo.orth_reg_weight, total_step=total_steps,
                                     **common)
     return get_peft_model(model, peft_config)
+
+
+def _rest_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """lora-rest: the parameters outside the LoRA-wrapped layers (embeddings, norms, lm_head, ...) train with
+    plain AdamW at the full lr and weight decay (none on biases and norms), as MoLF trains them."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = {id(p) for m in model.modules() if isinstance(m, BaseTunerLayer) for p in m.parameters()}
+    rest = [p for p in model.parameters() if id(p) not in wrapped]
+    for p in rest:
+        p.requires_grad_(True)
+    decay = [p for p in rest if p.dim() >= 2]
+    no_decay = [p for p in rest if p.dim() < 2]
+    return [{"params": ps, "weight_decay": wd, "lr": lr} for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
 
 
 def _scheduler(cfg: TrainConfig, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:

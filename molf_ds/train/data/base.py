@@ -37,11 +37,13 @@ class Choice:
 
 @dataclass(frozen=True)
 class Generation:
-    """Correct when the greedy completion of `prompt` equals `target` (whitespace-normalised)."""
+    """Correct when the greedy completion of `prompt` equals `target` (whitespace-normalised; `normalise="sql"`:
+    SQL-normalised, see evaluate.normalise_sql)."""
 
     metric: str
     prompt: str
     target: str
+    normalise: str = "whitespace"
 
 
 class Row:

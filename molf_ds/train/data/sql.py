@@ -17,4 +17,4 @@ def example(row: Row) -> Example:
 
 
 def evals(row: Row) -> list[Generation]:
-    return [Generation("exact_match", prompt(row), row.text("sql").strip())]
+    return [Generation("exact_match", prompt(row), row.text("sql").strip(), normalise="sql")]

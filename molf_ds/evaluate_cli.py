@@ -1,0 +1,117 @@
+"""`molf-ds eval`: a task's metrics for a saved model (sql exact match, med accuracy, fact efficacy...).
+
+MODEL is a transformers model directory (e.g. a run's `final/`), a run's output directory (its `final/` is
+used), or a PEFT adapter directory (loaded on its base model). Rows come from a local file or a hub dataset
+in the task's own schema, as for `molf-ds train`. Prints one JSON object ({metric: score, ..., "items": n})
+and, with --output, writes it. Under torchrun the items are sharded over the ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model directory, run output directory (uses final/), or PEFT adapter")
+    parser.add_argument("--task", required=True, choices=("sql", "med", "fact", "jsonl"))
+    parser.add_argument("--data", required=True, help="local .json/.jsonl/.parquet/.csv file or hub dataset id")
+    parser.add_argument("--split", default="validation", help="hub split [validation]")
+    parser.add_argument("--tokenizer", help="tokenizer directory or id [the model's]")
+    parser.add_argument("--max-samples", type=int, help="first N rows [all]")
+    parser.add_argument("--skip", type=int, default=0, help="skip the first N rows (e.g. the training rows) [0]")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="generation length for sql / jsonl")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--output", help="also write the JSON result to this file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .train.data import DataError
+
+    try:
+        result = evaluate_model(args.model, args.task, args.data, split=args.split, tokenizer=args.tokenizer,
+                                max_samples=args.max_samples, skip=args.skip, batch_size=args.batch_size,
+                                max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                                progress=not args.no_progress)
+    except (DataError, FileNotFoundError, ValueError) as error:
+        print(f"molf-ds eval: {error}", file=sys.stderr)
+        return 2
+    if _rank() == 0:
+        text = json.dumps(result)
+        print(text)
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(text + "\n")
+    return 0
+
+
+def evaluate_model(
+    model: str, task: str, data: str, split: str = "validation", tokenizer: str | None = None,
+    max_samples: int | None = None, skip: int = 0, batch_size: int = 16, max_new_tokens: int = 128,
+    dtype: str = "float32", progress: bool = True,
+) -> dict[str, Any]:
+    import torch
+
+    from .train.data import TASKS, DataError, open_table, rows
+    from .train.evaluate import evaluate
+
+    if batch_size < 1 or skip < 0 or (max_samples is not None and max_samples < 1):
+        raise ValueError("--batch-size and --max-samples must be >= 1, --skip >= 0")
+    _init_distributed()
+    module = TASKS[task]
+    where, table = open_table(data, split)
+    stop = len(table) if max_samples is None else min(len(table), skip + max_samples)
+    if skip >= stop:
+        raise DataError(f"{where}: {len(table)} rows, none left after --skip {skip}")
+    items = [item for row in rows(where, table, range(skip, stop)) for item in module.evals(row)]
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
+    net, tok = load_model(model, tokenizer, dtype)
+    net.to(device)
+    scores = evaluate(net, tok, items, module.METRICS, batch_size, max_new_tokens, device, progress=progress)
+    return {**scores, "items": len(items), "rows": stop - skip}
+
+
+def load_model(path: str, tokenizer: str | None = None, dtype: str = "float32") -> tuple[Any, Any]:
+    """(model, tokenizer) from a model directory, a run output directory or a PEFT adapter directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(path)
+    if directory.is_dir() and not (directory / "config.json").exists() and (directory / "final").is_dir():
+        directory = directory / "final"
+    if directory.is_dir() and (directory / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(str(directory), dtype=getattr(torch, dtype))
+        model = model.merge_and_unload()
+        base = model.config._name_or_path
+        tok = AutoTokenizer.from_pretrained(tokenizer or (str(directory) if (directory / "tokenizer_config.json")
+                                                          .exists() else base))
+        return model, tok
+    if directory.exists() and not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a model directory")
+    model = AutoModelForCausalLM.from_pretrained(str(directory) if directory.exists() else path,
+                                                 dtype=getattr(torch, dtype))
+    tok = AutoTokenizer.from_pretrained(tokenizer or (str(directory) if directory.exists() else path))
+    return model, tok
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _init_distributed() -> None:
+    """A process group when launched with several ranks (torchrun etc.); otherwise one process."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
