@@ -38,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     train.set_defaults(func=_train)
     _add(commands, "estimate-memory", "memory", "bytes of model states per GPU and per node, for each method")
+    _add(commands, "eval", "evaluate_cli", "a task's metrics (sql / med / fact / jsonl) for a saved model")
+    _add(commands, "compare", "compare", "train and evaluate several methods and seeds; comparison table and plots")
     _add(commands, "plot-routing", "plot_routing", "draw a routing log: winners per module and step, full share")
     return root
 

@@ -1,0 +1,363 @@
+"""`molf-ds compare`: train and evaluate several methods and seeds under the same budget; writes comparison.md,
+comparison.csv and plots.
+
+Every (method, seed) is one `molf-ds train` run of the same YAML and overrides (same steps, batch, data and
+evaluation set), launched as a subprocess (default: torchrun with 2 ranks; `--launcher` gives another), with
+`method=M train.seed=S train.output_dir=OUT/runs/M-seedS` (baselines also `molf=null`). The scores are the
+runs' own evaluations at the end of training (`eval.jsonl`); the loss curves and the routing shares come from
+their `metrics.jsonl`. A run that fails is reported and the others go on (exit code 1).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MOLF_METHODS = ("molf", "molf-e")
+ALL_METHODS = ("fft", "lora", "lora-rest", "adalora", "molf", "molf-e")
+DEGENERATE = 0.99
+CSV_NAME, MD_NAME = "comparison.csv", "comparison.md"
+PLOTS = {"metric": "metric_per_method.png", "loss": "loss_curves.png", "routing": "routing_full_share.png"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="the training YAML shared by every run (it must configure eval.*)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides for every run")
+    parser.add_argument("--methods", default=",".join(ALL_METHODS),
+                        help=f"comma-separated methods [{','.join(ALL_METHODS)}]")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per method: 0..N-1 (+ --first-seed) [3]")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--output-dir", default="runs/compare", help="runs/, logs/, table and plots [runs/compare]")
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD:key=value",
+                        help="an override for one method only, e.g. molf-e:molf.lora_ranks=[4,8] (repeatable)")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks per run for the default torchrun launcher [2]")
+    parser.add_argument("--launcher", help="command prefix that runs the training module, e.g. "
+                        "'deepspeed --num_gpus 8 --module molf_ds.train' "
+                        "[python -m torch.distributed.run --standalone --nproc_per_node NPROC -m molf_ds.train]")
+    parser.add_argument("--metric", help="the metric the gap and the bar plot use [the task's first]")
+    parser.add_argument("--reuse", action="store_true",
+                        help="skip runs whose output directory already holds a final evaluation")
+
+
+@dataclass
+class RunResult:
+    method: str
+    seed: int
+    out: Path
+    status: str = "ok"
+    scores: dict[str, float] = field(default_factory=dict)
+    before: dict[str, float] = field(default_factory=dict)
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    routing: dict[str, float] = field(default_factory=dict)  # mean share of routing decisions per expert
+    routing_curve: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def degenerate(self) -> bool:
+        return bool(self.routing) and max(self.routing.values()) > DEGENERATE
+
+    @property
+    def final_loss(self) -> float:
+        tail = [loss for _, loss in self.losses[-10:]]
+        return sum(tail) / len(tail) if tail else math.nan
+
+
+def run(args: argparse.Namespace) -> int:
+    from .train.config import ConfigError, load_config
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    per_method: dict[str, list[str]] = {m: [] for m in methods}
+    for item in args.set:
+        method, sep, override = item.partition(":")
+        if not sep or method not in per_method:
+            print(f"molf-ds compare: --set {item!r}: expected METHOD:key=value with METHOD in {methods}",
+                  file=sys.stderr)
+            return 2
+        per_method[method].append(override)
+    if args.seeds < 1 or not methods:
+        print("molf-ds compare: need at least one method and --seeds >= 1", file=sys.stderr)
+        return 2
+    out = Path(args.output_dir)
+    plans = []
+    try:  # every run's config is checked before the first one starts
+        for method in methods:
+            overrides = run_overrides(args.overrides, method, per_method[method], 0, out / "runs" / "x")
+            cfg = load_config(args.config, overrides)
+            if not cfg.eval.enabled:
+                raise ConfigError("config key 'eval': compare needs an evaluation set (eval.data or eval.holdout)")
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
+                name = f"{method}-seed{seed}"
+                plans.append((method, seed, out / "runs" / name,
+                              run_overrides(args.overrides, method, per_method[method], seed, out / "runs" / name)))
+    except ConfigError as error:
+        print(f"molf-ds compare: {error}", file=sys.stderr)
+        return 2
+    from .train.data import TASKS
+
+    metrics = list(TASKS[cfg.data.task].METRICS)
+    metric = args.metric or metrics[0]
+    launcher = shlex.split(args.launcher) if args.launcher else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+        "-m", "molf_ds.train"]
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, (method, seed, run_dir, overrides) in enumerate(plans, start=1):
+        if args.reuse and _final_eval(run_dir) is not None:
+            print(f"[{i}/{len(plans)}] {method} seed {seed}: reusing {run_dir}", flush=True)
+            results.append(collect(method, seed, run_dir))
+            continue
+        command = [*launcher, str(args.config), *overrides]
+        print(f"[{i}/{len(plans)}] {method} seed {seed}: {shlex.join(command)}", flush=True)
+        began = time.perf_counter()
+        status = launch(command, out / "logs" / f"{method}-seed{seed}.log")
+        result = collect(method, seed, run_dir, status)
+        result.wall_s = time.perf_counter() - began
+        print(f"    {result.status}, {time.perf_counter() - began:.0f}s: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in result.scores.items()), flush=True)
+        results.append(result)
+    command_line = shlex.join(["molf-ds", "compare", str(args.config), *args.overrides, "--methods",
+                               ",".join(methods), "--seeds", str(args.seeds)]
+                              + [f"--set={s}" for s in args.set])
+    written = write_report(results, out, metrics, metric, command_line)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0 if all(r.status == "ok" for r in results) else 1
+
+
+def run_overrides(common: list[str], method: str, own: list[str], seed: int, out: Path) -> list[str]:
+    extra = [] if method in MOLF_METHODS else ["molf=null"]
+    return [*common, f"method={method}", *extra, *own, f"train.seed={seed}", f"train.output_dir={out}"]
+
+
+def launch(command: list[str], log: Path) -> str:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    with open(log, "w", encoding="utf-8") as file:
+        code = subprocess.run(command, stdout=file, stderr=subprocess.STDOUT, env=env).returncode
+    return "ok" if code == 0 else f"failed (exit {code}, see {log})"
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _final_eval(run_dir: Path) -> dict[str, Any] | None:
+    records = _jsonl(run_dir / "eval.jsonl")
+    metrics = _jsonl(run_dir / "metrics.jsonl")
+    if not records or not metrics or records[-1]["step"] != metrics[-1]["step"] or records[-1]["step"] == 0:
+        return None
+    return records[-1]
+
+
+def collect(method: str, seed: int, run_dir: Path, status: str = "ok") -> RunResult:
+    """What one run left: final and initial scores, the loss curve, the routing shares."""
+    result = RunResult(method, seed, run_dir, status)
+    final = _final_eval(run_dir)
+    if final is None and status == "ok":
+        result.status = f"no final evaluation in {run_dir / 'eval.jsonl'}"
+    if final is not None:
+        result.scores = {k: v for k, v in final.items() if k != "step"}
+    first = _jsonl(run_dir / "eval.jsonl")
+    if first and first[0]["step"] == 0:
+        result.before = {k: v for k, v in first[0].items() if k != "step"}
+    for record in _jsonl(run_dir / "metrics.jsonl"):
+        result.losses.append((record["step"], record["loss"]))
+        if "routing" in record:
+            result.routing_curve.append((record["step"], record["routing"]))
+    if result.routing_curve:
+        experts = list(result.routing_curve[0][1])
+        totals = {e: sum(shares.get(e, 0.0) for _, shares in result.routing_curve) for e in experts}
+        norm = sum(totals.values()) or 1.0  # top_k > 1: shares sum to k per step
+        result.routing = {e: totals[e] / norm for e in experts}
+    return result
+
+
+# ---- the report ------------------------------------------------------------------------------------
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(results: list[RunResult], metrics: list[str]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """{method: {metric or 'final_loss': (mean, std, n)}} over the successful runs, methods in run order."""
+    table: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for method in dict.fromkeys(r.method for r in results):
+        ok = [r for r in results if r.method == method and r.status == "ok"]
+        row = {}
+        for m in [*metrics, "final_loss"]:
+            values = [r.final_loss if m == "final_loss" else r.scores[m] for r in ok
+                      if m == "final_loss" or m in r.scores]
+            row[m] = (*_mean_std(values), len(values))
+        table[method] = row
+    return table
+
+
+def gap_percent(table: dict[str, dict[str, tuple[float, float, int]]], method: str, metric: str) -> float | None:
+    """(method - best of fft and lora) / best of fft and lora, in percent; None without both references."""
+    refs = [table[m][metric][0] for m in ("fft", "lora") if m in table and table[m][metric][2] > 0]
+    if method not in table or not refs or table[method][metric][2] == 0:
+        return None
+    best = max(refs)
+    return math.nan if best == 0 else 100.0 * (table[method][metric][0] - best) / abs(best)
+
+
+def write_report(results: list[RunResult], out: Path, metrics: list[str], metric: str, command: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    experts = list(dict.fromkeys(e for r in results for e in r.routing))
+    csv_path = out / CSV_NAME
+    with open(csv_path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["method", "seed", "status", *metrics, *(f"{m}_before" for m in metrics), "final_loss",
+                         "steps", "wall_s", *(f"share_{e}" for e in experts), "degenerate_routing", "output_dir"])
+        for r in results:
+            writer.writerow([r.method, r.seed, r.status, *(_fmt_csv(r.scores.get(m)) for m in metrics),
+                             *(_fmt_csv(r.before.get(m)) for m in metrics), _fmt_csv(r.final_loss),
+                             r.losses[-1][0] if r.losses else "", f"{r.wall_s:.1f}",
+                             *(_fmt_csv(r.routing.get(e)) if r.routing else "" for e in experts),
+                             (str(r.degenerate).lower() if r.routing else ""), str(r.out)])
+    table = summarise(results, metrics)
+    plots = write_plots(results, table, out, metric)
+    lines = ["# Method comparison", "", f"Command: `{command}`", "",
+             f"Every run trains the same config for the same steps and batch; scores are the runs' evaluations after "
+             f"training (mean ± sample std over seeds; n = successful runs). Primary metric: `{metric}`.", "",
+             "| method | n | " + " | ".join(metrics) + " | final loss | routing shares (mean over runs) |",
+             "| --- | --- | " + " | ".join("---" for _ in metrics) + " | --- | --- |"]
+    for method, row in table.items():
+        shares = _mean_routing([r for r in results if r.method == method and r.status == "ok"])
+        lines.append(f"| {method} | {row[metric][2]} | "
+                     + " | ".join(_pm(*row[m][:2]) for m in metrics)
+                     + f" | {_pm(*row['final_loss'][:2])} | {shares} |")
+    lines += ["", f"## Gap to the better of FFT and LoRA (`{metric}`)", ""]
+    for method in MOLF_METHODS:
+        if method in table:
+            gap = gap_percent(table, method, metric)
+            lines.append(f"- {method}: " + ("n/a (needs fft and/or lora in --methods)" if gap is None
+                                            else f"{gap:+.2f}% ({'within' if gap >= -1.5 else 'not within'} 1.5%)"))
+    if "molf-e" in table and "adalora" in table and table["adalora"][metric][2] and table["molf-e"][metric][2]:
+        diff = table["molf-e"][metric][0] - table["adalora"][metric][0]
+        lines.append(f"- molf-e - adalora: {diff:+.4f} ({'above' if diff > 0 else 'not above'} AdaLoRA)")
+    molf_runs = [r for r in results if r.method in MOLF_METHODS]
+    if molf_runs:
+        lines += ["", "## Routing per MoLF / MoLF-E run", "",
+                  "Share of routing decisions (modules x steps) each expert won; \"degenerate routing\": one expert "
+                  f"took more than {DEGENERATE:.0%}, so the run was effectively that expert alone.", "",
+                  f"| run | {metric} | shares | |", "| --- | --- | --- | --- |"]
+        for r in molf_runs:
+            share = ", ".join(f"{e} {v:.1%}" for e, v in r.routing.items()) or "(no routing recorded)"
+            lines.append(f"| {r.method} seed {r.seed} | {_fmt(r.scores.get(metric))} | {share} | "
+                         f"{'**degenerate routing**' if r.degenerate else ''} |")
+    failed = [r for r in results if r.status != "ok"]
+    if failed:
+        lines += ["", "## Failed runs", ""] + [f"- {r.method} seed {r.seed}: {r.status}" for r in failed]
+    lines += ["", "## Plots", ""] + [f"- ![{p.stem}]({p.name})" for p in plots]
+    lines += ["", "Per-run numbers: `comparison.csv`; run directories: `runs/`; logs: `logs/`.", ""]
+    md_path = out / MD_NAME
+    md_path.write_text("\n".join(lines))
+    return [md_path, csv_path, *plots]
+
+
+def _mean_routing(runs: list[RunResult]) -> str:
+    with_routing = [r for r in runs if r.routing]
+    if not with_routing:
+        return ""
+    experts = list(dict.fromkeys(e for r in with_routing for e in r.routing))
+    return ", ".join(f"{e} {statistics.fmean(r.routing.get(e, 0.0) for r in with_routing):.1%}" for e in experts)
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def _fmt_csv(value: float | None) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else repr(float(value))
+
+
+def _pm(mean: float, std: float) -> str:
+    return "" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
+
+
+def write_plots(results: list[RunResult], table: dict, out: Path, metric: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(table)
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    written = []
+
+    figure, axes = plt.subplots(figsize=(max(5, 1.2 * len(methods) + 2), 4))
+    means = [table[m][metric][0] for m in methods]
+    stds = [table[m][metric][1] for m in methods]
+    axes.bar(range(len(methods)), [0 if math.isnan(v) else v for v in means], yerr=stds, capsize=4,
+             color=[colours[m] for m in methods], alpha=0.7)
+    for i, m in enumerate(methods):
+        values = [r.scores[metric] for r in results if r.method == m and metric in r.scores]
+        axes.scatter([i] * len(values), values, color="black", s=12, zorder=3)
+    axes.set_xticks(range(len(methods)), methods)
+    axes.set(ylabel=metric, title=f"{metric} after training (mean ± std over seeds; dots: runs)")
+    axes.grid(axis="y", alpha=0.3)
+    written.append(_save(figure, out / PLOTS["metric"], plt))
+
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    seen = set()
+    for r in results:
+        if r.losses:
+            steps, losses = zip(*r.losses)
+            axes.plot(steps, _smooth(list(losses)), color=colours[r.method], linewidth=1.1, alpha=0.85,
+                      label=None if r.method in seen else r.method)
+            seen.add(r.method)
+    axes.set(xlabel="optimizer step", ylabel="training loss (smoothed)", title="Training loss")
+    axes.grid(alpha=0.3)
+    if seen:
+        axes.legend()
+    written.append(_save(figure, out / PLOTS["loss"], plt))
+
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    any_line = False
+    for r in results:
+        if not r.routing_curve:
+            continue
+        expert = "full" if "full" in r.routing_curve[0][1] else list(r.routing_curve[0][1])[0]
+        steps = [s for s, _ in r.routing_curve]
+        shares = [shares.get(expert, 0.0) for _, shares in r.routing_curve]
+        axes.plot(steps, _smooth(shares), color=colours[r.method], linestyle="-" if expert == "full" else "--",
+                  linewidth=1.1, label=f"{r.method} seed {r.seed}: {expert}")
+        any_line = True
+    axes.set(xlabel="optimizer step", ylabel="share of modules routed", ylim=(-0.02, 1.02),
+             title="Routing share of `full` over training (MoLF-E: its first LoRA expert, dashed)")
+    axes.grid(alpha=0.3)
+    if any_line:
+        axes.legend(fontsize=7)
+    written.append(_save(figure, out / PLOTS["routing"], plt))
+    return written
+
+
+def _smooth(values: list[float]) -> list[float]:
+    window = max(1, len(values) // 40)
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _save(figure: Any, path: Path, plt: Any) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
