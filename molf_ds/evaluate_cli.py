@@ -79,7 +79,7 @@ def evaluate_model(
 def load_model(path: str, tokenizer: str | None = None, dtype: str = "float32") -> tuple[Any, Any]:
     """(model, tokenizer) from a model directory, a run output directory or a PEFT adapter directory."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     directory = Path(path)
     if directory.is_dir() and not (directory / "config.json").exists() and (directory / "final").is_dir():
@@ -90,15 +90,27 @@ def load_model(path: str, tokenizer: str | None = None, dtype: str = "float32") 
         model = AutoPeftModelForCausalLM.from_pretrained(str(directory), dtype=getattr(torch, dtype))
         model = model.merge_and_unload()
         base = model.config._name_or_path
-        tok = AutoTokenizer.from_pretrained(tokenizer or (str(directory) if (directory / "tokenizer_config.json")
-                                                          .exists() else base))
+        tok = load_tokenizer(tokenizer or (str(directory) if (directory / "tokenizer_config.json").exists() else base))
         return model, tok
     if directory.exists() and not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a model directory")
     model = AutoModelForCausalLM.from_pretrained(str(directory) if directory.exists() else path,
                                                  dtype=getattr(torch, dtype))
-    tok = AutoTokenizer.from_pretrained(tokenizer or (str(directory) if directory.exists() else path))
+    tok = load_tokenizer(tokenizer or (str(directory) if directory.exists() else path))
     return model, tok
+
+
+def load_tokenizer(source: str) -> Any:
+    """AutoTokenizer, except for a plain `tokenizers` tokenizer saved beside a model's config.json: transformers
+    5 then picks the model type's tokenizer class (e.g. Qwen2Tokenizer) and replaces its pre-tokenizer, so it is
+    loaded as the class its tokenizer_config.json names."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = Path(source) / "tokenizer_config.json"
+    if config.is_file() and json.loads(config.read_text()).get("tokenizer_class") in (
+            "TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(source)
+    return AutoTokenizer.from_pretrained(source)
 
 
 def _rank() -> int:

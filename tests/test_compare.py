@@ -1,0 +1,93 @@
+"""`molf-ds compare`: the report's arithmetic on hand-made runs (mean/std, MoLF's gap, degenerate routing), and
+end to end on the demo task with 2 methods x 1 seed and a few steps under torchrun (2 ranks): the table, the
+CSV and the plots are written and their numbers are the runs' own."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from molf_ds.compare import RunResult, gap_percent, summarise, write_report
+from molf_ds.train.demo import generate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_report_arithmetic(tmp_path):
+    def result(method, seed, efficacy, routing=None):
+        r = RunResult(method, seed, tmp_path / f"{method}{seed}", scores={"efficacy": efficacy},
+                      losses=[(1, 2.0), (2, 1.0)])
+        if routing:
+            r.routing = routing
+            r.routing_curve = [(1, routing), (2, routing)]
+        return r
+
+    results = [result("fft", 0, 0.6), result("fft", 1, 0.8), result("lora", 0, 0.5), result("lora", 1, 0.7),
+               result("molf", 0, 0.69, {"full": 0.5, "lora0": 0.5}),
+               result("molf", 1, 0.69, {"full": 0.995, "lora0": 0.005})]
+    table = summarise(results, ["efficacy"])
+    assert table["fft"]["efficacy"] == pytest.approx((0.7, 0.1414213, 2))
+    assert table["molf"]["final_loss"][0] == 1.5
+    assert gap_percent(table, "molf", "efficacy") == pytest.approx(100 * (0.69 - 0.7) / 0.7)
+    assert gap_percent(table, "fft", "efficacy") == 0.0 and gap_percent(table, "molf-e", "efficacy") is None
+    write_report(results, tmp_path, ["efficacy"], "efficacy", "molf-ds compare x.yaml")
+    md = (tmp_path / "comparison.md").read_text()
+    assert "- molf: -1.43% (within 1.5%)" in md
+    assert md.count("**degenerate routing**") == 1 and "| molf seed 1 | 0.6900 | full 99.5%, lora0 0.5% |" in md
+    rows = list(csv.DictReader(open(tmp_path / "comparison.csv")))
+    assert [r["degenerate_routing"] for r in rows] == ["", "", "", "", "false", "true"]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    from molf_ds.cli import main
+
+    root = tmp_path_factory.mktemp("compare")
+    paths = generate(root / "demo", n_cases=32, seed=3)
+    raw = {
+        "model": {"name_or_path": str(paths["model"]), "tokenizer": str(paths["tokenizer"]),
+                  "attn_implementation": "eager"},
+        "method": "molf",
+        "molf": {"lora_ranks": [4], "lora_alphas": [8], "lora_dropout": 0.0},
+        "data": {"task": "fact", "train": str(paths["data"]), "max_length": 32},
+        "eval": {"data": str(paths["data"]), "max_samples": 8, "batch_size": 16},
+        "train": {"output_dir": str(root / "unused"), "max_steps": 3, "micro_batch_size": 4, "lr": 2e-3,
+                  "lora_lr": 2e-3, "scheduler": "constant"},
+        "deepspeed": str(REPO / "ds_configs" / "zero2.json"),
+    }
+    (root / "run.yaml").write_text(yaml.safe_dump(raw))
+    code = main(["compare", str(root / "run.yaml"), "eval.max_samples=6", "--methods", "lora-rest,molf",
+                 "--seeds", "1", "--output-dir", str(root / "cmp")])
+    return root / "cmp", code
+
+
+def test_compare_end_to_end(compared):
+    out, code = compared
+    assert code == 0, (out / "logs").iterdir() and [p.read_text()[-3000:] for p in (out / "logs").iterdir()]
+    for name in ("comparison.md", "comparison.csv", "metric_per_method.png", "loss_curves.png",
+                 "routing_full_share.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = list(csv.DictReader(open(out / "comparison.csv")))
+    assert list(rows[0]) == ["method", "seed", "status", "efficacy", "paraphrase", "neighborhood", "efficacy_before",
+                             "paraphrase_before", "neighborhood_before", "final_loss", "steps", "wall_s", "share_full",
+                             "share_lora0", "degenerate_routing", "output_dir"]
+    assert [(r["method"], r["seed"], r["status"], r["steps"]) for r in rows] == [("lora-rest", "0", "ok", "3"),
+                                                                                 ("molf", "0", "ok", "3")]
+    for r in rows:  # the numbers are the runs' own evaluations and metrics
+        run = Path(r["output_dir"])
+        final = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
+        assert final["step"] == 3 and float(r["efficacy"]) == final["efficacy"]
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert float(r["final_loss"]) == pytest.approx(sum(m["loss"] for m in metrics) / 3)
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert config["method"] == r["method"] and config["eval"]["max_samples"] == 6
+    molf = rows[1]
+    metrics = [json.loads(line) for line in (Path(molf["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert float(molf["share_full"]) == pytest.approx(sum(m["routing"]["full"] for m in metrics) / 3)
+    assert rows[0]["share_full"] == "" and molf["degenerate_routing"] in ("true", "false")
+    md = (out / "comparison.md").read_text()
+    assert "| lora-rest | 1 |" in md and "| molf | 1 |" in md and "## Routing per MoLF / MoLF-E run" in md
+    assert "molf: n/a" in md  # no fft / lora to compare with
