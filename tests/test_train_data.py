@@ -73,7 +73,7 @@ def test_loader_reads_each_format(tmp_path, task, fmt):
         assert "How many stores are in region 0?" in first.prompt and "CREATE TABLE stores" in first.prompt
         assert first.completion == "SELECT COUNT(*) FROM stores WHERE region = 0;"
         assert "### Context:\n\n" in data.train[1].prompt  # empty context
-        assert data.evals[0] == Generation("exact_match", first.prompt, first.completion)
+        assert data.evals[0] == Generation("exact_match", first.prompt, first.completion, normalise="sql")
     elif task == "med":
         assert first.prompt.endswith("D. Axillary\nAnswer:") and first.completion == " A"
         assert data.train[2].completion == " C"
