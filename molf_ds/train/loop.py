@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE
 
 def run(cfg: TrainConfig) -> Path:
     """Train as `cfg` says; returns the output directory."""
-    _init_distributed()
+    _init_distributed(cfg.train.collective_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines drown the progress bar
     transformers.utils.logging.disable_progress_bar()
@@ -61,7 +62,7 @@ def run(cfg: TrainConfig) -> Path:
     dist.barrier()
 
     torch.manual_seed(t.seed)  # LoRA experts start the same on every rank and in every run
-    trainee = build(cfg, _load_model(cfg.model), total, out / ROUTING)
+    trainee = build(cfg, _load_model(cfg.model, cfg.deepspeed), total, out / ROUTING)
     if resume:
         trainee.load_checkpoint(resume.directory, resume.tag)
         _say(f"resumed from {resume.directory / resume.tag} at step {start}")
@@ -148,6 +149,7 @@ class Loop:
             batch = self.collate([self.features[i] for i in self.order.indices(k, self.rank)])
             batch = {key: value.to(self.engine.device) for key, value in batch.items()}
             loss = self.engine(**batch).loss
+            self._check_finite(loss, step, a, k)
             self.engine.backward(loss)
             if a == self.accumulation - 1:
                 self.trainee.before_step(step)
@@ -168,12 +170,29 @@ class Loop:
             record["routing"] = shares
         return record
 
+    def _check_finite(self, loss: torch.Tensor, step: int, micro: int, k: int) -> None:
+        """A non-finite loss (bad data, or a model the data drove to inf) stops the run before its backward:
+        every rank learns which ranks saw it, and the error names the step, micro-batch and examples."""
+        bad = torch.zeros(self.world, dtype=torch.float64)
+        bad[self.rank] = float(not torch.isfinite(loss.detach()).all().item())
+        on_device = bad.to(self.engine.device)
+        dist.all_reduce(on_device)
+        ranks = [r for r, flag in enumerate(on_device.tolist()) if flag]
+        if ranks:
+            where = "; ".join(f"rank {r}: examples {self.order.indices(k, r)}" for r in ranks)
+            raise DataError(f"non-finite loss at optimizer step {step}, micro-batch {micro} (global micro-batch "
+                            f"{k}), {where} (indices into the tokenized training set); not trained on: the run "
+                            "stops here, the last complete checkpoint is intact")
+
     def save(self, step: int) -> None:
         checkpoint = checkpoints.Checkpoint(self.out / "checkpoints", checkpoints.tag_of(step), step)
         if self.rank == 0:
             checkpoints.unmark(checkpoint)
         dist.barrier()
-        self.trainee.save_checkpoint(checkpoint.directory, checkpoint.tag, {"step": step})
+        try:
+            self.trainee.save_checkpoint(checkpoint.directory, checkpoint.tag, {"step": step})
+        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+            raise checkpoints.save_error(checkpoint, self.rank, error) from error
         dist.barrier()  # every rank's files are written
         if self.rank == 0:
             checkpoints.mark(checkpoint)
@@ -226,6 +245,10 @@ class Evaluator:
         _say(f"eval {when} (step {step}): " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 
 
+def _zero_stage(ds: dict[str, Any]) -> int:
+    return int((ds.get("zero_optimization") or {}).get("stage", 0))
+
+
 def _say(message: str) -> None:
     if dist.get_rank() == 0:
         print(message, flush=True)
@@ -240,8 +263,9 @@ def _rank_zero_first(rank: int) -> Iterator[None]:
         dist.barrier()
 
 
-def _init_distributed() -> None:
-    """Process group from the launcher's environment (MPI included); one process when there is none."""
+def _init_distributed(timeout_s: float = 600) -> None:
+    """Process group from the launcher's environment (MPI included); one process when there is none.
+    A collective that waits longer than `timeout_s` (a rank died, a node hangs) raises instead of hanging."""
     import deepspeed
 
     if dist.is_initialized():
@@ -253,7 +277,8 @@ def _init_distributed() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     accelerator = deepspeed.get_accelerator()
     cpu = accelerator.device_name() == "cpu"
-    deepspeed.init_distributed(dist_backend="gloo" if cpu else None, auto_mpi_discovery=True)
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else None, auto_mpi_discovery=True,
+                               timeout=datetime.timedelta(seconds=timeout_s))
     if not cpu:  # before the first collective, so that each rank uses its own device
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -264,8 +289,18 @@ def _load_tokenizer(m: ModelSection) -> Any:
     return AutoTokenizer.from_pretrained(m.tokenizer or m.name_or_path)
 
 
-def _load_model(m: ModelSection) -> torch.nn.Module:
+_HF_DS_CONFIG: list[Any] = []  # transformers holds it by weak reference: keep it alive for the whole run
+
+
+def _load_model(m: ModelSection, ds: dict[str, Any]) -> torch.nn.Module:
+    """Under ZeRO-3 the model is built partitioned (transformers' ZeRO-3 loading through HfDeepSpeedConfig),
+    and generate() then keeps the ranks' forward passes in step (synced_gpus)."""
     from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    _HF_DS_CONFIG.clear()
+    if _zero_stage(ds) == 3:
+        _HF_DS_CONFIG.append(HfDeepSpeedConfig(ds))
 
     kwargs: dict[str, Any] = {"dtype": getattr(torch, m.dtype)}
     if m.attn_implementation:

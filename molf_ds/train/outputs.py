@@ -3,13 +3,14 @@
 `routing.png` (molf, molf-e)."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
-from ..export import export_peft, save_merged
+from ..export import export_peft, gathered, save_merged
 from ..optim.routing_log import is_rank_zero
 from .methods import Trainee
 
@@ -26,17 +27,37 @@ def save_final(trainee: Trainee, tokenizer: Any, out_dir: Path) -> list[Path]:
             export_peft(engine, peft_dir)
             return [final, peft_dir]
         return [final]
+    model = engine.module
+    # ZeRO-3: every rank gathers the full parameters (the run is over; merging may modify them in place)
+    with gathered([p for p in model.parameters() if hasattr(p, "ds_id")]), _zero3_off():
+        _save_baseline(model, method, final, peft_dir, tokenizer)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return [final] if method == "fft" else [final, peft_dir]
+
+
+def _save_baseline(model: Any, method: str, final: Path, peft_dir: Path, tokenizer: Any) -> None:
     if is_rank_zero():
-        model = engine.module
         if method == "fft":
             model.save_pretrained(final)
         else:  # PEFT: the adapter, then the merged model (merging changes the model: the run is over)
             model.save_pretrained(peft_dir)
             model.merge_and_unload().save_pretrained(final)
         tokenizer.save_pretrained(final)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    return [final] if method == "fft" else [final, peft_dir]
+
+
+@contextlib.contextmanager
+def _zero3_off():
+    """transformers' save_pretrained and PEFT's merge treat every parameter as partitioned while a ZeRO-3
+    HfDeepSpeedConfig is alive; inside a full gather they must not."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def plot_routing(metrics_path: Path, png_path: Path) -> Path:
