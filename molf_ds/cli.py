@@ -8,6 +8,7 @@ from typing import Sequence
 
 def _train(args: argparse.Namespace) -> int:
     from .train import ConfigError, load_config, run
+    from .train.checkpoints import SaveError
     from .train.data import DataError
 
     try:
@@ -20,6 +21,9 @@ def _train(args: argparse.Namespace) -> int:
     except (ConfigError, DataError) as error:
         print(f"molf-ds train: {error}", file=sys.stderr)
         return 2
+    except SaveError as error:
+        print(f"molf-ds train: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

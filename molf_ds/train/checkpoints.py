@@ -17,11 +17,33 @@ COMPLETE = "molf_ds_complete.json"
 _TAG = re.compile(r"step(\d+)")
 
 
+class SaveError(RuntimeError):
+    """Writing a checkpoint failed (disk full, permissions): one line naming the checkpoint and the cause."""
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     directory: Path  # what DeepSpeed calls the save/load dir
     tag: str
     step: int
+
+
+def save_error(checkpoint: Checkpoint, rank: int, error: BaseException) -> SaveError:
+    """One line: which checkpoint, why (free space on its file system: torch.save says "iostream error" for a
+    full disk), and which complete checkpoint a resume would use."""
+    cause = (getattr(error, "strerror", None) or str(error) or type(error).__name__).splitlines()[0]
+    try:
+        stat = os.statvfs(checkpoint.directory)
+        free = stat.f_bavail * stat.f_frsize
+        if free < max(16 << 20, stat.f_blocks * stat.f_frsize // 100):
+            cause = f"no space left on device ({free:,} bytes free; {cause})"
+    except OSError:
+        pass
+    previous = [c for c in complete(checkpoint.directory) if c.step < checkpoint.step]
+    kept = f"the previous complete checkpoint {previous[-1].tag} is intact" if previous else \
+        "there is no earlier complete checkpoint"
+    return SaveError(f"saving checkpoint {checkpoint.tag} in {checkpoint.directory} failed on rank {rank}: {cause}; "
+                     f"the partial {checkpoint.tag} has no {COMPLETE} and is never loaded, {kept}")
 
 
 def tag_of(step: int) -> str:

@@ -106,6 +106,7 @@ class TrainSection:
     seed: int = 0
     save_steps: int = 0  # 0: no intermediate checkpoints
     resume: str | None = None  # "auto" or a checkpoint directory
+    collective_timeout: float = 600.0  # seconds a collective may wait (a dead rank) before the run fails
 
 
 @dataclass
@@ -290,6 +291,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise key_error(key, f"must be >= 0, got {value}")
     if (t.max_steps is None) == (t.epochs is None):
         raise key_error("train.max_steps", "give exactly one of train.max_steps and train.epochs")
+    if not t.collective_timeout > 0:
+        raise key_error("train.collective_timeout", f"must be > 0 seconds, got {t.collective_timeout}")
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise key_error("train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
     if t.warmup_steps and t.warmup_ratio:
@@ -365,6 +368,39 @@ def _check_deepspeed(ds: dict[str, Any], t: TrainSection) -> dict[str, Any]:
         raise key_error("deepspeed.train_batch_size", "remove it: the global batch is train.micro_batch_size x "
                         "train.gradient_accumulation_steps x the number of ranks")
     try:
-        return prepare_ds_config(ds)
+        ds = prepare_ds_config(ds)
     except ValueError as error:
         raise key_error("deepspeed", str(error)) from None
+    _check_deepspeed_models(ds)
+    return ds
+
+
+def _check_deepspeed_models(ds: dict[str, Any]) -> None:
+    """DeepSpeed's own schemas (pydantic) for the sections it validates, here rather than inside
+    deepspeed.initialize: a wrong type, range or unknown key is one line naming it, before any process group."""
+    import pydantic
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    for name, model in (("zero_optimization", DeepSpeedZeroConfig), ("fp16", DeepSpeedFP16Config),
+                        ("bf16", DeepSpeedBF16Config)):
+        section = ds.get(name)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            raise key_error(f"deepspeed.{name}", f"must be a mapping, got {section!r}")
+        try:
+            model(**section)
+        except pydantic.ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            key = f"deepspeed.{name}" + (f".{where}" if where else "")
+            raise key_error(key, f"{first['msg']} (got {first.get('input')!r})".replace("\n", " ")) from None
+        except (TypeError, ValueError) as error:
+            raise key_error(f"deepspeed.{name}", str(error).splitlines()[0] if str(error) else repr(error)) from None
+    for key in ("gradient_clipping", "steps_per_print"):
+        value = ds.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise key_error(f"deepspeed.{key}", f"must be a number >= 0, got {value!r}")
+    if (ds.get("fp16") or {}).get("enabled") and (ds.get("bf16") or {}).get("enabled"):
+        raise key_error("deepspeed.fp16.enabled", "fp16 and bf16 are both enabled: choose one")

@@ -1,0 +1,167 @@
+"""Issue 8, reliability, end to end on the demo task with 2 CPU ranks under torchrun (tests/faults.py injects
+the faults into one rank): a SIGKILLed rank fails the job fast and resume=auto reproduces the uninterrupted
+run; a rank killed while writing a checkpoint leaves a partial one that is never loaded; a full disk gives one
+clear line and keeps the previous checkpoint; a NaN loss stops the run naming step and examples; ZeRO-3 runs,
+writes every output and resumes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from molf_ds.train.checkpoints import COMPLETE
+from molf_ds.train.demo import generate
+
+REPO = Path(__file__).resolve().parents[1]
+FAULTS = Path(__file__).resolve().parent / "faults.py"
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability")
+    paths = generate(root / "demo", n_cases=32, seed=3)
+    raw = {
+        "model": {"name_or_path": str(paths["model"]), "tokenizer": str(paths["tokenizer"]),
+                  "attn_implementation": "eager"},
+        "method": "molf",
+        "molf": {"lora_ranks": [4], "lora_alphas": [8], "lora_dropout": 0.1},  # dropout: resume must replay it
+        "data": {"task": "fact", "train": str(paths["data"]), "max_length": 32},
+        "train": {"output_dir": str(root / "out"), "max_steps": STEPS, "micro_batch_size": 4,
+                  "gradient_accumulation_steps": 2, "lr": 2e-3, "lora_lr": 2e-3, "scheduler": "constant_with_warmup",
+                  "warmup_steps": 2, "save_steps": 2},
+        "deepspeed": str(REPO / "ds_configs" / "zero2.json"),
+    }
+    (root / "run.yaml").write_text(yaml.safe_dump(raw))
+    return root
+
+
+def launch(root: Path, *overrides: str, fault: str = "", stamp: Path | None = None,
+           nproc: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(FAULTS), str(root / "run.yaml"), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "MOLF_DS_FAULT": fault,
+           "MOLF_DS_FAULT_STAMP": str(stamp or "")}
+    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_same_run(out: Path, want: Path) -> None:
+    assert jsonl(out / "routing.jsonl") == jsonl(want / "routing.jsonl")  # winners and scores, every step
+    a, b = load_file(out / "final" / "model.safetensors"), load_file(want / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo):
+    out = demo / "uninterrupted"
+    ok(launch(demo, f"train.output_dir={out}"))
+    return out
+
+
+def test_sigkilled_rank_fails_fast_and_resume_reproduces_the_run(demo, uninterrupted):
+    out, stamp = demo / "sigkill", demo / "sigkill.time"
+    result = launch(demo, f"train.output_dir={out}", fault="kill_at_step:6:1", stamp=stamp)
+    seconds = time.time() - float(stamp.read_text())
+    print(f"SIGKILL of rank 1 at step 6 -> torchrun exited {result.returncode} after {seconds:.1f} s")
+    assert result.returncode != 0 and seconds < 60
+    assert [c.name for c in sorted((out / "checkpoints").glob("step*"))] == ["step2", "step4"]
+    stdout = ok(launch(demo, f"train.output_dir={out}", "train.resume=auto"))
+    assert f"resumed from {out / 'checkpoints' / 'step4'} at step 4" in stdout
+    assert_same_run(out, uninterrupted)
+
+
+def test_a_checkpoint_whose_writing_was_killed_is_never_loaded(demo, uninterrupted):
+    out = demo / "killed-in-save"
+    result = launch(demo, f"train.output_dir={out}", fault="kill_in_save:6:1")
+    assert result.returncode != 0
+    partial = out / "checkpoints" / "step6"
+    assert any(partial.iterdir()) and not (partial / COMPLETE).exists()  # rank 1's files are there, no marker
+    stdout = ok(launch(demo, f"train.output_dir={out}", "train.resume=auto"))
+    assert f"resumed from {out / 'checkpoints' / 'step4'} at step 4" in stdout
+    assert_same_run(out, uninterrupted)
+
+
+def test_disk_full_while_saving_is_one_clear_line_and_keeps_the_previous_checkpoint(demo, uninterrupted):
+    """A real ENOSPC: the output directory is a tmpfs with room for the logs and one checkpoint, not two."""
+    mount = demo / "small-disk"
+    mount.mkdir()
+    size = sum(f.stat().st_size for f in (uninterrupted / "checkpoints" / "step2").iterdir())
+    size += sum(f.stat().st_size for f in (uninterrupted / "checkpoints").iterdir() if f.is_file())
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2 + (64 << 10)}", "tmpfs",
+                              str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        result = launch(demo, f"train.output_dir={mount / 'out'}")
+        assert result.returncode != 0
+        lines = [line for line in result.stderr.splitlines() if line.startswith("molf-ds train: saving checkpoint")]
+        assert lines, result.stderr[-5000:]
+        print(lines[0])
+        assert "step4" in lines[0] and "no space left on device" in lines[0]
+        assert "the previous complete checkpoint step2 is intact" in lines[0]
+        assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
+        previous = mount / "out" / "checkpoints" / "step2"
+        assert json.loads((previous / COMPLETE).read_text()) == {"step": 2}
+        assert not (mount / "out" / "checkpoints" / "step4" / COMPLETE).exists()
+        out = demo / "after-disk-full"  # the kept checkpoint loads and continues the run exactly
+        ok(launch(demo, f"train.output_dir={out}", f"train.resume={previous}", "train.save_steps=0"))
+        assert jsonl(out / "routing.jsonl") == jsonl(uninterrupted / "routing.jsonl")[2:]
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_nan_loss_stops_the_run_naming_step_and_examples(demo):
+    out = demo / "nan"
+    result = launch(demo, f"train.output_dir={out}", fault="nan_batch:3:1")  # step 2, 2nd micro-batch, rank 1
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("molf-ds train: non-finite loss")]
+    assert lines, result.stderr[-5000:]
+    assert "optimizer step 2, micro-batch 1" in lines[0] and "rank 1: examples [" in lines[0]
+    assert "rank 0:" not in lines[0]
+    assert [m["step"] for m in jsonl(out / "metrics.jsonl")] == [1]  # step 2 never ran its update
+    assert [r["step"] for r in jsonl(out / "routing.jsonl")] == [1]
+
+
+def test_zero3_run_writes_every_output_and_resumes(demo, tmp_path):
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every parameter really partitioned
+    (tmp_path / "zero3.json").write_text(json.dumps(config))
+    common = [f"deepspeed={tmp_path / 'zero3.json'}", f"eval.data={demo / 'demo' / 'data' / 'counterfact.json'}",
+              "eval.max_samples=7", "eval.batch_size=3", "train.save_steps=4"]  # 7 items: uneven shards
+    full = tmp_path / "full"
+    stdout = ok(launch(demo, f"train.output_dir={full}", *common))
+    assert "eval before training (step 0)" in stdout and f"outputs in {full}/" in stdout
+    assert [r["step"] for r in jsonl(full / "routing.jsonl")] == list(range(1, STEPS + 1))
+    assert [e["step"] for e in jsonl(full / "eval.jsonl")] == [0, STEPS]
+    assert (full / "routing.png").exists() and (full / "checkpoints" / "step4" / COMPLETE).exists()
+    initial = load_file(demo / "demo" / "model" / "model.safetensors")
+    final = load_file(full / "final" / "model.safetensors")
+    assert set(initial) <= set(final) and all(final[k].shape == initial[k].shape for k in initial)
+    assert any(not torch.equal(final[k], initial[k]) for k in initial)
+    resumed = tmp_path / "resumed"
+    stdout = ok(launch(demo, f"train.output_dir={resumed}", *common[:1], "eval=null",
+                       f"train.resume={full / 'checkpoints' / 'step4'}"))
+    assert f"resumed from {full / 'checkpoints' / 'step4'} at step 4" in stdout
+    assert jsonl(resumed / "routing.jsonl") == jsonl(full / "routing.jsonl")[4:]
+    want, have = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    for name in want:
+        torch.testing.assert_close(have[name], want[name], rtol=0, atol=0, msg=name)
