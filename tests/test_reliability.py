@@ -165,3 +165,20 @@ def test_zero3_run_writes_every_output_and_resumes(demo, tmp_path):
     want, have = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     for name in want:
         torch.testing.assert_close(have[name], want[name], rtol=0, atol=0, msg=name)
+
+
+def test_fp16_overflow_steps_are_skipped_and_logged(demo, tmp_path):
+    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    config["fp16"] = {"enabled": True, "initial_scale_power": 18}  # too large a loss scale: the first steps overflow
+    (tmp_path / "fp16.json").write_text(json.dumps(config))
+    out = tmp_path / "fp16"
+    stdout = ok(launch(demo, f"train.output_dir={out}", f"deepspeed={tmp_path / 'fp16.json'}", "model.dtype=float16",
+                       "train.save_steps=0"))
+    metrics, routing = jsonl(out / "metrics.jsonl"), jsonl(out / "routing.jsonl")
+    skipped = [m.get("skipped", False) for m in metrics]
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1)) and skipped[0] and not all(skipped)
+    assert [r.get("skipped", False) for r in routing] == skipped  # one routing record per loop step
+    assert all("routing" not in m for m in metrics if m.get("skipped"))
+    molf_steps = [r["step"] for r in routing]  # a skipped step's number is reused by the next update
+    assert molf_steps == [1 + sum(not s for s in skipped[:i]) for i in range(STEPS)]
+    assert "step 1: gradient overflow (inf/NaN), update skipped" in stdout

@@ -165,6 +165,12 @@ class Loop:
             "lr": lr,
             "tokens_per_s": tokens / (time.perf_counter() - began),
         }
+        if not self.engine.was_step_applied():  # fp16 overflow / inf-NaN gradients: DeepSpeed skipped the update
+            record["skipped"] = True
+            _say(f"step {step}: gradient overflow (inf/NaN), update skipped"
+                 + (f", loss scale now {self.engine.optimizer.cur_scale:g}"
+                    if hasattr(self.engine.optimizer, "cur_scale") else ""))
+            return record
         shares = self.trainee.routing_shares()
         if shares is not None:
             record["routing"] = shares
