@@ -244,7 +244,7 @@ def write_report(results: list[RunResult], out: Path, metrics: list[str], metric
         if method in table:
             gap = gap_percent(table, method, metric)
             lines.append(f"- {method}: " + ("n/a (needs fft and/or lora in --methods)" if gap is None
-                                            else f"{gap:+.2f}% ({'within' if gap >= -1.5 else 'not within'} 1.5%)"))
+                                            else f"{gap:+.2f}% ({'within 1.5% or above' if gap >= -1.5 else 'more than 1.5% below'})"))
     if "molf-e" in table and "adalora" in table and table["adalora"][metric][2] and table["molf-e"][metric][2]:
         diff = table["molf-e"][metric][0] - table["adalora"][metric][0]
         lines.append(f"- molf-e - adalora: {diff:+.4f} ({'above' if diff > 0 else 'not above'} AdaLoRA)")

@@ -35,7 +35,7 @@ def test_report_arithmetic(tmp_path):
     assert gap_percent(table, "fft", "efficacy") == 0.0 and gap_percent(table, "molf-e", "efficacy") is None
     write_report(results, tmp_path, ["efficacy"], "efficacy", "molf-ds compare x.yaml")
     md = (tmp_path / "comparison.md").read_text()
-    assert "- molf: -1.43% (within 1.5%)" in md
+    assert "- molf: -1.43% (within 1.5% or above)" in md
     assert md.count("**degenerate routing**") == 1 and "| molf seed 1 | 0.6900 | full 99.5%, lora0 0.5% |" in md
     rows = list(csv.DictReader(open(tmp_path / "comparison.csv")))
     assert [r["degenerate_routing"] for r in rows] == ["", "", "", "", "false", "true"]
