@@ -1,8 +1,9 @@
 """Issue 8, reliability, end to end on the demo task with 2 CPU ranks under torchrun (tests/faults.py injects
 the faults into one rank): a SIGKILLed rank fails the job fast and resume=auto reproduces the uninterrupted
 run; a rank killed while writing a checkpoint leaves a partial one that is never loaded; a full disk gives one
-clear line and keeps the previous checkpoint; a NaN loss stops the run naming step and examples; ZeRO-3 runs,
-writes every output and resumes."""
+clear line and keeps the previous checkpoint; a NaN loss stops the run naming step and examples; fp16 overflow
+steps are skipped and logged; ZeRO-3 runs, writes every output and resumes; universal checkpoints resume on
+another world size (2 -> 1) or ZeRO stage (3 -> 2)."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from molf_ds.train.checkpoints import COMPLETE
+from molf_ds.train.checkpoints import COMPLETE, to_universal
 from molf_ds.train.demo import generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,6 +166,43 @@ def test_zero3_run_writes_every_output_and_resumes(demo, tmp_path):
     want, have = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     for name in want:
         torch.testing.assert_close(have[name], want[name], rtol=0, atol=0, msg=name)
+    # ZeRO-3 -> ZeRO-2 through a universal checkpoint
+    universal = tmp_path / "universal" / "step4"
+    to_universal(full / "checkpoints" / "step4", universal)
+    on_zero2 = tmp_path / "zero2"
+    stdout = ok(launch(demo, f"train.output_dir={on_zero2}", "eval=null", f"train.resume={universal}"))
+    assert f"resumed from {universal} at step 4" in stdout
+    assert_close_run(on_zero2, full, first=5)
+
+
+def assert_close_run(out: Path, want: Path, first: int) -> None:
+    """Winners identical, scores and final weights within float tolerance, from step `first` on."""
+    have, expected = jsonl(out / "routing.jsonl"), jsonl(want / "routing.jsonl")[first - 1:]
+    assert [r["step"] for r in have] == [r["step"] for r in expected]
+    for a, b in zip(have, expected):
+        assert {m: v["winners"] for m, v in a["modules"].items()} == {m: v["winners"] for m, v in b["modules"].items()}
+        for m, v in a["modules"].items():
+            for e, score in v["scores"].items():
+                assert score == pytest.approx(b["modules"][m]["scores"][e], rel=1e-5, abs=1e-12), (a["step"], m, e)
+    x, y = load_file(out / "final" / "model.safetensors"), load_file(want / "final" / "model.safetensors")
+    assert x.keys() == y.keys()
+    for name in x:
+        torch.testing.assert_close(x[name], y[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_resume_on_one_rank_from_two_through_a_universal_checkpoint(demo, tmp_path):
+    """2 ranks ZeRO-2 -> 1 rank: the global batch stays 8 examples (1 x 8 instead of 2 x 4); dropout 0 so that
+    the per-rank random streams do not matter."""
+    full = tmp_path / "two-ranks"
+    ok(launch(demo, f"train.output_dir={full}", "molf.lora_dropout=0.0", "train.save_steps=4"))
+    universal = tmp_path / "universal" / "step4"
+    to_universal(full / "checkpoints" / "step4", universal)
+    assert universal.is_dir() and (universal / COMPLETE).exists()
+    one = tmp_path / "one-rank"
+    stdout = ok(launch(demo, f"train.output_dir={one}", "molf.lora_dropout=0.0", "train.micro_batch_size=8",
+                       f"train.resume={universal}", nproc=1))
+    assert f"resumed from {universal} at step 4" in stdout
+    assert_close_run(one, full, first=5)
 
 
 def test_fp16_overflow_steps_are_skipped_and_logged(demo, tmp_path):

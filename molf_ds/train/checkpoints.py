@@ -27,6 +27,32 @@ class Checkpoint:
     tag: str
     step: int
 
+    @property
+    def universal(self) -> bool:
+        """A DeepSpeed universal checkpoint (per-parameter fp32 weights and moments under zero/): loads on any
+        world size and ZeRO stage."""
+        return (self.directory / self.tag / "zero").is_dir()
+
+
+def to_universal(source: Path, target: Path) -> Checkpoint:
+    """Convert the complete checkpoint `source` (.../checkpoints/stepN) into a universal one at `target`
+    (any directory; its name becomes the tag), marked complete with the same step."""
+    import subprocess
+    import sys
+
+    marker = source / COMPLETE
+    if not marker.is_file():
+        raise key_error("train.resume", f"{source} is not a complete molf_ds checkpoint (no {COMPLETE})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
+                    "--output_folder", str(target), "--num_extract_workers", "1", "--num_merge_workers", "1",
+                    "--inject_missing_state"], check=True, capture_output=True, text=True)
+    _full_model_states(target)
+    step = json.loads(marker.read_text())["step"]
+    checkpoint = Checkpoint(target.parent, target.name, step)
+    mark(checkpoint)
+    return checkpoint
+
 
 def save_error(checkpoint: Checkpoint, rank: int, error: BaseException) -> SaveError:
     """One line: which checkpoint, why (free space on its file system: torch.save says "iostream error" for a
@@ -44,6 +70,40 @@ def save_error(checkpoint: Checkpoint, rank: int, error: BaseException) -> SaveE
         "there is no earlier complete checkpoint"
     return SaveError(f"saving checkpoint {checkpoint.tag} in {checkpoint.directory} failed on rank {rank}: {cause}; "
                      f"the partial {checkpoint.tag} has no {COMPLETE} and is never loaded, {kept}")
+
+
+def _full_model_states(target: Path) -> None:
+    """From a ZeRO-3 source, ds_to_universal keeps the per-rank model states, whose module tensors are empty
+    partitions: ZeRO-0/1/2 load `mp_rank_00_model_states.pt` with full weights. Write it from rank 0's file
+    (client state, MoLF state, scheduler) and the universal fp32 weights (tied weights through shared_params)."""
+    import torch
+
+    full, partitioned = target / "mp_rank_00_model_states.pt", target / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    if full.exists() or not partitioned.exists():
+        return
+    state = torch.load(partitioned, map_location="cpu", weights_only=False)
+    shapes = {name: shape for group in state["param_shapes"] for name, shape in group.items()}
+    optimizer_path = target / "zero" / "optimizer_state.pt"
+    optimizer = torch.load(optimizer_path, map_location="cpu", weights_only=False)
+    steps = [v["step"] for v in optimizer.get("optimizer_state_dict", {}).get("state", {}).values() if "step" in v]
+    step = steps[0] if steps else state.get("molf", {}).get("step", 0)
+    for name, shape in shapes.items():  # ZeRO-3 writes flat tensors; ZeRO-1/2 read {"param", "cat_dim"} + step.pt
+        folder = target / "zero" / name
+        for kind in ("fp32", "exp_avg", "exp_avg_sq"):
+            value = torch.load(folder / f"{kind}.pt", map_location="cpu", weights_only=False)
+            if isinstance(value, torch.Tensor):
+                torch.save({"param": value.reshape(shape), "cat_dim": 0}, folder / f"{kind}.pt")
+        if not (folder / "step.pt").exists():
+            torch.save(torch.tensor(float(step)), folder / "step.pt")
+    shared = state.get("shared_params") or {}
+    module = {}
+    for key, empty in state["module"].items():
+        name = key if key in shapes else shared.get(key, key)
+        module[key] = torch.load(target / "zero" / name / "fp32.pt", weights_only=False)["param"].to(empty.dtype)
+    state["module"] = module
+    torch.save(state, full)
+    optimizer.setdefault("ds_version", state.get("ds_version"))
+    torch.save(optimizer, optimizer_path)
 
 
 def tag_of(step: int) -> str:
@@ -96,3 +156,4 @@ def trim_jsonl(path: Path, step: int) -> None:
         return
     lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in lines))
+

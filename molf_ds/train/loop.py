@@ -61,6 +61,8 @@ def run(cfg: TrainConfig) -> Path:
             checkpoints.trim_jsonl(out / name, start)
     dist.barrier()
 
+    if resume and resume.universal:  # another world size or ZeRO stage: DeepSpeed reshards on load
+        cfg.deepspeed["checkpoint"] = {**(cfg.deepspeed.get("checkpoint") or {}), "load_universal": True}
     torch.manual_seed(t.seed)  # LoRA experts start the same on every rank and in every run
     trainee = build(cfg, _load_model(cfg.model, cfg.deepspeed), total, out / ROUTING)
     if resume:
