@@ -126,3 +126,27 @@ def test_cpp_checks_cells_and_kinds():
     with pytest.raises(ValueError, match="other sizes"):
         kernels.moments_and_scores_multi(s["g"][:2], s["m"][:2], s["v"][:2], kernels.SegmentTable([], NUMELS),
                                          KIND_LRS, kernels.ScoreSums(N_CELLS), *BETAS, "epd")
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("score", ["epd", "pfn"])
+def test_route_cpp_equals_torch(top_k, score, monkeypatch):
+    if not cpp_impl.load():
+        pytest.skip("the C++ CPU kernel failed to build")
+    gen = torch.Generator().manual_seed(top_k)
+    modules, experts = 40, 3
+    sums = torch.rand(modules * experts, generator=gen, dtype=torch.float64) * 1e-6
+    sums[3:6] = 0.0  # a three-way tie: lower index first
+    sums[7] = sums[8]  # a tie after division only where sizes agree
+    sums[12] = float("nan")  # ranks first, as in torch.sort
+    sizes = torch.randint(0, 50, (modules, experts), generator=gen).double()
+    sizes[2, :] = 10.0
+    took = torch.rand(modules * experts, generator=gen) > 0.2
+    took[15:18] = False  # a module where nobody took part: no winner
+    got = kernels.route(sums, sizes, took, experts, top_k, score)
+    monkeypatch.setenv("MOLF_DS_KERNEL", "torch")
+    want = kernels.route(sums, sizes, took, experts, top_k, score)
+    assert torch.equal(got[0].isnan(), want[0].isnan())
+    assert torch.equal(got[0].nan_to_num(), want[0].nan_to_num())
+    assert torch.equal(got[1], want[1])
+    assert not got[1][5].any() and got[1][1].tolist()[0] is True  # module 1: experts 0-2 tie at zero

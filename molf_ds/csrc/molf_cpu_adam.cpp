@@ -11,11 +11,13 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -512,6 +514,57 @@ void adamw_step_multi(at::TensorList params, at::TensorList grads, at::TensorLis
   }
 }
 
+// Routing from the global score sums: per cell score = sums / max(size, 1) (EPD) or its square root
+// (PFN), -inf where the expert took no part; per module the top_k experts win (a stable descending
+// order: ties go to the lower index, NaN ranks first as in torch.sort), never one that took no part.
+std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& sums, const at::Tensor& sizes,
+                                         const at::Tensor& took_part, int64_t n_experts,
+                                         int64_t top_k, bool pfn) {
+  TORCH_CHECK(sums.device().is_cpu() && sums.scalar_type() == at::kDouble && sums.is_contiguous() &&
+                  sizes.device().is_cpu() && sizes.scalar_type() == at::kDouble &&
+                  sizes.is_contiguous() && took_part.device().is_cpu() &&
+                  took_part.scalar_type() == at::kBool && took_part.is_contiguous(),
+              "route: sums and sizes must be contiguous float64 CPU tensors, took_part bool");
+  const int64_t cells = sums.numel();
+  TORCH_CHECK(n_experts >= 1 && cells % n_experts == 0 && sizes.numel() == cells &&
+                  took_part.numel() == cells && top_k >= 1 && top_k <= n_experts,
+              "route: sizes, took_part and n_experts do not match the sums");
+  const int64_t modules = cells / n_experts;
+  at::Tensor scores = at::empty({modules, n_experts}, at::kDouble);
+  at::Tensor winners = at::zeros({modules, n_experts}, at::kBool);
+  const double* s = sums.data_ptr<double>();
+  const double* n = sizes.data_ptr<double>();
+  const bool* took = took_part.data_ptr<bool>();
+  double* out = scores.data_ptr<double>();
+  bool* won = winners.data_ptr<bool>();
+  for (int64_t c = 0; c < cells; ++c) out[c] = s[c] / std::max(n[c], 1.0);
+  if (pfn) scores.sqrt_();  // torch's own sqrt, so that scores match the torch path bit for bit
+  for (int64_t c = 0; c < cells; ++c) {
+    if (!took[c]) out[c] = -INFINITY;
+  }
+  std::vector<char> chosen(static_cast<size_t>(n_experts));
+  for (int64_t m = 0; m < modules; ++m) {
+    const int64_t base = m * n_experts;
+    std::fill(chosen.begin(), chosen.end(), 0);
+    for (int64_t k = 0; k < top_k; ++k) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < n_experts; ++e) {
+        if (chosen[e]) continue;
+        const double x = out[base + e];
+        if (best < 0) {
+          best = e;
+          continue;
+        }
+        const double b = out[base + best];
+        if ((std::isnan(x) && !std::isnan(b)) || x > b) best = e;
+      }
+      chosen[best] = 1;
+      won[base + best] = took[base + best];
+    }
+  }
+  return {scores, winners};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(molf_cpu_adam, lib) {
@@ -535,6 +588,9 @@ TORCH_LIBRARY(molf_cpu_adam, lib) {
       "Tensor winners, Tensor lrs, Tensor weight_decays, float bias_correction1, "
       "float bias_correction2, float eps) -> int");
   lib.def(
+      "route(Tensor sums, Tensor sizes, Tensor took_part, int n_experts, int top_k, bool pfn) -> "
+      "(Tensor, Tensor)");
+  lib.def(
       "adamw_step_multi(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, float weight_decay, "
       "float bias_correction1, float bias_correction2) -> ()");
@@ -547,4 +603,5 @@ TORCH_LIBRARY_IMPL(molf_cpu_adam, CPU, lib) {
   lib.impl("moments_and_scores_multi", &moments_and_scores_multi);
   lib.impl("update_winners_multi", &update_winners_multi);
   lib.impl("adamw_step_multi", &adamw_step_multi);
+  lib.impl("route", &route);
 }

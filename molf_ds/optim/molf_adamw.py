@@ -171,7 +171,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         winners = self._route(routing.scores.totals(), routing.scores.took_part).contiguous()
         beta1, beta2 = self.cfg.betas
         bc1, bc2 = 1 - beta1**routing.step, 1 - beta2**routing.step
-        wds = torch.tensor(self._kind_weight_decays(), dtype=torch.float64)
+        wds = self._kind_wds_tensor()
         counts = self._counts(routing.step)
         for params, exp_avgs, exp_avg_sqs, segments in reversed(routing.batches):  # the last scored first
             counts["update"] += kernels.update_winners_multi(
@@ -190,6 +190,13 @@ class MoLFAdamW(torch.optim.Optimizer):
     def _kind_weight_decays(self) -> list[float]:
         return [self.cfg.weight_decay, 0.0, self.cfg.lora_weight_decay]
 
+    def _kind_wds_tensor(self) -> torch.Tensor:
+        wds = self._kind_weight_decays()
+        cached = getattr(self, "_wds_cache", None)
+        if cached is None or cached[0] != wds:
+            self._wds_cache = cached = (wds, torch.tensor(wds, dtype=torch.float64))
+        return cached[1]
+
     def _state_of(self, p: torch.Tensor, t: int) -> dict[str, Any]:
         state = self.state[p]
         if not state:
@@ -203,12 +210,8 @@ class MoLFAdamW(torch.optim.Optimizer):
         if self.reduce_scores is not None:
             self.reduce_scores(sums)  # the one collective of the step
             took_part = self.index.sizes.view(-1) > 0  # partitioned grads always exist
-        shape = (self.index.n_modules, self.index.n_experts)
-        per_element = sums.view(shape) / self.index.sizes.clamp(min=1)
-        scores = per_element if self.cfg.score == "epd" else per_element.sqrt()
-        scores = scores.masked_fill(~took_part.view(shape), -math.inf)
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, : self.cfg.top_k]
-        winners = torch.zeros(shape, dtype=torch.bool).scatter_(1, order, True) & took_part.view(shape)
+        scores, winners = kernels.route(sums, self.index.sizes, took_part, self.index.n_experts, self.cfg.top_k,
+                                        self.cfg.score)
         self.last_scores, self.last_winners = scores, winners
         return winners.view(-1)
 

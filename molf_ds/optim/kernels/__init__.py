@@ -16,6 +16,7 @@ in one int64 table [S, 5] of rows (tensor, offset, length, cell, kind), see ``Se
   goes into a ``ScoreSums`` (float64 per cell; one host transfer per step on non-CPU devices).
 - ``update_winners_multi``: the AdamW update inside the rows whose cell won, per-kind lr and decay.
 - ``adamw_step_multi``: plain AdamW over every tensor.
+- ``route``: scores per cell from the global sums and the top-k winners per module.
 
 Backend: the fused C++ kernel for contiguous fp32 CPU tensors (JIT-built once on first
 use), torch otherwise or when the build fails. ``MOLF_DS_KERNEL=torch`` forces torch.
@@ -32,7 +33,7 @@ from . import cpp_impl, torch_impl
 
 __all__ = [
     "ScoreSums", "SegmentTable", "adamw_step", "adamw_step_multi", "adamw_update_ranges", "backend",
-    "moments_and_scores", "moments_and_scores_multi", "update_winners_multi",
+    "moments_and_scores", "moments_and_scores_multi", "route", "update_winners_multi",
 ]
 
 ENV_VAR = "MOLF_DS_KERNEL"
@@ -261,3 +262,17 @@ def adamw_step_multi(
     _impl_of([*params, *grads, *exp_avgs, *exp_avg_sqs]).adamw_step_multi(
         params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2
     )
+
+
+def route(
+    sums: torch.Tensor, sizes: torch.Tensor, took_part: torch.Tensor, n_experts: int, top_k: int, score: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores [modules, experts] (float64; sums / max(N_e, 1), square-rooted for PFN, -inf where an expert took
+    no part) and the winner mask: per module the top_k scores, ties to the lower index, never a non-participant."""
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    sums, sizes, took_part = sums.contiguous(), sizes.double().contiguous().view(-1), took_part.contiguous()
+    if sums.numel() != sizes.numel() or sums.numel() != took_part.numel() or sums.numel() % n_experts:
+        raise ValueError("sums, sizes and took_part must hold one value per (module, expert)")
+    impl = cpp_impl if not _forced_torch() and cpp_impl.load() else torch_impl
+    return impl.route(sums, sizes, took_part, n_experts, top_k, score)

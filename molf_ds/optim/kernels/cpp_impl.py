@@ -152,3 +152,9 @@ def adamw_step_multi(
     torch.ops.molf_cpu_adam.adamw_step_multi(
         params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2
     )
+
+
+def route(
+    sums: torch.Tensor, sizes: torch.Tensor, took_part: torch.Tensor, n_experts: int, top_k: int, score: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.molf_cpu_adam.route(sums, sizes, took_part, n_experts, top_k, score == "pfn")

@@ -265,3 +265,15 @@ def adamw_step_multi(
 ) -> None:
     for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
         adamw_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2)
+
+
+def route(
+    sums: torch.Tensor, sizes: torch.Tensor, took_part: torch.Tensor, n_experts: int, top_k: int, score: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (-1, n_experts)
+    per_element = sums.view(shape) / sizes.view(shape).clamp(min=1)
+    scores = per_element if score == "epd" else per_element.sqrt()
+    scores = scores.masked_fill(~took_part.view(shape), -math.inf)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top_k]
+    winners = torch.zeros(scores.shape, dtype=torch.bool).scatter_(1, order, True) & took_part.view(shape)
+    return scores, winners
