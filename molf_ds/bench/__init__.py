@@ -105,6 +105,7 @@ def run_bench(settings: Settings, cells: list[tuple[int, bool, str]], world: int
     from .worker import cell_name, run_cells
 
     settings_dict = settings.to_dict()
+    load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory(prefix="molf-bench-") as tmp:
         if shared_process:
@@ -133,8 +134,9 @@ def run_bench(settings: Settings, cells: list[tuple[int, bool, str]], world: int
             ranks = [json.loads(Path(tmp, f"cell-{k}.rank-{r}.json").read_text()) for r in range(world)]
             rows.append(report.merge(ranks))
     report.add_ratios(rows)
+    machine = {**_machine(settings.device), "load_average_before": load_before, "load_average_after": os.getloadavg()}
     return {"settings": settings_dict, "world": world, "threads_per_rank": threads, "memory_per_cell": not shared_process,
-            "machine": _machine(settings.device), "rows": rows}
+            "machine": machine, "rows": rows}
 
 
 def _machine(device: str) -> dict[str, Any]:

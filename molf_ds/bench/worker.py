@@ -40,12 +40,19 @@ class _Clock:
         return time.perf_counter()
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads): unlike wall time, blind to other processes that share the
+    cores, which on a loaded machine is the steadier measure of the work a step does."""
+    return time.process_time()
+
+
 class _OptimizerTimer:
     """Seconds spent in the basic optimizer (every step() call of one engine step, and MoLF's deferred routing
     under ZeRO-3), i.e. the optimizer's own work on its flat tensors, without DeepSpeed's around it."""
 
     def __init__(self, optimizer: Any, clock: _Clock) -> None:
         self.seconds = 0.0
+        self.cpu = 0.0
         self._depth = 0
         self._clock = clock
         for name in ("step", "finish_routing"):
@@ -55,19 +62,21 @@ class _OptimizerTimer:
     def _timed(self, fn: Callable) -> Callable:
         def call(*args: Any, **kwargs: Any) -> Any:
             self._depth += 1
-            start = self._clock() if self._depth == 1 else 0.0
+            start, cpu = (self._clock(), cpu_seconds()) if self._depth == 1 else (0.0, 0.0)
             try:
                 return fn(*args, **kwargs)
             finally:
                 self._depth -= 1
                 if self._depth == 0:
                     self.seconds += self._clock() - start
+                    self.cpu += cpu_seconds() - cpu
 
         return call
 
-    def take(self) -> float:
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds
+    def take(self) -> tuple[float, float]:
+        taken = self.seconds, self.cpu
+        self.seconds = self.cpu = 0.0
+        return taken
 
 
 def _rss_bytes() -> int:
@@ -189,22 +198,26 @@ def isolated_optimizer_steps(engine: Any, repeats: int, device: str) -> dict[str
     flush = _CacheFlush(flats[0][1].device.type if flats else device)  # offload: CPU tensors on a GPU machine
     clock = _Clock(device)
     times: dict[str, list[float]] = {name: [] for name in steppers}
+    cpu: dict[str, list[float]] = {name: [] for name in steppers}
     own_bytes = []
     for i in range(repeats + 2):  # two warm-up rounds: lazy optimizer state
         for name, step in steppers.items():
             flush()
             dist.barrier()
-            start = clock()
+            start, start_cpu = clock(), cpu_seconds()
             step()
-            elapsed = clock() - start
+            elapsed, elapsed_cpu = clock() - start, cpu_seconds() - start_cpu
             if i >= 2:
                 times[name].append(elapsed)
+                cpu[name].append(elapsed_cpu)
                 if name == "own":
                     own_bytes.append(optimizer_bytes(engine))
     elements = sum(flat.numel() for _, flat in flats)
     seconds = {name: statistics.median(ts) for name, ts in times.items()}
     nbytes = {name: (statistics.median(own_bytes) if name == "own" else 28 * elements) for name in seconds}
-    return {"seconds": seconds, "bytes": nbytes, "elements": elements}
+    return {"seconds": seconds, "min_seconds": {name: min(ts) for name, ts in times.items()},
+            "cpu_seconds": {name: statistics.median(ts) for name, ts in cpu.items()}, "bytes": nbytes,
+            "elements": elements}
 
 
 def _routing_shares(engine: Any) -> dict[str, float] | None:
@@ -238,18 +251,19 @@ def measure(cell: Cell, s: Settings, rank: int, world: int) -> dict[str, Any]:
         ids = models.token_batch(step, rank, s.micro_batch, s.seq, vocab).to(device)
         dist.barrier()  # every rank starts the step together (outside the counted and timed region)
         with count_collectives() as calls:
-            t0 = clock()
+            t0, c0 = clock(), cpu_seconds()
             loss = engine(input_ids=ids, labels=ids).loss
             engine.backward(loss)
-            t1 = clock()
+            t1, c1 = clock(), cpu_seconds()
             in_backward = len(calls)
             engine.step()
-            t2 = clock()
-        opt_s = timer.take()
+            t2, c2 = clock(), cpu_seconds()
+        opt_s, opt_cpu = timer.take()
         if step < s.warmup:
             continue
         steps.append({
             "step_s": t2 - t0, "forward_backward_s": t1 - t0, "engine_step_s": t2 - t1, "optimizer_s": opt_s,
+            "step_cpu_s": c2 - c0, "engine_step_cpu_s": c2 - c1, "optimizer_cpu_s": opt_cpu,
             "collectives": len(calls), "collective_bytes": calls.total_bytes,
             "step_collectives": [list(c) for c in calls.since(in_backward)],
             "optimizer_bytes": optimizer_bytes(engine), "loss": float(loss.detach().float()),
