@@ -443,8 +443,7 @@ void moments_and_scores_multi(at::TensorList grads, at::TensorList exp_avgs,
 }
 
 // Decoupled weight decay and the Adam update inside the segments whose cell won, with the lr and
-// weight decay of the segment's kind; returns the number of elements updated. Pieces run last
-// to first: what the moments pass touched last is the likeliest to be still in cache.
+// weight decay of the segment's kind; returns the number of elements updated.
 int64_t update_winners_multi(at::TensorList params, at::TensorList exp_avgs,
                              at::TensorList exp_avg_sqs, const at::Tensor& table,
                              const at::Tensor& winners, const at::Tensor& lrs,
@@ -480,7 +479,7 @@ int64_t update_winners_multi(at::TensorList params, at::TensorList exp_avgs,
   int64_t updated = 0;
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads()) reduction(+ : updated)
   for (int64_t j = 0; j < np; ++j) {
-    const MultiPiece& pc = pieces[np - 1 - j];
+    const MultiPiece& pc = pieces[j];
     const int64_t s = pc.start;
     const size_t t = static_cast<size_t>(pc.tensor);
     update_params(p[t] + s, m[t] + s, v[t] + s, pc.len, updates[rows[pc.row].kind]);

@@ -173,7 +173,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         bc1, bc2 = 1 - beta1**routing.step, 1 - beta2**routing.step
         wds = self._kind_wds_tensor()
         counts = self._counts(routing.step)
-        for params, exp_avgs, exp_avg_sqs, segments in reversed(routing.batches):  # the last scored first
+        for params, exp_avgs, exp_avg_sqs, segments in routing.batches:
             counts["update"] += kernels.update_winners_multi(
                 params, exp_avgs, exp_avg_sqs, segments, winners, routing.kind_lrs, wds, bc1, bc2, self.cfg.eps,
             )
