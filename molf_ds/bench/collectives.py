@@ -13,13 +13,18 @@ import torch
 COLLECTIVES = (
     "allreduce", "allreduce_coalesced", "allgather", "allgather_coalesced", "_allgather_base",
     "allgather_into_tensor_coalesced", "reduce_scatter", "_reduce_scatter_base", "reduce_scatter_tensor_coalesced",
-    "broadcast", "reduce", "gather", "scatter", "alltoall", "alltoall_base", "barrier",
+    "broadcast", "reduce", "gather", "scatter", "alltoall", "alltoall_base", "barrier", "monitored_barrier",
+    # torch >= 2.13: what torch.distributed.all_gather_into_tensor / reduce_scatter_tensor / all_to_all_single
+    # call (DeepSpeed's ZeRO gathers and reduce-scatters go through these)
+    "all_gather_single", "all_gather_single_coalesced", "reduce_scatter_single", "reduce_scatter_single_coalesced",
+    "all_to_all_single",
 )
 # Position of the argument holding this rank's contribution; the others carry it in argument 0.
 _INPUT_ARG = {
     "allgather": 1, "allgather_coalesced": 1, "_allgather_base": 1, "allgather_into_tensor_coalesced": 1,
     "reduce_scatter": 1, "_reduce_scatter_base": 1, "reduce_scatter_tensor_coalesced": 1, "gather": 1,
-    "alltoall": 1, "alltoall_base": 1,
+    "alltoall": 1, "alltoall_base": 1, "all_gather_single": 1, "all_gather_single_coalesced": 1,
+    "reduce_scatter_single": 1, "reduce_scatter_single_coalesced": 1, "all_to_all_single": 1,
 }
 
 
