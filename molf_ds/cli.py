@@ -1,4 +1,5 @@
-"""The `molf-ds` command: `train` (the training job), `estimate-memory` (model-state bytes per GPU and node)."""
+"""The `molf-ds` command: `train` (the training job) and the tools registered in `parser()` (estimate-memory,
+eval, compare, plot-routing, bench)."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +46,7 @@ def parser() -> argparse.ArgumentParser:
     _add(commands, "eval", "evaluate_cli", "a task's metrics (sql / med / fact / jsonl) for a saved model")
     _add(commands, "compare", "compare", "train and evaluate several methods and seeds; comparison table and plots")
     _add(commands, "plot-routing", "plot_routing", "draw a routing log: winners per module and step, full share")
+    _add(commands, "bench", "bench", "MoLF's step time, memory and collectives against FFT and LoRA, per ZeRO stage")
     return root
 
 

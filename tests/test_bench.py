@@ -2,13 +2,12 @@
 writes, the ratios, and the collectives it counts. Never asserts on wall time."""
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 
 import pytest
 
-from molf_ds import bench
+from molf_ds import bench, cli
 from molf_ds.bench import report
 
 METHODS = ("fft", "lora", "molf", "molf-e")
@@ -23,14 +22,12 @@ ROW_KEYS = {
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    args = parser.parse_args([
-        "--model", "qwen2-h256", "--stages", "2", "--offload", "none", "--methods", ",".join(METHODS),
+    args = cli.parser().parse_args([  # as `molf-ds bench ...` parses it
+        "bench", "--model", "qwen2-h256", "--stages", "2", "--offload", "none", "--methods", ",".join(METHODS),
         "--warmup", "1", "--steps", "2", "--seq", "16", "--reference-repeats", "1", "--shared-process",
         "--no-progress", "--out", str(out), "--plot",
     ])
-    assert bench.run(args) == 0
+    assert args.func(args) == 0
     return out, json.loads((out / "bench.json").read_text())
 
 
