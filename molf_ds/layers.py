@@ -6,6 +6,7 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -43,10 +44,27 @@ class MoLFLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        h = self.lora_dropout(x)
+        h, keep_scale = self._dropout(x)
+        flat = y.reshape(-1, y.shape[-1])
         for a, b, s in zip(self.lora_A, self.lora_B, self.scaling):
-            y = y + s * b(a(h.to(a.weight.dtype))).to(y.dtype)
-        return y
+            # the experts' weights are used directly, not through their modules: under ZeRO-3 they are resident
+            # (molf_ds.zero.attach), so DeepSpeed need not run its gather/release hooks around them
+            t = F.linear(h.to(a.weight.dtype), a.weight)
+            # y + s * t B^T in one BLAS call (the dropout's 1/(1-p) folded into alpha): no output-sized temporaries
+            flat = torch.addmm(flat, t.reshape(-1, t.shape[-1]).to(y.dtype), b.weight.t().to(y.dtype),
+                               alpha=s * keep_scale)
+        return flat.view(y.shape)
+
+    def _dropout(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The experts' input after dropout, and the scale its kept elements are still owed."""
+        p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        if not self.training or p == 0.0:
+            return x, 1.0
+        from .optim import kernels  # (molf_ds.optim imports this module)
+
+        if x.device.type == "cpu" and kernels.cpp_enabled():
+            return kernels.dropout_zero(x, p), 1.0 / (1.0 - p)
+        return self.lora_dropout(x), 1.0
 
     def expert_parameters(self) -> dict[str, list[nn.Parameter]]:
         """Parameters of each expert, keyed by expert name (the `full` expert only when it trains)."""

@@ -5,13 +5,17 @@
 //                       sums of the routing score q (double accumulation).
 //   adamw_update_ranges: decoupled weight decay + Adam update inside segments only.
 //   adamw_step:          plain fused AdamW over the whole tensor.
+//   dropout_zero:        zero the elements a (seed, index) hash drops; kept ones unscaled (the
+//                        experts' input dropout: no stored mask, backward regenerates it).
 //
 // Work is split on a fixed grid of kChunk elements, so every partial sum covers the
 // same elements in the same order whatever the thread count: results are deterministic.
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -564,6 +568,45 @@ std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& sums, const at::Tenso
   return {scores, winners};
 }
 
+// A well-mixed 32-bit bijection ("lowbias32", Wellons); 32-bit multiplies vectorise.
+inline uint32_t mix32(uint32_t z) {
+  z ^= z >> 16;
+  z *= 0x7feb352dU;
+  z ^= z >> 15;
+  z *= 0x846ca68bU;
+  return z ^ (z >> 16);
+}
+
+// Keep element i when a hash of (seed, i) falls below `threshold` (keep_prob * 2^32): a counter-based
+// stream, so the mask depends only on (seed, i), never on threads, and backward regenerates it.
+template <typename T>
+void zero_dropped(const T* __restrict__ src, T* __restrict__ dst, int64_t begin, int64_t end, uint32_t key_lo,
+                  uint32_t key_hi, uint32_t threshold) {
+  for (int64_t i = begin; i < end; ++i) {
+    const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32) ^ key_hi;
+    const uint32_t r = mix32(mix32(static_cast<uint32_t>(i) ^ key_lo) + hi);
+    dst[i] = r < threshold ? src[i] : T(0);
+  }
+}
+
+// out = x with the dropped elements zeroed, the kept ones unscaled.
+at::Tensor dropout_zero(const at::Tensor& x, int64_t seed, double keep_prob) {
+  TORCH_CHECK(x.is_contiguous(), "dropout_zero: x must be contiguous");
+  TORCH_CHECK(keep_prob >= 0.0 && keep_prob < 1.0, "dropout_zero: keep_prob must lie in [0, 1)");
+  at::Tensor out = at::empty_like(x);
+  const auto threshold = static_cast<uint32_t>(std::min(std::llround(keep_prob * 4294967296.0), 4294967295LL));
+  const uint32_t key_lo = mix32(static_cast<uint32_t>(seed));
+  const uint32_t key_hi = mix32(static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32) ^ 0x9e3779b9U);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dropout_zero", [&] {
+    const scalar_t* src = x.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, x.numel(), kChunk, [&](int64_t begin, int64_t end) {
+      zero_dropped(src, dst, begin, end, key_lo, key_hi, threshold);
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(molf_cpu_adam, lib) {
@@ -593,6 +636,7 @@ TORCH_LIBRARY(molf_cpu_adam, lib) {
       "adamw_step_multi(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, float weight_decay, "
       "float bias_correction1, float bias_correction2) -> ()");
+  lib.def("dropout_zero(Tensor x, int seed, float keep_prob) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(molf_cpu_adam, CPU, lib) {
@@ -603,4 +647,5 @@ TORCH_LIBRARY_IMPL(molf_cpu_adam, CPU, lib) {
   lib.impl("update_winners_multi", &update_winners_multi);
   lib.impl("adamw_step_multi", &adamw_step_multi);
   lib.impl("route", &route);
+  lib.impl("dropout_zero", &dropout_zero);
 }

@@ -17,6 +17,7 @@ in one int64 table [S, 5] of rows (tensor, offset, length, cell, kind), see ``Se
 - ``update_winners_multi``: the AdamW update inside the rows whose cell won, per-kind lr and decay.
 - ``adamw_step_multi``: plain AdamW over every tensor.
 - ``route``: scores per cell from the global sums and the top-k winners per module.
+- ``dropout_zero``: the experts' input dropout on CPU (a counter-based mask, kept elements unscaled).
 
 Backend: the fused C++ kernel for contiguous fp32 CPU tensors (JIT-built once on first
 use), torch otherwise or when the build fails. ``MOLF_DS_KERNEL=torch`` forces torch.
@@ -32,7 +33,8 @@ import torch
 from . import cpp_impl, torch_impl
 
 __all__ = [
-    "ScoreSums", "SegmentTable", "adamw_step", "adamw_step_multi", "adamw_update_ranges", "backend",
+    "ScoreSums", "SegmentTable", "adamw_step", "adamw_step_multi", "adamw_update_ranges", "backend", "cpp_enabled",
+    "dropout_zero",
     "moments_and_scores", "moments_and_scores_multi", "route", "update_winners_multi",
 ]
 
@@ -47,11 +49,34 @@ def _forced_torch() -> bool:
     return choice == "torch"
 
 
+def cpp_enabled() -> bool:
+    """Whether the C++ CPU kernels run here (built and not turned off by MOLF_DS_KERNEL=torch)."""
+    return not _forced_torch() and cpp_impl.load()
+
+
 def _impl(*tensors: torch.Tensor) -> ModuleType:
     cpu_fp32 = all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-    if cpu_fp32 and not _forced_torch() and cpp_impl.load():
-        return cpp_impl
-    return torch_impl
+    return cpp_impl if cpu_fp32 and cpp_enabled() else torch_impl
+
+
+def dropout_zero(x: torch.Tensor, p: float) -> torch.Tensor:
+    """x (on CPU, C++ kernels enabled) with each element zeroed with probability p, the kept ones NOT rescaled.
+    The mask is a hash of (seed, index) with the seed drawn from torch's CPU generator (so torch.manual_seed and
+    saved RNG states reproduce it); backward regenerates it instead of storing it. torch's own CPU dropout draws
+    from a Mersenne twister at ~5 ns per element, more than the LoRA matmuls it feeds."""
+    seed = int(torch.randint(2**62, ()))
+    return _ZeroDropped.apply(x, seed, 1.0 - p)
+
+
+class _ZeroDropped(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, seed: int, keep_prob: float) -> torch.Tensor:
+        ctx.seed, ctx.keep_prob = seed, keep_prob
+        return cpp_impl.dropout_zero(x.contiguous(), seed, keep_prob)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return cpp_impl.dropout_zero(grad.contiguous(), ctx.seed, ctx.keep_prob), None, None
 
 
 def backend(*tensors: torch.Tensor) -> str:

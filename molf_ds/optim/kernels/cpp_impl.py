@@ -158,3 +158,7 @@ def route(
     sums: torch.Tensor, sizes: torch.Tensor, took_part: torch.Tensor, n_experts: int, top_k: int, score: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.molf_cpu_adam.route(sums, sizes, took_part, n_experts, top_k, score == "pfn")
+
+
+def dropout_zero(x: torch.Tensor, seed: int, keep_prob: float) -> torch.Tensor:
+    return torch.ops.molf_cpu_adam.dropout_zero(x, seed, keep_prob)
