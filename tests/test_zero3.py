@@ -68,14 +68,12 @@ def test_lora_experts_stay_resident_base_does_not(runs):
 
 
 def test_one_extra_collective_per_step(runs):
-    """Routing adds one all-reduce per step. Besides, DeepSpeed re-gathers the resident LoRA experts after each
-    step (one all_gather_single per expert tensor on gloo), which a non-resident baseline does in its next forward
-    instead; nothing else differs."""
+    """Routing adds one all-reduce per step; the resident LoRA experts, re-gathered after each step, take one
+    all-gather for all of them (a non-resident baseline gathers them in its next forward instead)."""
     _, ranks, _ = runs
-    lora_tensors = 3 * 7 * 2  # layers x target linears x (A, B)
     for rank in ranks:
         molf, baseline = Counter(rank["zero3"]["collectives"][1]), Counter(rank["zero3"]["baseline_collectives"][1])
-        assert molf - baseline == Counter({"allreduce": 1, "all_gather_single": lora_tensors}), (molf, baseline)
+        assert molf - baseline == Counter({"allreduce": 1, "all_gather_single": 1}), (molf, baseline)
         assert not baseline - molf, (molf, baseline)
 
 

@@ -14,6 +14,7 @@ import deepspeed
 import deepspeed.comm as dist
 import torch
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from torch import nn
@@ -72,9 +73,9 @@ def attach(wrapper: Any, optimizer: MoLFAdamW) -> None:
     elif isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
         optimizer.layouts = zero3_layouts(index, wrapper, dist.get_rank(group=wrapper.dp_process_group))
         optimizer.reduce_scores = _all_reduce_over(wrapper.dp_process_group)
-        _route_after_all_sub_groups(wrapper, optimizer)
-        _keep_resident(wrapper, [p for cell in index.params_by_cell.values() for p in cell
-                                 if index.kind_of[id(p)] == LORA])
+        experts = [p for cell in index.params_by_cell.values() for p in cell if index.kind_of[id(p)] == LORA]
+        _keep_resident(wrapper, experts)
+        _route_after_all_sub_groups(wrapper, optimizer, experts)
     elif isinstance(wrapper, FP16_UnfusedOptimizer):
         pairs = ((p, c) for lp, hp in zip(wrapper.fp16_groups, wrapper.fp32_groups) for p, c in zip(lp, hp))
         optimizer.layouts = copied_param_layouts(index, pairs)
@@ -88,10 +89,14 @@ def attach(wrapper: Any, optimizer: MoLFAdamW) -> None:
     optimizer.paused = False
 
 
-def _route_after_all_sub_groups(zero3: DeepSpeedZeroOptimizer_Stage3, optimizer: MoLFAdamW) -> None:
+def _route_after_all_sub_groups(
+    zero3: DeepSpeedZeroOptimizer_Stage3, optimizer: MoLFAdamW, resident: list[nn.Parameter]
+) -> None:
     """ZeRO-3 steps the wrapped optimizer one sub-group at a time. MoLF lets DeepSpeed's loop run as is
     (grads flattened, unscaled and clipped by DeepSpeed) but only gathers moments and scores in it; the
-    winners' update and the copy of MoLF sub-groups back into the model run once every sub-group is in."""
+    winners' update and the copy of MoLF sub-groups back into the model run once every sub-group is in.
+    Then the resident experts are re-gathered in one collective (DeepSpeed's own re-gather of persistent
+    parameters in `_post_step` takes one per tensor)."""
     optimizer.defer_routing = True
     molf_groups = {g for g, group in enumerate(optimizer.param_groups) if group["kind"] == "molf"}
     molf_sub_groups = {s for s, g in zero3.sub_group_to_group_id.items() if g in molf_groups}
@@ -110,6 +115,7 @@ def _route_after_all_sub_groups(zero3: DeepSpeedZeroOptimizer_Stage3, optimizer:
         for sub_group_id in waiting:
             copy_back(sub_group_id)
         waiting.clear()
+        _gather_coalesced(zero3, resident)
         return post_step(*args, **kwargs)
 
     zero3._reassign_or_swap_out_partitioned_parameters = copy_back_after_routing
@@ -126,6 +132,28 @@ def _keep_resident(zero3: DeepSpeedZeroOptimizer_Stage3, params: list[nn.Paramet
     persistent.extend(new)
     if new:
         new[0].all_gather(new)
+
+
+def _gather_coalesced(zero3: DeepSpeedZeroOptimizer_Stage3, params: list[nn.Parameter]) -> None:
+    """All-gather the partitions of `params` that DeepSpeed released, in one collective, and mark them
+    available (DeepSpeed then skips them). Left to DeepSpeed with hierarchical partitioning (ZeRO++ hpZ),
+    quantized weights or mixed dtypes."""
+    stale = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if (not stale or zero3.zero_hpz_partition_size > 1 or len({p.ds_tensor.dtype for p in stale}) > 1
+            or any(hasattr(p.ds_tensor, "ds_quant_scale") for p in stale)):
+        return
+    device = deepspeed.get_accelerator().current_device_name()
+    group = zero3.dp_process_group
+    local = torch.cat([p.ds_tensor.data.view(-1).to(device) for p in stale])
+    gathered = torch.empty(dist.get_world_size(group=group) * local.numel(), dtype=local.dtype, device=device)
+    dist.all_gather_into_tensor(gathered, local, group=group)
+    by_rank = gathered.view(dist.get_world_size(group=group), -1)
+    offset = 0
+    for p in stale:
+        width = p.ds_tensor.ds_numel  # this rank's partition, padding included
+        p.data = by_rank[:, offset:offset + width].reshape(-1)[:p.ds_numel].view(p.ds_shape)  # a copy of its own
+        p.ds_status = ZeroParamStatus.AVAILABLE
+        offset += width
 
 
 def _all_reduce_over(group: Any):
