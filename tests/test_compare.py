@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from demo_runs import ZERO2, write_demo_run
 from molf_ds.compare import RunResult, gap_percent, summarise, write_report
-from molf_ds.train.demo import generate
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_report_arithmetic(tmp_path):
@@ -46,19 +45,9 @@ def compared(tmp_path_factory):
     from molf_ds.cli import main
 
     root = tmp_path_factory.mktemp("compare")
-    paths = generate(root / "demo", n_cases=32, seed=3)
-    raw = {
-        "model": {"name_or_path": str(paths["model"]), "tokenizer": str(paths["tokenizer"]),
-                  "attn_implementation": "eager"},
-        "method": "molf",
-        "molf": {"lora_ranks": [4], "lora_alphas": [8], "lora_dropout": 0.0},
-        "data": {"task": "fact", "train": str(paths["data"]), "max_length": 32},
-        "eval": {"data": str(paths["data"]), "max_samples": 8, "batch_size": 16},
-        "train": {"output_dir": str(root / "unused"), "max_steps": 3, "micro_batch_size": 4, "lr": 2e-3,
-                  "lora_lr": 2e-3, "scheduler": "constant"},
-        "deepspeed": str(REPO / "ds_configs" / "zero2.json"),
-    }
-    (root / "run.yaml").write_text(yaml.safe_dump(raw))
+    write_demo_run(root, eval_samples=8, deepspeed=ZERO2,
+                   train={"output_dir": str(root / "unused"), "max_steps": 3, "micro_batch_size": 4, "lr": 2e-3,
+                          "lora_lr": 2e-3, "scheduler": "constant"})
     code = main(["compare", str(root / "run.yaml"), "eval.max_samples=6", "--methods", "lora-rest,molf",
                  "--seeds", "1", "--output-dir", str(root / "cmp")])
     return root / "cmp", code

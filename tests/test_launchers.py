@@ -13,30 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+from demo_runs import REPO, ZERO2, write_demo_run
 from distributed import free_port
-from molf_ds.train.demo import generate
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
 def run_config(tmp_path_factory):
     root = tmp_path_factory.mktemp("launchers")
-    paths = generate(root / "demo", n_cases=16, seed=5)
-    raw = {
-        "model": {"name_or_path": str(paths["model"]), "tokenizer": str(paths["tokenizer"]),
-                  "attn_implementation": "eager"},
-        "method": "molf",
-        "molf": {"lora_ranks": [4], "lora_alphas": [8], "lora_dropout": 0.0},
-        "data": {"task": "fact", "train": str(paths["data"]), "max_length": 32},
-        "eval": {},
-        "train": {"max_steps": STEPS, "micro_batch_size": 2, "lr": 2e-3, "lora_lr": 1e-3, "scheduler": "constant",
-                  "save_steps": 0},
-    }
-    (root / "run.yaml").write_text(yaml.safe_dump(raw))
+    write_demo_run(root, n_cases=16, seed=5, eval={},
+                   train={"max_steps": STEPS, "micro_batch_size": 2, "lr": 2e-3, "lora_lr": 1e-3,
+                          "scheduler": "constant", "save_steps": 0})
     return root
 
 
@@ -46,7 +35,7 @@ def _run(root: Path, name: str, command: list[str], extra_env: dict | None = Non
            **(extra_env or {})}
     args = [str(root / "run.yaml"), f"train.output_dir={out}"]
     if "accelerate" not in name:  # accelerate launch passes its preset's DeepSpeed JSON
-        args.append(f"deepspeed={REPO / 'ds_configs' / 'zero2.json'}")
+        args.append(f"deepspeed={ZERO2}")
     done = subprocess.run(command + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, f"{name}: {done.stdout[-2000:]}{done.stderr[-4000:]}"
     return out / "routing.jsonl"
@@ -85,7 +74,7 @@ def test_two_nodes_without_ssh(run_config, reference):
     out = run_config / "two_nodes"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HOSTFILE": str(hostfile),
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    args = [str(run_config / "run.yaml"), f"train.output_dir={out}", f"deepspeed={REPO / 'ds_configs' / 'zero2.json'}"]
+    args = [str(run_config / "run.yaml"), f"train.output_dir={out}", f"deepspeed={ZERO2}"]
     nodes = [subprocess.Popen([str(REPO / "launch" / "deepspeed_node.sh"), *args], cwd=REPO,
                               env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for rank in (0, 1)]

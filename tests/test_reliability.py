@@ -15,13 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
+from demo_runs import REPO, ZERO2, write_demo_run
 from molf_ds.train.checkpoints import COMPLETE, to_universal
-from molf_ds.train.demo import generate
 
-REPO = Path(__file__).resolve().parents[1]
 FAULTS = Path(__file__).resolve().parent / "faults.py"
 STEPS = 8
 
@@ -29,19 +27,12 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
-    paths = generate(root / "demo", n_cases=32, seed=3)
-    raw = {
-        "model": {"name_or_path": str(paths["model"]), "tokenizer": str(paths["tokenizer"]),
-                  "attn_implementation": "eager"},
-        "method": "molf",
-        "molf": {"lora_ranks": [4], "lora_alphas": [8], "lora_dropout": 0.1},  # dropout: resume must replay it
-        "data": {"task": "fact", "train": str(paths["data"]), "max_length": 32},
-        "train": {"output_dir": str(root / "out"), "max_steps": STEPS, "micro_batch_size": 4,
-                  "gradient_accumulation_steps": 2, "lr": 2e-3, "lora_lr": 2e-3, "scheduler": "constant_with_warmup",
-                  "warmup_steps": 2, "save_steps": 2},
-        "deepspeed": str(REPO / "ds_configs" / "zero2.json"),
-    }
-    (root / "run.yaml").write_text(yaml.safe_dump(raw))
+    write_demo_run(
+        root, lora_dropout=0.1, deepspeed=ZERO2,  # dropout: resume must replay it
+        train={"output_dir": str(root / "out"), "max_steps": STEPS, "micro_batch_size": 4,
+               "gradient_accumulation_steps": 2, "lr": 2e-3, "lora_lr": 2e-3, "scheduler": "constant_with_warmup",
+               "warmup_steps": 2, "save_steps": 2},
+    )
     return root
 
 

@@ -16,31 +16,22 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from demo_runs import ZERO2, write_demo_run
 from distributed import spawn
 from molf_ds.train.checkpoints import COMPLETE
-from molf_ds.train.demo import generate
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("train-e2e")
-    paths = generate(root / "demo", n_cases=32, seed=3)
-    raw = {
-        "model": {"name_or_path": str(paths["model"]), "tokenizer": str(paths["tokenizer"]),
-                  "attn_implementation": "eager"},
-        "method": "molf",
-        "molf": {"lora_ranks": [4], "lora_alphas": [8], "lora_dropout": 0.1},  # dropout: resume must replay it
-        "data": {"task": "fact", "train": str(paths["data"]), "max_length": 32},
-        "eval": {"data": str(paths["data"]), "max_samples": 8, "batch_size": 16},
-        "train": {"output_dir": str(root / "out"), "max_steps": STEPS, "micro_batch_size": 4,
-                  "gradient_accumulation_steps": 2, "lr": 2e-3, "lora_lr": 2e-3, "scheduler": "constant_with_warmup",
-                  "warmup_steps": 2, "save_steps": 4},
-        "deepspeed": str(REPO / "ds_configs" / "zero2.json"),
-    }
-    (root / "run.yaml").write_text(yaml.safe_dump(raw))
+    raw = write_demo_run(
+        root, lora_dropout=0.1, eval_samples=8, deepspeed=ZERO2,  # dropout: resume must replay it
+        train={"output_dir": str(root / "out"), "max_steps": STEPS, "micro_batch_size": 4,
+               "gradient_accumulation_steps": 2, "lr": 2e-3, "lora_lr": 2e-3, "scheduler": "constant_with_warmup",
+               "warmup_steps": 2, "save_steps": 4},
+    )
     return root, raw
 
 

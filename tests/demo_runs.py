@@ -1,0 +1,32 @@
+"""The `molf-ds train` run config the end-to-end tests start from: the generated demo task and tiny model,
+MoLF r=4 on ZeRO-2 unless a test says otherwise."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from molf_ds.train.demo import generate
+
+REPO = Path(__file__).resolve().parents[1]
+ZERO2 = str(REPO / "ds_configs" / "zero2.json")
+
+
+def write_demo_run(root: Path, *, n_cases: int = 32, seed: int = 3, lora_dropout: float = 0.0,
+                   eval_samples: int | None = None, **sections: Any) -> dict[str, Any]:
+    """Generate the demo under root/demo and write root/run.yaml; `sections` (train, eval, deepspeed, ...) are
+    added as given; `eval_samples` evaluates on the training facts. Returns the config."""
+    paths = generate(root / "demo", n_cases=n_cases, seed=seed)
+    raw: dict[str, Any] = {
+        "model": {"name_or_path": str(paths["model"]), "tokenizer": str(paths["tokenizer"]),
+                  "attn_implementation": "eager"},
+        "method": "molf",
+        "molf": {"lora_ranks": [4], "lora_alphas": [8], "lora_dropout": lora_dropout},
+        "data": {"task": "fact", "train": str(paths["data"]), "max_length": 32},
+    }
+    if eval_samples is not None:
+        raw["eval"] = {"data": str(paths["data"]), "max_samples": eval_samples, "batch_size": 16}
+    raw.update(sections)
+    (root / "run.yaml").write_text(yaml.safe_dump(raw))
+    return raw
