@@ -144,10 +144,11 @@ def _gather_coalesced(zero3: DeepSpeedZeroOptimizer_Stage3, params: list[nn.Para
         return
     device = deepspeed.get_accelerator().current_device_name()
     group = zero3.dp_process_group
+    world = dist.get_world_size(group=group)
     local = torch.cat([p.ds_tensor.data.view(-1).to(device) for p in stale])
-    gathered = torch.empty(dist.get_world_size(group=group) * local.numel(), dtype=local.dtype, device=device)
+    gathered = torch.empty(world * local.numel(), dtype=local.dtype, device=device)
     dist.all_gather_into_tensor(gathered, local, group=group)
-    by_rank = gathered.view(dist.get_world_size(group=group), -1)
+    by_rank = gathered.view(world, -1)
     offset = 0
     for p in stale:
         width = p.ds_tensor.ds_numel  # this rank's partition, padding included

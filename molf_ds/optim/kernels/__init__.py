@@ -34,8 +34,7 @@ from . import cpp_impl, torch_impl
 
 __all__ = [
     "ScoreSums", "SegmentTable", "adamw_step", "adamw_step_multi", "adamw_update_ranges", "backend", "cpp_enabled",
-    "dropout_zero",
-    "moments_and_scores", "moments_and_scores_multi", "route", "update_winners_multi",
+    "dropout_zero", "moments_and_scores", "moments_and_scores_multi", "route", "update_winners_multi",
 ]
 
 ENV_VAR = "MOLF_DS_KERNEL"
