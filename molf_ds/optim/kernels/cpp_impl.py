@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "molf_cpu_adam.cpp"
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-mprefer-vector-width=512"]
@@ -48,117 +49,30 @@ def load() -> bool:
     return True
 
 
-def moments_and_scores(
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    beta1: float,
-    beta2: float,
-    offsets: torch.Tensor,
-    lengths: torch.Tensor,
-    score: str,
-    eps_s: float = 1e-8,
-) -> torch.Tensor:
+
+# The ops take the public functions' arguments in the same order, except that the score name ("epd" / "pfn")
+# becomes a flag; every other function of the backend interface is the op itself (see __getattr__).
+def moments_and_scores(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float, offsets: Tensor,
+                       lengths: Tensor, score: str, eps_s: float = 1e-8) -> Tensor:
     return torch.ops.molf_cpu_adam.moments_and_scores(
-        grad, exp_avg, exp_avg_sq, beta1, beta2, offsets, lengths, score == "pfn", eps_s
-    )
+        grad, exp_avg, exp_avg_sq, beta1, beta2, offsets, lengths, score == "pfn", eps_s)
 
 
-def adamw_update_ranges(
-    param: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    offsets: torch.Tensor,
-    lengths: torch.Tensor,
-    lr: float,
-    weight_decay: float,
-    bias_correction1: float,
-    bias_correction2: float,
-    eps: float,
-) -> None:
-    torch.ops.molf_cpu_adam.adamw_update_ranges(
-        param, exp_avg, exp_avg_sq, offsets, lengths,
-        lr, weight_decay, bias_correction1, bias_correction2, eps,
-    )
-
-
-def adamw_step(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    bias_correction1: float,
-    bias_correction2: float,
-) -> None:
-    torch.ops.molf_cpu_adam.adamw_step(
-        param, grad, exp_avg, exp_avg_sq,
-        lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2,
-    )
-
-
-def moments_and_scores_multi(
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    table: torch.Tensor,
-    scale: torch.Tensor,
-    sums: torch.Tensor,
-    took_part: torch.Tensor,
-    beta1: float,
-    beta2: float,
-    score: str,
-    eps_s: float = 1e-8,
-) -> None:
+def moments_and_scores_multi(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], table: Tensor,
+                             scale: Tensor, sums: Tensor, took_part: Tensor, beta1: float, beta2: float, score: str,
+                             eps_s: float = 1e-8) -> None:
     torch.ops.molf_cpu_adam.moments_and_scores_multi(
-        grads, exp_avgs, exp_avg_sqs, table, scale, sums, took_part, beta1, beta2, score == "pfn", eps_s
-    )
+        grads, exp_avgs, exp_avg_sqs, table, scale, sums, took_part, beta1, beta2, score == "pfn", eps_s)
 
 
-def update_winners_multi(
-    params: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    table: torch.Tensor,
-    winners: torch.Tensor,
-    lrs: torch.Tensor,
-    weight_decays: torch.Tensor,
-    bias_correction1: float,
-    bias_correction2: float,
-    eps: float,
-) -> int:
-    return torch.ops.molf_cpu_adam.update_winners_multi(
-        params, exp_avgs, exp_avg_sqs, table, winners, lrs, weight_decays, bias_correction1, bias_correction2, eps
-    )
-
-
-def adamw_step_multi(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    bias_correction1: float,
-    bias_correction2: float,
-) -> None:
-    torch.ops.molf_cpu_adam.adamw_step_multi(
-        params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2
-    )
-
-
-def route(
-    sums: torch.Tensor, sizes: torch.Tensor, took_part: torch.Tensor, n_experts: int, top_k: int, score: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+def route(sums: Tensor, sizes: Tensor, took_part: Tensor, n_experts: int, top_k: int, score: str
+          ) -> tuple[Tensor, Tensor]:
     return torch.ops.molf_cpu_adam.route(sums, sizes, took_part, n_experts, top_k, score == "pfn")
 
 
-def dropout_zero(x: torch.Tensor, seed: int, keep_prob: float) -> torch.Tensor:
-    return torch.ops.molf_cpu_adam.dropout_zero(x, seed, keep_prob)
+def __getattr__(name: str):
+    """adamw_update_ranges, adamw_step, update_winners_multi, adamw_step_multi, dropout_zero: the ops as they
+    are (typed and checked in molf_ds.optim.kernels, the only caller)."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return getattr(torch.ops.molf_cpu_adam, name)
