@@ -4,7 +4,8 @@ One flat fp32 parameter of --numel elements, one thread and all threads, median 
 min) wall time of a step over --repeats; methods alternate within each repeat, so a
 change of load on the machine hits all of them alike. GB/s counts the bytes each method
 must move: grad read, m and v read+write, param read+write where written; the MoLF
-winner update reads m and v a second time.
+winner update reads m and v a second time, the speculative one-pass step writes a backup
+of the weights instead.
 
     python benchmarks/cpu_kernel.py --numel 20000000 --out bench_results/cpu_kernel.json
 """
@@ -31,6 +32,7 @@ SEGMENT = 1 << 20
 BYTES_FULL = 4 + 8 + 8 + 8  # grad r, m rw, v rw, param rw
 BYTES_SCORE = 4 + 8 + 8  # moments + scores: grad r, m rw, v rw
 BYTES_UPDATE = 4 + 4 + 8  # winner update: m r, v r, param rw
+BYTES_SPECULATIVE = BYTES_SCORE + 8 + 4  # one pass: + param rw, backup w (streamed, no read for ownership)
 
 Step = Callable[[], None]
 
@@ -80,6 +82,28 @@ def _molf(impl: ModuleType, numel: int, winners: bool) -> Step:
     return _manual(numel, update)
 
 
+def _molf_speculative(numel: int) -> Step:
+    """The one-pass step with every guess right: moments, scores and the update of every segment, old weights into
+    a backup (`speculative_update`); settle_multi then has nothing to do."""
+    from molf_ds.optim import kernels
+
+    offsets = range(0, numel, SEGMENT)
+    table = kernels.SegmentTable([(0, o, min(SEGMENT, numel - o), cell, 0) for cell, o in enumerate(offsets)],
+                                 [numel])
+    cells = len(table.rows)
+    everywhere = torch.ones(cells, dtype=torch.bool)
+    lrs, wds, scale = (torch.tensor([x], dtype=torch.float64) for x in (LR, WD, 1.0))
+    backup = torch.empty(numel)
+
+    def update(p, m, v, bc1: float, bc2: float) -> None:
+        sums = kernels.ScoreSums(cells)
+        kernels.moments_scores_speculate_multi([p], [p.grad], [m], [v], [backup], table, scale, sums, everywhere, lrs,
+                                               wds, *BETAS, bc1, bc2, EPS, "epd")
+        kernels.settle_multi([p], [m], [v], [backup], table, everywhere, everywhere, lrs, wds, bc1, bc2, EPS)
+
+    return _manual(numel, update)
+
+
 def _cpp_adamw_step(numel: int) -> Step:
     def update(p, m, v, bc1: float, bc2: float) -> None:
         cpp_impl.adamw_step(p, p.grad, m, v, LR, *BETAS, EPS, WD, bc1, bc2)
@@ -95,6 +119,7 @@ def _methods(numel: int) -> dict[str, tuple[Callable[[], Step], int]]:
         "torch_adamw_foreach": (lambda: _torch_adamw(numel, foreach=True), BYTES_FULL),
         "molf_cpp_all_winners": (lambda: _molf(cpp_impl, numel, True), BYTES_SCORE + BYTES_UPDATE),
         "molf_cpp_no_winner": (lambda: _molf(cpp_impl, numel, False), BYTES_SCORE),
+        "molf_cpp_speculative": (lambda: _molf_speculative(numel), BYTES_SPECULATIVE),
         "molf_torch_all_winners": (lambda: _molf(torch_impl, numel, True), BYTES_SCORE + BYTES_UPDATE),
         "molf_cpp_adamw_step": (lambda: _cpp_adamw_step(numel), BYTES_FULL),
     }

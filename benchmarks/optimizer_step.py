@@ -6,7 +6,9 @@ For ZeRO-2 and ZeRO-2 + CPU optimizer offload, 2 ranks (gloo, one thread each), 
   each expert's lr, so `lora_lr = lr / 1000` makes `full` win every module and `lora_lr = lr * 1000` makes
   LoRA win every module (the measured routing shares are printed and checked);
 - `ds-adamw`: the same wrapped model, the same param groups, with DeepSpeed's own AdamW from an `optimizer`
-  block: FusedAdam (its CPU build runs DeepSpeed's cpu_adam code), DeepSpeedCPUAdam under offload.
+  block: FusedAdam (its CPU build runs DeepSpeed's cpu_adam code), DeepSpeedCPUAdam under offload;
+each twice: MoLF's two-pass step (default) and `speculative_update: true` (one pass while routing keeps its
+winners, +4 bytes per MoLF element), each run with its own DeepSpeed baseline.
 Reported, per stage and routing: median engine.step() time (what a training step pays for the optimizer step,
 DeepSpeed's gathers and norms included) and the basic optimizer's own step on the same flat tensors (isolated:
 interleaved with DeepSpeedCPUAdam and torch fused AdamW on tensors of the same sizes, caches flushed), and
@@ -29,6 +31,7 @@ from molf_ds.bench.models import hidden_size
 
 TARGETS = {"full": "<= 1.3", "lora": "< 1.0"}
 ROUTINGS = {"full": 1e-3, "lora": 1e3}  # lora_lr / lr
+STEPS = {"two-pass": False, "speculative": True}  # MoLFConfig.speculative_update
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -38,10 +41,13 @@ def measure(args: argparse.Namespace) -> dict:
     cells = cells_for([2], ["none", "cpu"], ["molf", "ds-adamw"])
     runs = {}
     for routing, factor in ROUTINGS.items():
-        settings = replace(base, lr=args.lr, lora_lr=args.lr * factor)
-        runs[routing] = run_bench(settings, cells, world=2, shared_process=True, progress=not args.no_progress)
+        for step, speculative in STEPS.items():
+            settings = replace(base, lr=args.lr, lora_lr=args.lr * factor, speculative_update=speculative)
+            runs[f"{routing}/{step}"] = run_bench(settings, cells, world=2, shared_process=True,
+                                                  progress=not args.no_progress)
     rows = []
-    for routing, report in runs.items():
+    for name, report in runs.items():
+        routing, step = name.split("/")
         by = {(r["stage"], r["offload"], r["method"]): r for r in report["rows"]}
         for stage, offload in ((2, False), (2, True)):
             molf, ds = by[(stage, offload, "molf")], by[(stage, offload, "ds-adamw")]
@@ -51,7 +57,8 @@ def measure(args: argparse.Namespace) -> dict:
             shares = molf["routing_shares"]
             expert = "full" if routing == "full" else "lora0"
             rows.append({
-                "stage": stage, "offload": offload, "routing": routing, "lora_lr_over_lr": ROUTINGS[routing],
+                "stage": stage, "offload": offload, "routing": routing, "step": step,
+                "lora_lr_over_lr": ROUTINGS[routing],
                 "routing_shares": shares, "isolated_routing_shares": molf.get("isolated_routing_shares"),
                 "forced": shares[expert] == 1.0 and molf.get("isolated_routing_shares", shares)[expert] == 1.0,
                 "deepspeed_optimizer": ds["optimizer"],
@@ -77,7 +84,7 @@ def measure(args: argparse.Namespace) -> dict:
 def table(rows: list[dict]) -> str:
     """A markdown table: ratios of wall-time medians, then (in parentheses) of the fastest steps and of the
     median CPU time (blind to other processes on the cores)."""
-    head = ["mode", "routing (shares)", "DeepSpeed optimizer", "engine.step ms MoLF / DS", "ratio (min, CPU)",
+    head = ["mode", "routing (shares)", "MoLF step", "DeepSpeed optimizer", "engine.step ms MoLF / DS", "ratio (min, CPU)",
             "optimizer step ms MoLF / DS", "ratio (min, CPU)", "x best AdamW (min, CPU)", "target"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -85,7 +92,7 @@ def table(rows: list[dict]) -> str:
         shares = ", ".join(f"{e} {v:.2f}" for e, v in r["routing_shares"].items())
         e, i = r["engine_step_ms"], r["isolated_ms"]
         lines.append("| " + " | ".join([
-            mode, f"{r['routing']} ({shares})", r["deepspeed_optimizer"], f"{e['molf']:.1f} / {e['deepspeed']:.1f}",
+            mode, f"{r['routing']} ({shares})", r["step"], r["deepspeed_optimizer"], f"{e['molf']:.1f} / {e['deepspeed']:.1f}",
             f"{r['engine_step_ratio']:.2f} ({r['engine_step_ratio_min']:.2f}, {r['engine_step_ratio_cpu']:.2f})",
             f"{i['molf']:.2f} / {i['deepspeed']:.2f}",
             f"{r['isolated_ratio']:.2f} ({r['isolated_ratio_min']:.2f}, {r['isolated_ratio_cpu']:.2f})",

@@ -35,6 +35,9 @@ class MoLFConfig:
     betas: Sequence[float] = (0.9, 0.999)
     eps: float = 1e-8
     log_every: int = field(default=1)
+    # One pass over optimizer memory instead of two where routing keeps last step's winners (C++ CPU kernel: CPU
+    # training and optimizer offload), for a backup of 4 bytes per MoLF parameter element; exact either way.
+    speculative_update: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -87,6 +90,8 @@ class MoLFConfig:
             raise ValueError("MoLFConfig.target_modules is empty: name at least one linear layer, e.g. ['q_proj']")
         if not isinstance(self.log_every, int) or self.log_every < 1:
             raise ValueError(f"MoLFConfig.log_every={self.log_every!r} must be an integer >= 1")
+        if not isinstance(self.speculative_update, bool):
+            raise ValueError(f"MoLFConfig.speculative_update={self.speculative_update!r} must be true or false")
 
     @property
     def trains_base(self) -> bool:

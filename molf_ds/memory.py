@@ -5,6 +5,8 @@ conventions follow DeepSpeed's own estimators for mixed-precision Adam: 2 bytes 
 and per trainable parameter 2 (16-bit grad) + 4 (fp32 grad) + 4 (fp32 master) + 8 (two moments).
 Under ZeRO-3, MoLF's LoRA experts are kept resident (replicated) on every GPU. (DeepSpeed's ZeRO-3
 estimator counts 2 bytes less per parameter than its ZeRO-2 one; we count the fp32 gradient whole.)
+`speculative_update` adds a 4-byte backup per MoLF trainable parameter beside the offloaded optimizer states
+(it runs in the CPU kernel only, so without optimizer offload it costs nothing on the GPU).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ BUNDLED = Path(__file__).parent / "model_configs"
 METHODS = ("fft", "lora", "molf", "molf-e")
 DEFAULT_RANKS = {"lora": (128,), "molf": (128,), "molf-e": (32, 128)}
 GRAD16, STATES32 = 2, 16  # bytes per trainable parameter: 16-bit grad; fp32 grad + master + m + v
+BACKUP32 = 4  # bytes per MoLF trainable parameter with speculative_update (CPU optimizer)
 GIB = 2**30
 
 
@@ -69,7 +72,7 @@ def count(config, targets: tuple[str, ...] = DEFAULT_TARGETS) -> ModelCounts:
 
 def estimate(
     counts: ModelCounts, method: str, ranks: tuple[int, ...], stage: int, offload_optimizer: bool,
-    offload_param: bool, gpus_per_node: int, nodes: int,
+    offload_param: bool, gpus_per_node: int, nodes: int, speculative_update: bool = False,
 ) -> Estimate:
     n = gpus_per_node * nodes
     lora = counts.lora_per_rank * sum(ranks) if method != "fft" else 0
@@ -84,6 +87,8 @@ def estimate(
     gpu, cpu = weights + grads + states, 0.0
     if offload_optimizer:  # grads stream to the CPU's fp32 buffers as they are reduced
         gpu, cpu = gpu - states - grads, cpu + states * gpus_per_node
+        if speculative_update and method in ("molf", "molf-e"):
+            cpu += BACKUP32 * trainable / (n if stage >= 1 else 1) * gpus_per_node
     if offload_param:
         moved = 2 * (trainable + frozen - resident) / n
         gpu, cpu = gpu - moved, cpu + moved * gpus_per_node
@@ -115,6 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload-param", action="store_true", help="offload_param: cpu (stage 3)")
     parser.add_argument("--gpus-per-node", type=int, default=1)
     parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--speculative-update", action="store_true",
+                        help="MoLF's speculative_update: a 4-byte backup per MoLF parameter (with --offload-optimizer)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -125,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
     methods = METHODS if args.method == "all" else (args.method,)
     ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else None
     setup = (args.stage, args.offload_optimizer, args.offload_param, args.gpus_per_node, args.nodes)
-    rows = [estimate(counts, m, ranks or DEFAULT_RANKS.get(m, (0,)), *setup) for m in methods]
+    rows = [estimate(counts, m, ranks or DEFAULT_RANKS.get(m, (0,)), *setup, speculative_update=args.speculative_update)
+            for m in methods]
     deepspeed_row = deepspeed_fft_estimate(counts, *setup)
     if args.json:
         print(json.dumps({"counts": asdict(counts), "estimates": [asdict(r) for r in rows],

@@ -53,3 +53,12 @@ def test_local_config_and_bad_name(tiny, tmp_path):
     assert count(load_config(str(tmp_path / "gemma"))).lora_per_rank > 0
     with pytest.raises(ValueError, match=r"neither a bundled architecture \['gemma-3-1b'"):
         load_config("qwen-9000")
+
+
+def test_speculative_update_backup_lands_on_the_cpu_only(qwen3b):
+    plain = estimate(qwen3b, "molf", (128,), 2, True, False, 4, 2)
+    spec = estimate(qwen3b, "molf", (128,), 2, True, False, 4, 2, speculative_update=True)
+    assert spec.gpu_bytes == plain.gpu_bytes
+    assert spec.cpu_bytes_per_node - plain.cpu_bytes_per_node == pytest.approx(4 * plain.trainable / 8 * 4, abs=4)
+    on_gpu = [estimate(qwen3b, "molf", (128,), 2, False, False, 1, 1, speculative_update=s) for s in (False, True)]
+    assert on_gpu[0] == on_gpu[1]  # no CPU optimizer, no speculative step

@@ -27,6 +27,7 @@ RUNS = {
     "zero3": {"ds": zero3(), "baseline_ds": prepare_ds_config(zero3()), "save_merged": True},
     "zero3_subgroups": {"ds": zero3(sub_group_size=1000)},
     "zero3_offload": {"ds": zero3(**OFFLOAD), "save_merged": True},
+    "zero3_offload_speculative": {"ds": zero3(**OFFLOAD), "molf": {"speculative_update": True}},
     "zero3_loaded_partitioned": {"ds": zero3(), "zero_init": True},
     "zero3_clipped": {"ds": {**zero3(sub_group_size=4000), "gradient_clipping": CLIP}},
     "zero3_molf_e": {"ds": zero3(), "molf": dict(variant="molf-e", lora_ranks=(4, 8), lora_alphas=(16.0, 16.0),
@@ -53,6 +54,13 @@ def test_zero3_reproduces_reference(runs, run):
     references, ranks, root = runs
     reference = references[RUNS[run]["ds"]["gradient_clipping"]]
     assert_reproduces(reference, [rank[run] for rank in ranks], run, root)
+
+
+def test_speculative_update_took_its_one_pass_path(runs):
+    for rank in runs[1]:
+        counts = rank["zero3_offload_speculative"]["step_elements"]
+        assert counts[0]["speculative"] == 0 and all(c["speculative"] > 0 for c in counts[1:])
+        assert any(c["restore"] for c in counts) and any(c["update"] for c in counts[1:])  # winners moved
 
 
 def test_subgroups_and_partitioned_loading_really_happened(runs):

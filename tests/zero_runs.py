@@ -65,7 +65,7 @@ def deepspeed_worker(rank: int, world: int, model_dir: str, molf: dict, runs: di
         cells = sorted({c for layout in optimizer.layouts.layouts.values() for c in layout.cells.tolist()}) \
             if hasattr(optimizer.layouts, "layouts") else None
         record: dict[str, Any] = {"winners": [], "scores": [], "losses": [], "collectives": [], "cells": cells,
-                                  "built_partitioned": partitioned}
+                                  "built_partitioned": partitioned, "step_elements": []}
         for step, ids in enumerate(batches):
             if step == run.get("resume_at"):  # a new engine on a fresh model, from the checkpoint
                 molf_ds.save_checkpoint(engine, Path(out) / f"{name}.ckpt", tag="mid")
@@ -90,6 +90,7 @@ def deepspeed_worker(rank: int, world: int, model_dir: str, molf: dict, runs: di
             record["losses"].append(loss.item())
             record["winners"].append(optimizer.last_winners.clone())
             record["scores"].append(optimizer.last_scores.clone())
+            record["step_elements"].append(dict(optimizer.last_step_elements))
         record["resident"] = _residency(engine.module)
         record["merged"] = {k: v.float() for k, v in molf_ds.merged_state_dict(engine.module).items()}
         if run.get("save_merged"):

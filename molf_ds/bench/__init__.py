@@ -62,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fft/lora optimizer without offload (with offload: DeepSpeedCPUAdam)")
     parser.add_argument("--reference-repeats", type=int, default=10)
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--speculative-update", action="store_true",
+                        help="MoLF's one-pass optimizer step (CPU kernel; +4 bytes per MoLF parameter element)")
     parser.add_argument("--shared-process", action="store_true",
                         help="run every cell in the same ranks (faster start; peak memory then is not per cell)")
     parser.add_argument("--out", type=Path, default=None, help="directory for bench.json and bench.md")
@@ -82,6 +84,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         molf_ranks=args.molf_ranks or molf, molf_e_ranks=args.molf_e_ranks or molf_e,
         lora_dropout=args.lora_dropout, lr=args.lr, lora_lr=args.lora_lr, baseline_optimizer=args.baseline_optimizer,
         reference_repeats=args.reference_repeats, activation_checkpointing=args.activation_checkpointing,
+        speculative_update=args.speculative_update,
     )
 
 

@@ -46,6 +46,7 @@ class Settings:
     baseline_optimizer: str = "torch-fused"
     reference_repeats: int = 10  # steps of the plain AdamW references on the optimizer's flat tensors
     activation_checkpointing: bool = False
+    speculative_update: bool = False  # MoLFConfig.speculative_update for molf / molf-e
     seed: int = 0
     extra_ds: dict[str, Any] = field(default_factory=dict)  # merged into zero_optimization
 
@@ -83,7 +84,7 @@ def molf_config(s: Settings, method: str) -> MoLFConfig:
     variant = "molf-e" if method == "molf-e" else "molf"
     ranks = s.molf_e_ranks if variant == "molf-e" else s.molf_ranks
     return MoLFConfig(variant=variant, lora_ranks=ranks, lora_alphas=[s.alpha] * len(ranks),
-                      lora_dropout=s.lora_dropout, lr=s.lr, lora_lr=s.lora_lr)
+                      lora_dropout=s.lora_dropout, lr=s.lr, lora_lr=s.lora_lr, speculative_update=s.speculative_update)
 
 
 def _is_target(name: str) -> bool:

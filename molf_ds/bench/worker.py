@@ -105,11 +105,13 @@ def _flat_groups(engine: Any) -> list[tuple[int, torch.Tensor]]:
 def optimizer_bytes(engine: Any) -> int:
     """Bytes the basic optimizer read and wrote in its last step (fp32 states): AdamW 28 per element (grad, m, v,
     p read; m, v, p written); MoLF 20 per element of its moments+scores pass (grad, m, v read; m, v written),
-    16 per element of its winners' update (m, v, p read; p written), 28 per element of plain AdamW tensors."""
+    12 more where that pass also updates (p read and written, backup written), 16 per element of its winners'
+    update (m, v, p read; p written), 8 per element restored from the backup, 28 per plain AdamW element."""
     optimizer = engine.basic_optimizer
     counts = getattr(optimizer, "last_step_elements", None)
     if counts is not None:
-        return 20 * counts["moments"] + 16 * counts["update"] + 28 * counts["adamw"]
+        return (20 * counts["moments"] + 12 * counts["speculative"] + 16 * counts["update"] + 8 * counts["restore"]
+                + 28 * counts["adamw"])
     return 28 * sum(flat.numel() for _, flat in _flat_groups(engine))
 
 

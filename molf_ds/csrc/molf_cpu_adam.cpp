@@ -7,6 +7,9 @@
 //   adamw_step:          plain fused AdamW over the whole tensor.
 //   dropout_zero:        zero the elements a (seed, index) hash drops; kept ones unscaled (the
 //                        experts' input dropout: no stored mask, backward regenerates it).
+//   *_multi:             one call per param group and step; moments_scores_speculate_multi also
+//                        updates the rows of presumed winners in the scoring pass (old values kept in
+//                        a backup) and settle_multi restores or updates the rows routing disagreed on.
 //
 // Work is split on a fixed grid of kChunk elements, so every partial sum covers the
 // same elements in the same order whatever the thread count: results are deterministic.
@@ -18,12 +21,16 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 #include <torch/library.h>
 
 #include <algorithm>
 #include <tuple>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -156,15 +163,35 @@ inline void prefetch_ahead(int64_t i, int64_t n, const T*... streams) {
 
 // Calls body(i, lane) for every i in [0, n), lane = i % kBlock: vectorised blocks of
 // kBlock elements with software prefetch of the streams, then a scalar tail.
-template <typename Body, typename... T>
-inline void for_each_elem(int64_t n, Body body, const T*... streams) {
+// before(i, len) runs ahead of each block or tail of len elements starting at i.
+template <typename Before, typename Body, typename... T>
+inline void for_each_elem_after(int64_t n, Before before, Body body, const T*... streams) {
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
     prefetch_ahead(i, n, streams...);
+    before(i, kBlock);
 #pragma omp simd
     for (int64_t lane = 0; lane < kBlock; ++lane) body(i + lane, lane);
   }
+  before(i, n - i);
   for (int64_t lane = 0; i + lane < n; ++lane) body(i + lane, lane);
+}
+
+template <typename Body, typename... T>
+inline void for_each_elem(int64_t n, Body body, const T*... streams) {
+  for_each_elem_after(n, [](int64_t, int64_t) {}, body, streams...);
+}
+
+// dst[0, len) = src[0, len). Whole 64-byte lines of dst go out as non-temporal stores: the backup is written
+// once and read again only when routing disagrees, so it should neither be read for ownership nor stay cached.
+inline void copy_streaming(float* __restrict__ dst, const float* __restrict__ src, int64_t len) {
+  int64_t k = 0;
+#ifdef __AVX512F__
+  if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
+    for (; k + kLineFloats <= len; k += kLineFloats) _mm512_stream_ps(dst + k, _mm512_loadu_ps(src + k));
+  }
+#endif
+  for (; k < len; ++k) dst[k] = src[k];
 }
 
 void update_moments(const float* g, float* m, float* v, int64_t n, Moments c) {
@@ -195,6 +222,32 @@ double update_moments_scored(const float* g, float* m, float* v, int64_t n, Mome
         acc[lane] += static_cast<double>(score<kPfn>(mi, vi, eps_s));
       },
       g, m, v);
+  double total = 0.0;
+  for (double a : acc) total += a;
+  return total;
+}
+
+// update_moments_scored fused with the AdamW update of p (old p kept in backup): the same lanes, the same
+// sums, and the same p as update_params after it.
+template <bool kPfn>
+double update_all_scored(float* p, float* backup, const float* g, float* m, float* v, int64_t n, Moments c,
+                         Update u, float eps_s) {
+  double acc[kBlock] = {};
+  for_each_elem_after(
+      n, [&](int64_t i, int64_t len) { copy_streaming(backup + i, p + i, len); },
+      [&](int64_t i, int64_t lane) {
+        const float gi = g[i];
+        const float mi = c.m(gi, m[i]);
+        const float vi = c.v(gi, v[i]);
+        m[i] = mi;
+        v[i] = vi;
+        acc[lane] += static_cast<double>(score<kPfn>(mi, vi, eps_s));
+        p[i] = u.p(p[i], mi, vi);
+      },
+      p, g, m, v);
+#ifdef __AVX512F__
+  _mm_sfence();  // the streamed backup is complete before anyone reads it
+#endif
   double total = 0.0;
   for (double a : acc) total += a;
   return total;
@@ -385,45 +438,83 @@ std::vector<MultiPiece> multi_pieces(const std::vector<Row>& rows, at::TensorLis
   return out;
 }
 
+std::vector<Update> kind_updates(const at::Tensor& lrs, const at::Tensor& weight_decays, double bias_correction1,
+                                 double bias_correction2, double eps) {
+  TORCH_CHECK(lrs.device().is_cpu() && lrs.scalar_type() == at::kDouble && lrs.is_contiguous() &&
+                  weight_decays.device().is_cpu() && weight_decays.scalar_type() == at::kDouble &&
+                  weight_decays.is_contiguous() && lrs.numel() == weight_decays.numel(),
+              "lrs and weight_decays must be contiguous float64 CPU tensors, one value per kind");
+  std::vector<Update> updates;
+  for (int64_t k = 0; k < lrs.numel(); ++k) {
+    updates.emplace_back(lrs.data_ptr<double>()[k], weight_decays.data_ptr<double>()[k], bias_correction1,
+                         bias_correction2, eps);
+  }
+  return updates;
+}
+
+const bool* cell_mask(const at::Tensor& mask, int64_t n_cells, const char* name) {
+  TORCH_CHECK(mask.device().is_cpu() && mask.scalar_type() == at::kBool && mask.dim() == 1 && mask.is_contiguous() &&
+                  mask.numel() == n_cells,
+              name, " must be a contiguous 1-D bool CPU tensor, one value per cell");
+  return mask.data_ptr<bool>();
+}
+
+std::vector<float*> data_of(at::TensorList list) {
+  std::vector<float*> out(list.size());
+  for (size_t t = 0; t < list.size(); ++t) out[t] = list[t].data_ptr<float>();
+  return out;
+}
+
+// The rows of presumed winners, updated inside the scoring pass (old values into backups).
+struct Speculation {
+  std::vector<float*> params, backups;
+  const bool* presumed;
+  std::vector<Update> updates;  // per kind
+};
+
 // Moments of every tensor, and per segment the score sum times scale[kind], added into
-// sums[cell] (float64) in row order; took_part[cell] is set for every row.
-void moments_and_scores_multi(at::TensorList grads, at::TensorList exp_avgs,
-                              at::TensorList exp_avg_sqs, const at::Tensor& table,
-                              const at::Tensor& scale, at::Tensor& sums, at::Tensor& took_part,
-                              double beta1, double beta2, bool pfn, double eps_s) {
+// sums[cell] (float64) in row order; took_part[cell] is set for every row. With `spec`, rows of presumed
+// cells are also updated; returns the number of elements updated.
+int64_t score_multi(at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    const at::Tensor& table, const at::Tensor& scale, at::Tensor& sums, at::Tensor& took_part,
+                    double beta1, double beta2, bool pfn, double eps_s, const Speculation* spec) {
   for (const auto& g : grads) check_flat(g, g, "grad");
   check_list(exp_avgs, grads, "exp_avg");
   check_list(exp_avg_sqs, grads, "exp_avg_sq");
   TORCH_CHECK(sums.device().is_cpu() && sums.scalar_type() == at::kDouble && sums.dim() == 1 &&
                   sums.is_contiguous(),
               "sums must be a contiguous 1-D float64 CPU tensor");
-  TORCH_CHECK(took_part.device().is_cpu() && took_part.scalar_type() == at::kBool &&
-                  took_part.numel() == sums.numel() && took_part.is_contiguous(),
-              "took_part must be a contiguous bool CPU tensor as large as sums");
+  cell_mask(took_part, sums.numel(), "took_part");
   TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kDouble && scale.dim() == 1 &&
                   scale.is_contiguous(),
               "scale must be a contiguous 1-D float64 CPU tensor (one value per kind)");
   const std::vector<Row> rows = read_table(table, grads, sums.numel(), scale.numel());
+  TORCH_CHECK(!spec || static_cast<int64_t>(spec->updates.size()) == scale.numel(),
+              "lrs and weight_decays must hold one value per kind, as scale does");
   const std::vector<MultiPiece> pieces =
       multi_pieces(rows, grads, /*with_gaps=*/true, [](const Row&) { return true; });
   std::vector<double> partial(pieces.size(), 0.0);
   std::vector<const float*> g(grads.size());
-  std::vector<float*> m(grads.size()), v(grads.size());
-  for (size_t t = 0; t < grads.size(); ++t) {
-    g[t] = grads[t].data_ptr<float>();
-    m[t] = exp_avgs[t].data_ptr<float>();
-    v[t] = exp_avg_sqs[t].data_ptr<float>();
-  }
+  for (size_t t = 0; t < grads.size(); ++t) g[t] = grads[t].data_ptr<float>();
+  const std::vector<float*> m = data_of(exp_avgs), v = data_of(exp_avg_sqs);
   const Moments c(beta1, beta2);
   const float es = static_cast<float>(eps_s);
   const int64_t np = static_cast<int64_t>(pieces.size());
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads())
+  int64_t updated = 0;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads()) reduction(+ : updated)
   for (int64_t k = 0; k < np; ++k) {
     const MultiPiece& pc = pieces[k];
     const int64_t s = pc.start;
     const size_t t = static_cast<size_t>(pc.tensor);
     if (pc.row < 0) {
       update_moments(g[t] + s, m[t] + s, v[t] + s, pc.len, c);
+    } else if (spec && spec->presumed[rows[pc.row].cell]) {
+      const Update& u = spec->updates[rows[pc.row].kind];
+      float* p = spec->params[t] + s;
+      float* b = spec->backups[t] + s;
+      partial[k] = pfn ? update_all_scored<true>(p, b, g[t] + s, m[t] + s, v[t] + s, pc.len, c, u, es)
+                       : update_all_scored<false>(p, b, g[t] + s, m[t] + s, v[t] + s, pc.len, c, u, es);
+      updated += pc.len;
     } else if (pfn) {
       partial[k] = update_moments_scored<true>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es);
     } else {
@@ -444,6 +535,69 @@ void moments_and_scores_multi(at::TensorList grads, at::TensorList exp_avgs,
     out[rows[i].cell] += scaled;
     took[rows[i].cell] = true;
   }
+  return updated;
+}
+
+void moments_and_scores_multi(at::TensorList grads, at::TensorList exp_avgs,
+                              at::TensorList exp_avg_sqs, const at::Tensor& table,
+                              const at::Tensor& scale, at::Tensor& sums, at::Tensor& took_part,
+                              double beta1, double beta2, bool pfn, double eps_s) {
+  score_multi(grads, exp_avgs, exp_avg_sqs, table, scale, sums, took_part, beta1, beta2, pfn, eps_s, nullptr);
+}
+
+// moments_and_scores_multi, and inside the rows whose cell is presumed to win, backup = p and the AdamW update
+// of p (lr and weight decay of the row's kind): one pass where the two-pass step makes two. Returns the elements
+// updated; settle_multi completes the step once the winners are known.
+int64_t moments_scores_speculate_multi(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                       at::TensorList exp_avg_sqs, at::TensorList backups, const at::Tensor& table,
+                                       const at::Tensor& scale, at::Tensor& sums, at::Tensor& took_part,
+                                       const at::Tensor& presumed, const at::Tensor& lrs,
+                                       const at::Tensor& weight_decays, double beta1, double beta2,
+                                       double bias_correction1, double bias_correction2, double eps, bool pfn,
+                                       double eps_s) {
+  check_list(params, grads, "param");
+  check_list(backups, grads, "backup");
+  const Speculation spec{data_of(params), data_of(backups), cell_mask(presumed, sums.numel(), "presumed"),
+                         kind_updates(lrs, weight_decays, bias_correction1, bias_correction2, eps)};
+  return score_multi(grads, exp_avgs, exp_avg_sqs, table, scale, sums, took_part, beta1, beta2, pfn, eps_s, &spec);
+}
+
+// After moments_scores_speculate_multi: rows presumed to win that lost get their backup back, rows that won
+// unpresumed get the AdamW update. Returns (elements updated, elements restored).
+std::tuple<int64_t, int64_t> settle_multi(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                          at::TensorList backups, const at::Tensor& table, const at::Tensor& presumed,
+                                          const at::Tensor& winners, const at::Tensor& lrs,
+                                          const at::Tensor& weight_decays, double bias_correction1,
+                                          double bias_correction2, double eps) {
+  for (const auto& p : params) check_flat(p, p, "param");
+  check_list(exp_avgs, params, "exp_avg");
+  check_list(exp_avg_sqs, params, "exp_avg_sq");
+  check_list(backups, params, "backup");
+  const std::vector<Update> updates = kind_updates(lrs, weight_decays, bias_correction1, bias_correction2, eps);
+  const std::vector<Row> rows = read_table(table, params, winners.numel(), lrs.numel());
+  const bool* won = cell_mask(winners, winners.numel(), "winners");
+  const bool* guess = cell_mask(presumed, winners.numel(), "presumed");
+  const std::vector<MultiPiece> pieces = multi_pieces(
+      rows, params, /*with_gaps=*/false, [won, guess](const Row& r) { return won[r.cell] != guess[r.cell]; });
+  const std::vector<float*> p = data_of(params), m = data_of(exp_avgs), v = data_of(exp_avg_sqs),
+                            b = data_of(backups);
+  const int64_t np = static_cast<int64_t>(pieces.size());
+  int64_t updated = 0, restored = 0;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads()) reduction(+ : updated, restored)
+  for (int64_t j = 0; j < np; ++j) {
+    const MultiPiece& pc = pieces[j];
+    const int64_t s = pc.start;
+    const size_t t = static_cast<size_t>(pc.tensor);
+    const Row& row = rows[pc.row];
+    if (won[row.cell]) {
+      update_params(p[t] + s, m[t] + s, v[t] + s, pc.len, updates[row.kind]);
+      updated += pc.len;
+    } else {
+      std::memcpy(p[t] + s, b[t] + s, sizeof(float) * pc.len);
+      restored += pc.len;
+    }
+  }
+  return {updated, restored};
 }
 
 // Decoupled weight decay and the Adam update inside the segments whose cell won, with the lr and
@@ -456,29 +610,12 @@ int64_t update_winners_multi(at::TensorList params, at::TensorList exp_avgs,
   for (const auto& p : params) check_flat(p, p, "param");
   check_list(exp_avgs, params, "exp_avg");
   check_list(exp_avg_sqs, params, "exp_avg_sq");
-  TORCH_CHECK(winners.device().is_cpu() && winners.scalar_type() == at::kBool && winners.dim() == 1 &&
-                  winners.is_contiguous(),
-              "winners must be a contiguous 1-D bool CPU tensor (one value per cell)");
-  TORCH_CHECK(lrs.device().is_cpu() && lrs.scalar_type() == at::kDouble && lrs.is_contiguous() &&
-                  weight_decays.device().is_cpu() && weight_decays.scalar_type() == at::kDouble &&
-                  weight_decays.is_contiguous() && lrs.numel() == weight_decays.numel(),
-              "lrs and weight_decays must be contiguous float64 CPU tensors, one value per kind");
+  const std::vector<Update> updates = kind_updates(lrs, weight_decays, bias_correction1, bias_correction2, eps);
   const std::vector<Row> rows = read_table(table, params, winners.numel(), lrs.numel());
-  const bool* won = winners.data_ptr<bool>();
+  const bool* won = cell_mask(winners, winners.numel(), "winners");
   const std::vector<MultiPiece> pieces =
       multi_pieces(rows, params, /*with_gaps=*/false, [won](const Row& r) { return won[r.cell]; });
-  std::vector<Update> updates;
-  for (int64_t k = 0; k < lrs.numel(); ++k) {
-    updates.emplace_back(lrs.data_ptr<double>()[k], weight_decays.data_ptr<double>()[k],
-                         bias_correction1, bias_correction2, eps);
-  }
-  std::vector<float*> p(params.size());
-  std::vector<const float*> m(params.size()), v(params.size());
-  for (size_t t = 0; t < params.size(); ++t) {
-    p[t] = params[t].data_ptr<float>();
-    m[t] = exp_avgs[t].data_ptr<float>();
-    v[t] = exp_avg_sqs[t].data_ptr<float>();
-  }
+  const std::vector<float*> p = data_of(params), m = data_of(exp_avgs), v = data_of(exp_avg_sqs);
   const int64_t np = static_cast<int64_t>(pieces.size());
   int64_t updated = 0;
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads()) reduction(+ : updated)
@@ -630,6 +767,15 @@ TORCH_LIBRARY(molf_cpu_adam, lib) {
       "Tensor winners, Tensor lrs, Tensor weight_decays, float bias_correction1, "
       "float bias_correction2, float eps) -> int");
   lib.def(
+      "moments_scores_speculate_multi(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] backups, Tensor table, Tensor scale, Tensor(e!) sums, "
+      "Tensor(f!) took_part, Tensor presumed, Tensor lrs, Tensor weight_decays, float beta1, float beta2, "
+      "float bias_correction1, float bias_correction2, float eps, bool pfn, float eps_s) -> int");
+  lib.def(
+      "settle_multi(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] backups, Tensor table, "
+      "Tensor presumed, Tensor winners, Tensor lrs, Tensor weight_decays, float bias_correction1, "
+      "float bias_correction2, float eps) -> (int, int)");
+  lib.def(
       "route(Tensor sums, Tensor sizes, Tensor took_part, int n_experts, int top_k, bool pfn) -> "
       "(Tensor, Tensor)");
   lib.def(
@@ -645,6 +791,8 @@ TORCH_LIBRARY_IMPL(molf_cpu_adam, CPU, lib) {
   lib.impl("adamw_step", &adamw_step);
   lib.impl("moments_and_scores_multi", &moments_and_scores_multi);
   lib.impl("update_winners_multi", &update_winners_multi);
+  lib.impl("moments_scores_speculate_multi", &moments_scores_speculate_multi);
+  lib.impl("settle_multi", &settle_multi);
   lib.impl("adamw_step_multi", &adamw_step_multi);
   lib.impl("route", &route);
   lib.impl("dropout_zero", &dropout_zero);

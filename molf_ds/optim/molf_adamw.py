@@ -6,6 +6,11 @@ add their segments' score sums into a [modules, experts] table, which is reduced
 (`reduce_scores`, set by the ZeRO adapters); then every rank takes the same top-k and updates only the
 winners' segments. Tensors outside MoLF modules take plain AdamW.
 
+With `speculative_update` (C++ CPU kernel only), the scoring pass also updates the rows of last step's winners,
+keeping their old values in a backup (4 bytes per MoLF element): when routing keeps its winners, as it mostly
+does, the step is one pass over memory instead of two; wrong guesses are restored from the backup. The result
+is bit for bit the two-pass step's.
+
 All expert parameters share ONE param group (kind "molf"): DeepSpeed's ZeRO-1/2 optimizer calls the
 wrapped optimizer once per group, and routing needs every expert's score before the first update. The
 group's lr carries the schedule; each segment's lr is that lr times its kind's ratio (LoRA lr / full lr),
@@ -21,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..config import MoLFConfig
 from . import kernels
@@ -28,6 +34,7 @@ from .layout import ExpertIndex, Layout, LayoutSource, ParamLayouts
 from .routing_log import RoutingLog
 
 SCORE_EPS = 1e-8
+STEP_PASSES = ("moments", "speculative", "update", "restore", "adamw")
 ScoreReducer = Callable[[torch.Tensor], None]
 
 
@@ -40,9 +47,10 @@ class _Routing:
     kind_lrs: torch.Tensor  # lr per segment kind (float64)
     scale: torch.Tensor  # factor of each kind's score sums: its lr (EPD) or 1 (PFN)
     lr_scale: float
-    # (tensors, exp_avgs, exp_avg_sqs, segments) of every step() call of this step
-    batches: list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], kernels.SegmentTable]] = field(
-        default_factory=list)
+    presumed: torch.Tensor | None  # flat bool per cell: last step's winners, updated speculatively
+    # (tensors, exp_avgs, exp_avg_sqs, segments, backups or None) of every step() call of this step
+    batches: list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], kernels.SegmentTable,
+                        list[torch.Tensor] | None]] = field(default_factory=list)
 
 
 class _Segments:
@@ -89,10 +97,12 @@ class MoLFAdamW(torch.optim.Optimizer):
         self.defer_routing = False  # ZeRO-3: step() only gathers scores; the adapter calls finish_routing()
         self._routing: _Routing | None = None
         self._segments = _Segments()
-        # Elements of the last step, per pass: "moments" (MoLF tensors: moments and scores), "update" (winners'
-        # update), "adamw" (plain AdamW tensors). Memory traffic = 20, 16 and 28 bytes per element.
-        self.last_step_elements = {"moments": 0, "update": 0, "adamw": 0}
+        # Elements of the last step, per pass: "moments" (MoLF tensors: moments and scores), "speculative" (of
+        # those, updated in that pass, with backup), "update" (winners' update pass), "restore" (wrong guesses
+        # restored), "adamw" (plain AdamW tensors). Memory traffic = 20, +12, 16, 8 and 28 bytes per element.
+        self.last_step_elements = dict.fromkeys(STEP_PASSES, 0)
         self._counted_step = 0
+        self._backups = WeakTensorKeyDictionary()  # param -> its old values during a speculative step
 
     # ---- the step -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -133,11 +143,20 @@ class MoLFAdamW(torch.optim.Optimizer):
                 continue
             routing = self._routing_of(t)
             segments = self._segments([self.layouts(p) for p in params], [p.numel() for p in params])
-            kernels.moments_and_scores_multi(
-                grads, exp_avgs, exp_avg_sqs, segments, routing.scale, routing.scores, beta1, beta2,
-                self.cfg.score, SCORE_EPS,
-            )
-            routing.batches.append((params, exp_avgs, exp_avg_sqs, segments))
+            backups = None
+            if routing.presumed is not None and kernels.can_speculate([*params, *grads, *exp_avgs, *exp_avg_sqs]):
+                backups = [self._backup_of(p) for p in params]
+                counts["speculative"] += kernels.moments_scores_speculate_multi(
+                    params, grads, exp_avgs, exp_avg_sqs, backups, segments, routing.scale, routing.scores,
+                    routing.presumed, routing.kind_lrs, self._kind_wds_tensor(), beta1, beta2, bc1, bc2,
+                    self.cfg.eps, self.cfg.score, SCORE_EPS,
+                )
+            else:
+                kernels.moments_and_scores_multi(
+                    grads, exp_avgs, exp_avg_sqs, segments, routing.scale, routing.scores, beta1, beta2,
+                    self.cfg.score, SCORE_EPS,
+                )
+            routing.batches.append((params, exp_avgs, exp_avg_sqs, segments, backups))
             counts["moments"] += sum(segments.numels)
         self.molf_step = t
         if not self.defer_routing:
@@ -153,13 +172,21 @@ class MoLFAdamW(torch.optim.Optimizer):
                 kind_lrs=kind_lrs,
                 scale=kind_lrs if self.cfg.score == "epd" else torch.ones_like(kind_lrs),
                 lr_scale=self.lr_scale,
+                presumed=(self.last_winners.reshape(-1).clone()
+                          if self.cfg.speculative_update and self.last_winners is not None else None),
             )
         return self._routing
+
+    def _backup_of(self, p: torch.Tensor) -> torch.Tensor:
+        backup = self._backups.get(p)
+        if backup is None:
+            backup = self._backups[p] = torch.empty_like(p)
+        return backup
 
     def _counts(self, t: int) -> dict[str, int]:
         if self._counted_step != t:
             self._counted_step = t
-            self.last_step_elements = {"moments": 0, "update": 0, "adamw": 0}
+            self.last_step_elements = dict.fromkeys(STEP_PASSES, 0)
         return self.last_step_elements
 
     def finish_routing(self) -> None:
@@ -173,10 +200,18 @@ class MoLFAdamW(torch.optim.Optimizer):
         bc1, bc2 = 1 - beta1**routing.step, 1 - beta2**routing.step
         wds = self._kind_wds_tensor()
         counts = self._counts(routing.step)
-        for params, exp_avgs, exp_avg_sqs, segments in routing.batches:
-            counts["update"] += kernels.update_winners_multi(
-                params, exp_avgs, exp_avg_sqs, segments, winners, routing.kind_lrs, wds, bc1, bc2, self.cfg.eps,
+        for params, exp_avgs, exp_avg_sqs, segments, backups in routing.batches:
+            if backups is None:
+                counts["update"] += kernels.update_winners_multi(
+                    params, exp_avgs, exp_avg_sqs, segments, winners, routing.kind_lrs, wds, bc1, bc2, self.cfg.eps,
+                )
+                continue
+            updated, restored = kernels.settle_multi(
+                params, exp_avgs, exp_avg_sqs, backups, segments, routing.presumed, winners, routing.kind_lrs, wds,
+                bc1, bc2, self.cfg.eps,
             )
+            counts["update"] += updated
+            counts["restore"] += restored
         self.last_lr_scale = routing.lr_scale
         if self.routing_log is not None and self.routing_log.wants(routing.step):
             self.routing_log.write(self.last_routing)

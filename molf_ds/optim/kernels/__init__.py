@@ -15,6 +15,9 @@ in one int64 table [S, 5] of rows (tensor, offset, length, cell, kind), see ``Se
 - ``moments_and_scores_multi``: moments of every tensor; each row's score sum, times ``scale[kind]``,
   goes into a ``ScoreSums`` (float64 per cell; one host transfer per step on non-CPU devices).
 - ``update_winners_multi``: the AdamW update inside the rows whose cell won, per-kind lr and decay.
+- ``moments_scores_speculate_multi`` / ``settle_multi`` (C++ only, see ``can_speculate``): the same step in one
+  pass where the winners are guessed right: rows of presumed winners are updated inside the scoring pass (their
+  old values kept in backups); once the winners are known, wrong guesses are restored and missed winners updated.
 - ``adamw_step_multi``: plain AdamW over every tensor.
 - ``route``: scores per cell from the global sums and the top-k winners per module.
 - ``dropout_zero``: the experts' input dropout on CPU (a counter-based mask, kept elements unscaled).
@@ -33,8 +36,9 @@ import torch
 from . import cpp_impl, torch_impl
 
 __all__ = [
-    "ScoreSums", "SegmentTable", "adamw_step", "adamw_step_multi", "adamw_update_ranges", "backend", "cpp_enabled",
-    "dropout_zero", "moments_and_scores", "moments_and_scores_multi", "route", "update_winners_multi",
+    "ScoreSums", "SegmentTable", "adamw_step", "adamw_step_multi", "adamw_update_ranges", "backend", "can_speculate", "cpp_enabled",
+    "dropout_zero", "moments_and_scores", "moments_and_scores_multi", "moments_scores_speculate_multi", "route",
+    "settle_multi", "update_winners_multi",
 ]
 
 ENV_VAR = "MOLF_DS_KERNEL"
@@ -267,6 +271,66 @@ def update_winners_multi(
         params, exp_avgs, exp_avg_sqs, segments.table, winners, lrs, weight_decays,
         bias_correction1, bias_correction2, eps,
     )
+
+
+def can_speculate(tensors: list[torch.Tensor]) -> bool:
+    """Whether the one-pass speculative step runs on these tensors (the C++ kernel's: contiguous fp32 on CPU)."""
+    return _impl_of(tensors) is cpp_impl
+
+
+def moments_scores_speculate_multi(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    backups: list[torch.Tensor],
+    segments: SegmentTable,
+    scale: torch.Tensor,
+    out: ScoreSums,
+    presumed: torch.Tensor,
+    lrs: torch.Tensor,
+    weight_decays: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    bias_correction1: float,
+    bias_correction2: float,
+    eps: float,
+    score: str,
+    eps_s: float = 1e-8,
+) -> int:
+    """`moments_and_scores_multi`, plus in every row whose cell is `presumed` (bool per cell) to win: backup = p,
+    then the AdamW update of p, in the same pass. Returns the elements updated; `settle_multi` finishes the step."""
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    _check_lists(grads, params, exp_avgs, exp_avg_sqs, backups)
+    if [g.numel() for g in grads] != segments.numels:
+        raise ValueError("the segment table was built for tensors of other sizes")
+    if not can_speculate([*params, *grads, *exp_avgs, *exp_avg_sqs, *backups]):
+        raise ValueError("the speculative step needs the C++ kernel (contiguous fp32 CPU tensors)")
+    return cpp_impl.moments_scores_speculate_multi(
+        params, grads, exp_avgs, exp_avg_sqs, backups, segments.table, scale, out.sums, out.took_part, presumed, lrs,
+        weight_decays, beta1, beta2, bias_correction1, bias_correction2, eps, score, eps_s)
+
+
+def settle_multi(
+    params: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    backups: list[torch.Tensor],
+    segments: SegmentTable,
+    presumed: torch.Tensor,
+    winners: torch.Tensor,
+    lrs: torch.Tensor,
+    weight_decays: torch.Tensor,
+    bias_correction1: float,
+    bias_correction2: float,
+    eps: float,
+) -> tuple[int, int]:
+    """After `moments_scores_speculate_multi`: rows presumed to win that lost get their backup back; rows that won
+    unpresumed get the AdamW update. Returns (elements updated, elements restored)."""
+    _check_lists(params, exp_avgs, exp_avg_sqs, backups)
+    return cpp_impl.settle_multi(params, exp_avgs, exp_avg_sqs, backups, segments.table, presumed, winners, lrs,
+                                 weight_decays, bias_correction1, bias_correction2, eps)
 
 
 def adamw_step_multi(
