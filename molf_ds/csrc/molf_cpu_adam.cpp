@@ -205,49 +205,38 @@ void update_moments(const float* g, float* m, float* v, int64_t n, Moments c) {
       g, m, v);
 }
 
+// Where a scoring pass also updates p: the AdamW coefficients, and the backup that keeps p's old values.
+struct Speculative {
+  float* p;
+  float* backup;
+  Update u;
+};
+
 // Moments over n elements, returning sum(q) in double. Each lane has its own
 // accumulator and the lanes are added in order: the result depends only on the data.
-template <bool kPfn>
-double update_moments_scored(const float* g, float* m, float* v, int64_t n, Moments c,
-                             float eps_s) {
+// With `w`, also p = the AdamW update (the same as update_params after this pass), old p into the backup.
+template <bool kPfn, bool kUpdate = false>
+double update_moments_scored(const float* g, float* m, float* v, int64_t n, Moments c, float eps_s,
+                             const Speculative* w = nullptr) {
   double acc[kBlock] = {};
-  for_each_elem(
-      n,
-      [&](int64_t i, int64_t lane) {
-        const float gi = g[i];
-        const float mi = c.m(gi, m[i]);
-        const float vi = c.v(gi, v[i]);
-        m[i] = mi;
-        v[i] = vi;
-        acc[lane] += static_cast<double>(score<kPfn>(mi, vi, eps_s));
-      },
-      g, m, v);
-  double total = 0.0;
-  for (double a : acc) total += a;
-  return total;
-}
-
-// update_moments_scored fused with the AdamW update of p (old p kept in backup): the same lanes, the same
-// sums, and the same p as update_params after it.
-template <bool kPfn>
-double update_all_scored(float* p, float* backup, const float* g, float* m, float* v, int64_t n, Moments c,
-                         Update u, float eps_s) {
-  double acc[kBlock] = {};
-  for_each_elem_after(
-      n, [&](int64_t i, int64_t len) { copy_streaming(backup + i, p + i, len); },
-      [&](int64_t i, int64_t lane) {
-        const float gi = g[i];
-        const float mi = c.m(gi, m[i]);
-        const float vi = c.v(gi, v[i]);
-        m[i] = mi;
-        v[i] = vi;
-        acc[lane] += static_cast<double>(score<kPfn>(mi, vi, eps_s));
-        p[i] = u.p(p[i], mi, vi);
-      },
-      p, g, m, v);
+  auto body = [&](int64_t i, int64_t lane) {
+    const float gi = g[i];
+    const float mi = c.m(gi, m[i]);
+    const float vi = c.v(gi, v[i]);
+    m[i] = mi;
+    v[i] = vi;
+    acc[lane] += static_cast<double>(score<kPfn>(mi, vi, eps_s));
+    if constexpr (kUpdate) w->p[i] = w->u.p(w->p[i], mi, vi);
+  };
+  if constexpr (kUpdate) {
+    for_each_elem_after(
+        n, [&](int64_t i, int64_t len) { copy_streaming(w->backup + i, w->p + i, len); }, body, w->p, g, m, v);
 #ifdef __AVX512F__
-  _mm_sfence();  // the streamed backup is complete before anyone reads it
+    _mm_sfence();  // the streamed backup is complete before anyone reads it
 #endif
+  } else {
+    for_each_elem(n, body, g, m, v);
+  }
   double total = 0.0;
   for (double a : acc) total += a;
   return total;
@@ -509,11 +498,9 @@ int64_t score_multi(at::TensorList grads, at::TensorList exp_avgs, at::TensorLis
     if (pc.row < 0) {
       update_moments(g[t] + s, m[t] + s, v[t] + s, pc.len, c);
     } else if (spec && spec->presumed[rows[pc.row].cell]) {
-      const Update& u = spec->updates[rows[pc.row].kind];
-      float* p = spec->params[t] + s;
-      float* b = spec->backups[t] + s;
-      partial[k] = pfn ? update_all_scored<true>(p, b, g[t] + s, m[t] + s, v[t] + s, pc.len, c, u, es)
-                       : update_all_scored<false>(p, b, g[t] + s, m[t] + s, v[t] + s, pc.len, c, u, es);
+      const Speculative w{spec->params[t] + s, spec->backups[t] + s, spec->updates[rows[pc.row].kind]};
+      partial[k] = pfn ? update_moments_scored<true, true>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es, &w)
+                       : update_moments_scored<false, true>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es, &w);
       updated += pc.len;
     } else if (pfn) {
       partial[k] = update_moments_scored<true>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es);
@@ -562,23 +549,24 @@ int64_t moments_scores_speculate_multi(at::TensorList params, at::TensorList gra
   return score_multi(grads, exp_avgs, exp_avg_sqs, table, scale, sums, took_part, beta1, beta2, pfn, eps_s, &spec);
 }
 
-// After moments_scores_speculate_multi: rows presumed to win that lost get their backup back, rows that won
-// unpresumed get the AdamW update. Returns (elements updated, elements restored).
-std::tuple<int64_t, int64_t> settle_multi(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                                          at::TensorList backups, const at::Tensor& table, const at::Tensor& presumed,
-                                          const at::Tensor& winners, const at::Tensor& lrs,
-                                          const at::Tensor& weight_decays, double bias_correction1,
-                                          double bias_correction2, double eps) {
+// The pass after routing: the AdamW update (lr and weight decay of the row's kind) in the rows whose cell won and
+// was not presumed to; a copy back from the backup in the rows presumed to win that lost. `guess` null: nothing
+// was presumed (the two-pass step). Returns (elements updated, elements restored).
+std::tuple<int64_t, int64_t> after_routing(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                           at::TensorList backups, const at::Tensor& table, const bool* guess,
+                                           const at::Tensor& winners, const at::Tensor& lrs,
+                                           const at::Tensor& weight_decays, double bias_correction1,
+                                           double bias_correction2, double eps) {
   for (const auto& p : params) check_flat(p, p, "param");
   check_list(exp_avgs, params, "exp_avg");
   check_list(exp_avg_sqs, params, "exp_avg_sq");
-  check_list(backups, params, "backup");
+  if (guess) check_list(backups, params, "backup");
   const std::vector<Update> updates = kind_updates(lrs, weight_decays, bias_correction1, bias_correction2, eps);
   const std::vector<Row> rows = read_table(table, params, winners.numel(), lrs.numel());
   const bool* won = cell_mask(winners, winners.numel(), "winners");
-  const bool* guess = cell_mask(presumed, winners.numel(), "presumed");
-  const std::vector<MultiPiece> pieces = multi_pieces(
-      rows, params, /*with_gaps=*/false, [won, guess](const Row& r) { return won[r.cell] != guess[r.cell]; });
+  const std::vector<MultiPiece> pieces = multi_pieces(rows, params, /*with_gaps=*/false, [won, guess](const Row& r) {
+    return won[r.cell] != (guess && guess[r.cell]);
+  });
   const std::vector<float*> p = data_of(params), m = data_of(exp_avgs), v = data_of(exp_avg_sqs),
                             b = data_of(backups);
   const int64_t np = static_cast<int64_t>(pieces.size());
@@ -600,33 +588,25 @@ std::tuple<int64_t, int64_t> settle_multi(at::TensorList params, at::TensorList 
   return {updated, restored};
 }
 
-// Decoupled weight decay and the Adam update inside the segments whose cell won, with the lr and
-// weight decay of the segment's kind; returns the number of elements updated.
+// After moments_scores_speculate_multi: restore the wrong guesses, update the missed winners.
+std::tuple<int64_t, int64_t> settle_multi(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                          at::TensorList backups, const at::Tensor& table, const at::Tensor& presumed,
+                                          const at::Tensor& winners, const at::Tensor& lrs,
+                                          const at::Tensor& weight_decays, double bias_correction1,
+                                          double bias_correction2, double eps) {
+  const bool* guess = cell_mask(presumed, winners.numel(), "presumed");
+  return after_routing(params, exp_avgs, exp_avg_sqs, backups, table, guess, winners, lrs, weight_decays,
+                       bias_correction1, bias_correction2, eps);
+}
+
+// The two-pass step's second pass: the AdamW update inside the segments whose cell won; returns the elements updated.
 int64_t update_winners_multi(at::TensorList params, at::TensorList exp_avgs,
                              at::TensorList exp_avg_sqs, const at::Tensor& table,
                              const at::Tensor& winners, const at::Tensor& lrs,
                              const at::Tensor& weight_decays, double bias_correction1,
                              double bias_correction2, double eps) {
-  for (const auto& p : params) check_flat(p, p, "param");
-  check_list(exp_avgs, params, "exp_avg");
-  check_list(exp_avg_sqs, params, "exp_avg_sq");
-  const std::vector<Update> updates = kind_updates(lrs, weight_decays, bias_correction1, bias_correction2, eps);
-  const std::vector<Row> rows = read_table(table, params, winners.numel(), lrs.numel());
-  const bool* won = cell_mask(winners, winners.numel(), "winners");
-  const std::vector<MultiPiece> pieces =
-      multi_pieces(rows, params, /*with_gaps=*/false, [won](const Row& r) { return won[r.cell]; });
-  const std::vector<float*> p = data_of(params), m = data_of(exp_avgs), v = data_of(exp_avg_sqs);
-  const int64_t np = static_cast<int64_t>(pieces.size());
-  int64_t updated = 0;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads()) reduction(+ : updated)
-  for (int64_t j = 0; j < np; ++j) {
-    const MultiPiece& pc = pieces[j];
-    const int64_t s = pc.start;
-    const size_t t = static_cast<size_t>(pc.tensor);
-    update_params(p[t] + s, m[t] + s, v[t] + s, pc.len, updates[rows[pc.row].kind]);
-    updated += pc.len;
-  }
-  return updated;
+  return std::get<0>(after_routing(params, exp_avgs, exp_avg_sqs, {}, table, nullptr, winners, lrs, weight_decays,
+                                   bias_correction1, bias_correction2, eps));
 }
 
 // Plain AdamW over every tensor of the list (the chunks of all tensors in one parallel loop).
