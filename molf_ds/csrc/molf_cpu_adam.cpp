@@ -205,19 +205,12 @@ void update_moments(const float* g, float* m, float* v, int64_t n, Moments c) {
       g, m, v);
 }
 
-// Where a scoring pass also updates p: the AdamW coefficients, and the backup that keeps p's old values.
-struct Speculative {
-  float* p;
-  float* backup;
-  Update u;
-};
-
 // Moments over n elements, returning sum(q) in double. Each lane has its own
 // accumulator and the lanes are added in order: the result depends only on the data.
-// With `w`, also p = the AdamW update (the same as update_params after this pass), old p into the backup.
+// kUpdate: also p = the AdamW update `u` (the same as update_params after this pass), old p into backup.
 template <bool kPfn, bool kUpdate = false>
 double update_moments_scored(const float* g, float* m, float* v, int64_t n, Moments c, float eps_s,
-                             const Speculative* w = nullptr) {
+                             float* p = nullptr, float* backup = nullptr, Update u = Update(0.0, 0.0, 1.0, 1.0, 0.0)) {
   double acc[kBlock] = {};
   auto body = [&](int64_t i, int64_t lane) {
     const float gi = g[i];
@@ -226,11 +219,11 @@ double update_moments_scored(const float* g, float* m, float* v, int64_t n, Mome
     m[i] = mi;
     v[i] = vi;
     acc[lane] += static_cast<double>(score<kPfn>(mi, vi, eps_s));
-    if constexpr (kUpdate) w->p[i] = w->u.p(w->p[i], mi, vi);
+    if constexpr (kUpdate) p[i] = u.p(p[i], mi, vi);
   };
   if constexpr (kUpdate) {
     for_each_elem_after(
-        n, [&](int64_t i, int64_t len) { copy_streaming(w->backup + i, w->p + i, len); }, body, w->p, g, m, v);
+        n, [&](int64_t i, int64_t len) { copy_streaming(backup + i, p + i, len); }, body, p, g, m, v);
 #ifdef __AVX512F__
     _mm_sfence();  // the streamed backup is complete before anyone reads it
 #endif
@@ -498,9 +491,11 @@ int64_t score_multi(at::TensorList grads, at::TensorList exp_avgs, at::TensorLis
     if (pc.row < 0) {
       update_moments(g[t] + s, m[t] + s, v[t] + s, pc.len, c);
     } else if (spec && spec->presumed[rows[pc.row].cell]) {
-      const Speculative w{spec->params[t] + s, spec->backups[t] + s, spec->updates[rows[pc.row].kind]};
-      partial[k] = pfn ? update_moments_scored<true, true>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es, &w)
-                       : update_moments_scored<false, true>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es, &w);
+      float* p = spec->params[t] + s;
+      float* b = spec->backups[t] + s;
+      const Update& u = spec->updates[rows[pc.row].kind];
+      partial[k] = pfn ? update_moments_scored<true, true>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es, p, b, u)
+                       : update_moments_scored<false, true>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es, p, b, u);
       updated += pc.len;
     } else if (pfn) {
       partial[k] = update_moments_scored<true>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es);
