@@ -26,6 +26,7 @@ FP32_RUNS = {
     "zero1": {"ds": ds_config(1), "baseline_ds": prepare_ds_config(ds_config(1))},
     "zero2": {"ds": ds_config(2), "baseline_ds": prepare_ds_config(ds_config(2))},
     "zero2_offload": {"ds": ds_config(2, offload=True), "baseline_ds": prepare_ds_config(ds_config(2, True))},
+    "zero2_speculative": {"ds": ds_config(2), "molf": {"speculative_update": True}},
     "zero2_offload_speculative": {"ds": ds_config(2, offload=True), "molf": {"speculative_update": True}},
     "zero2_resumed": {"ds": ds_config(2), "resume_at": 9},  # checkpoint after step 9, resume in a new engine
 }
@@ -50,12 +51,14 @@ def test_stage_reproduces_reference(fp32_runs, run):
     assert_reproduces(reference, [rank[run] for rank in ranks], run, root)
 
 
-def test_speculative_update_took_its_one_pass_path(fp32_runs):
-    """The speculative run (reproducing the reference above) updated last step's winners inside the scoring pass
-    from step 2 on, and restored or updated where routing moved; the two-pass run never speculated."""
+@pytest.mark.parametrize("run", ["zero2_speculative", "zero2_offload_speculative"])
+def test_speculative_update_took_its_one_pass_path(fp32_runs, run):
+    """The speculative runs (reproducing the reference above, so the rows routing moved after DeepSpeed copied the
+    partition were copied again) updated last step's winners inside the scoring pass from step 2 on, and restored
+    or updated where routing moved; the two-pass run never speculated."""
     _, ranks, _ = fp32_runs
     for rank in ranks:
-        counts = rank["zero2_offload_speculative"]["step_elements"]
+        counts = rank[run]["step_elements"]
         assert counts[0]["speculative"] == 0 and all(c["speculative"] > 0 for c in counts[1:])
         assert any(c["restore"] for c in counts) and any(c["update"] for c in counts[1:])  # winners moved
         assert all(c["speculative"] == 0 for c in rank["zero2_offload"]["step_elements"])

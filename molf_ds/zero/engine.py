@@ -70,6 +70,7 @@ def attach(wrapper: Any, optimizer: MoLFAdamW) -> None:
     if isinstance(wrapper, DeepSpeedZeroOptimizer):
         optimizer.layouts = zero12_layouts(index, wrapper)
         optimizer.reduce_scores = _all_reduce_over(wrapper.dp_process_group)
+        _settle_in_last_group(wrapper, optimizer)
     elif isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
         optimizer.layouts = zero3_layouts(index, wrapper, dist.get_rank(group=wrapper.dp_process_group))
         optimizer.reduce_scores = _all_reduce_over(wrapper.dp_process_group)
@@ -122,6 +123,37 @@ def _route_after_all_sub_groups(
     zero3._post_step = route_then_post_step
 
 
+def _settle_in_last_group(zero12: DeepSpeedZeroOptimizer, optimizer: MoLFAdamW) -> None:
+    """DeepSpeed's ZeRO-1/2 steps one group at a time and copies each group's fp32 partition to its 16-bit copy
+    right after. A speculative MoLF step (the MoLF group's rows already updated as guessed) may finish in the last
+    group's call, its all-reduce in flight meanwhile; the rows routing moved are then copied again here."""
+    groups = optimizer.param_groups
+    molf = next((i for i, g in enumerate(groups) if g["kind"] == "molf"), None)
+    if molf is None or molf == len(groups) - 1:
+        return
+    optimizer.finish_with_group = groups[-1]
+
+    def recopy(batches: list, presumed: torch.Tensor, winners: torch.Tensor) -> None:
+        moved = (presumed != winners).tolist()
+        fp32 = zero12.single_partition_of_fp32_groups[molf].data.view(-1)
+        rank = dist.get_rank(group=zero12.real_dp_process_group[molf])
+        low = zero12.parallel_partitioned_bit16_groups[molf][rank].data.view(-1)
+        staging = zero12.param_buffer_of_bit16_for_cpu_offload_groups[molf].data.view(-1) \
+            if zero12.cpu_offload else None
+        for params, _, _, segments, _ in batches:
+            assert all(p.data_ptr() == fp32.data_ptr() for p in params), "the MoLF group is not one fp32 partition"
+            for _, offset, length, cell, _ in segments.rows:
+                if moved[cell]:
+                    rows = slice(offset, offset + length)
+                    if staging is not None:  # as DeepSpeed's offload path: through the pinned 16-bit buffer
+                        staging[rows].copy_(fp32[rows])
+                        low[rows].copy_(staging[rows], non_blocking=True)
+                    else:
+                        low[rows].copy_(fp32[rows])
+
+    optimizer.on_late_settle = recopy
+
+
 def _keep_resident(zero3: DeepSpeedZeroOptimizer_Stage3, params: list[nn.Parameter]) -> None:
     """Replicate LoRA experts (small) instead of gathering them for every forward: persistent parameters
     stay gathered and DeepSpeed re-gathers them after each step."""
@@ -160,10 +192,16 @@ def _gather_coalesced(zero3: DeepSpeedZeroOptimizer_Stage3, params: list[nn.Para
 def _all_reduce_over(group: Any):
     device = deepspeed.get_accelerator().current_device_name()
 
-    def reduce(sums: torch.Tensor) -> None:
+    def reduce(sums: torch.Tensor):
         on_device = sums.to(device)
-        dist.all_reduce(on_device, op=dist.ReduceOp.SUM, group=group)
-        sums.copy_(on_device)
+        work = dist.all_reduce(on_device, op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+        def wait() -> None:
+            work.wait()
+            if on_device is not sums:
+                sums.copy_(on_device)
+
+        return wait
 
     return reduce
 
@@ -177,6 +215,9 @@ def _hook_wrapper_step(wrapper: Any, optimizer: MoLFAdamW) -> None:
         before = optimizer.molf_step
         with optimizer.grouped_step():
             result = inner_step(*args, **kwargs)
+        if optimizer.routing_pending and not optimizer.defer_routing:
+            raise RuntimeError("molf_ds: DeepSpeed's step ended before MoLF's routing finished (the last param group "
+                               "was not stepped): the weights would be stale; please report this with your config")
         if optimizer.molf_step == before:
             optimizer.record_skipped_step()
         return result
