@@ -84,15 +84,16 @@ def measure(args: argparse.Namespace) -> dict:
 def table(rows: list[dict]) -> str:
     """A markdown table: ratios of wall-time medians, then (in parentheses) of the fastest steps and of the
     median CPU time (blind to other processes on the cores)."""
-    head = ["mode", "routing (shares)", "MoLF step", "DeepSpeed optimizer", "engine.step ms MoLF / DS", "ratio (min, CPU)",
-            "optimizer step ms MoLF / DS", "ratio (min, CPU)", "x best AdamW (min, CPU)", "target"]
+    head = ["mode", "routing (shares)", "MoLF step", "DeepSpeed optimizer", "engine.step ms MoLF / DS",
+            "ratio (min, CPU)", "optimizer step ms MoLF / DS", "ratio (min, CPU)", "x best AdamW (min, CPU)", "target"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mode = "ZeRO-2 + offload" if r["offload"] else "ZeRO-2"
         shares = ", ".join(f"{e} {v:.2f}" for e, v in r["routing_shares"].items())
         e, i = r["engine_step_ms"], r["isolated_ms"]
         lines.append("| " + " | ".join([
-            mode, f"{r['routing']} ({shares})", r["step"], r["deepspeed_optimizer"], f"{e['molf']:.1f} / {e['deepspeed']:.1f}",
+            mode, f"{r['routing']} ({shares})", r["step"], r["deepspeed_optimizer"],
+            f"{e['molf']:.1f} / {e['deepspeed']:.1f}",
             f"{r['engine_step_ratio']:.2f} ({r['engine_step_ratio_min']:.2f}, {r['engine_step_ratio_cpu']:.2f})",
             f"{i['molf']:.2f} / {i['deepspeed']:.2f}",
             f"{r['isolated_ratio']:.2f} ({r['isolated_ratio_min']:.2f}, {r['isolated_ratio_cpu']:.2f})",

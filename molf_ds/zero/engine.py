@@ -22,6 +22,7 @@ from torch import nn
 from ..config import MoLFConfig
 from ..optim import MoLFAdamW, RoutingLog, build_optimizer
 from ..optim.layout import LORA
+from ..optim.molf_adamw import ScoreReducer, Wait
 from ..wrapping import molf_modules, wrap_model
 from .ds_config import check_deepspeed_version, prepare_ds_config
 from .layouts import copied_param_layouts, zero3_layouts, zero12_layouts
@@ -189,10 +190,10 @@ def _gather_coalesced(zero3: DeepSpeedZeroOptimizer_Stage3, params: list[nn.Para
         offset += width
 
 
-def _all_reduce_over(group: Any):
+def _all_reduce_over(group: Any) -> ScoreReducer:
     device = deepspeed.get_accelerator().current_device_name()
 
-    def reduce(sums: torch.Tensor):
+    def reduce(sums: torch.Tensor) -> Wait:
         on_device = sums.to(device)
         work = dist.all_reduce(on_device, op=dist.ReduceOp.SUM, group=group, async_op=True)
 

@@ -36,9 +36,9 @@ import torch
 from . import cpp_impl, torch_impl
 
 __all__ = [
-    "ScoreSums", "SegmentTable", "adamw_step", "adamw_step_multi", "adamw_update_ranges", "backend", "can_speculate", "cpp_enabled",
-    "dropout_zero", "moments_and_scores", "moments_and_scores_multi", "moments_scores_speculate_multi", "route",
-    "settle_multi", "update_winners_multi",
+    "ScoreSums", "SegmentTable", "adamw_step", "adamw_step_multi", "adamw_update_ranges", "backend", "can_speculate",
+    "cpp_enabled", "dropout_zero", "moments_and_scores", "moments_and_scores_multi", "moments_scores_speculate_multi",
+    "route", "settle_multi", "update_winners_multi",
 ]
 
 ENV_VAR = "MOLF_DS_KERNEL"
@@ -87,6 +87,11 @@ def backend(*tensors: torch.Tensor) -> str:
     return "cpp" if _impl(*tensors) is cpp_impl else "torch"
 
 
+def _check_score(score: str) -> None:
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+
+
 def _check_sizes(tensors: tuple[torch.Tensor, ...]) -> None:
     if any(t.numel() != tensors[0].numel() for t in tensors):
         raise ValueError(f"tensors differ in size: {[t.numel() for t in tensors]}")
@@ -113,8 +118,7 @@ def moments_and_scores(
     score: str,
     eps_s: float = 1e-8,
 ) -> torch.Tensor:
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    _check_score(score)
     tensors = (grad, exp_avg, exp_avg_sq)
     _check_sizes(tensors)
     _check_segments(offsets, lengths, grad.numel())
@@ -223,6 +227,13 @@ def _check_lists(*lists: list[torch.Tensor]) -> None:
             raise ValueError("tensor lists differ in length or sizes")
 
 
+def _check_batch(segments: SegmentTable, *lists: list[torch.Tensor]) -> None:
+    """Lists of equal tensors, and the segment table built for them."""
+    _check_lists(*lists)
+    if [t.numel() for t in lists[0]] != segments.numels:
+        raise ValueError("the segment table was built for tensors of other sizes")
+
+
 def moments_and_scores_multi(
     grads: list[torch.Tensor],
     exp_avgs: list[torch.Tensor],
@@ -236,11 +247,8 @@ def moments_and_scores_multi(
     eps_s: float = 1e-8,
 ) -> None:
     """m, v of every tensor; out.sums[cell] += (score sum of each row) * scale[kind], in row order."""
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    _check_lists(grads, exp_avgs, exp_avg_sqs)
-    if [g.numel() for g in grads] != segments.numels:
-        raise ValueError("the segment table was built for tensors of other sizes")
+    _check_score(score)
+    _check_batch(segments, grads, exp_avgs, exp_avg_sqs)
     impl = _impl_of([*grads, *exp_avgs, *exp_avg_sqs])
     if impl is cpp_impl:
         cpp_impl.moments_and_scores_multi(grads, exp_avgs, exp_avg_sqs, segments.table, scale, out.sums,
@@ -264,9 +272,7 @@ def update_winners_multi(
     eps: float,
 ) -> int:
     """AdamW update (lr and decay of the row's kind) inside every row whose cell won; returns the elements updated."""
-    _check_lists(params, exp_avgs, exp_avg_sqs)
-    if [p.numel() for p in params] != segments.numels:
-        raise ValueError("the segment table was built for tensors of other sizes")
+    _check_batch(segments, params, exp_avgs, exp_avg_sqs)
     return _impl_of([*params, *exp_avgs, *exp_avg_sqs]).update_winners_multi(
         params, exp_avgs, exp_avg_sqs, segments.table, winners, lrs, weight_decays,
         bias_correction1, bias_correction2, eps,
@@ -300,11 +306,8 @@ def moments_scores_speculate_multi(
 ) -> int:
     """`moments_and_scores_multi`, plus in every row whose cell is `presumed` (bool per cell) to win: backup = p,
     then the AdamW update of p, in the same pass. Returns the elements updated; `settle_multi` finishes the step."""
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    _check_lists(grads, params, exp_avgs, exp_avg_sqs, backups)
-    if [g.numel() for g in grads] != segments.numels:
-        raise ValueError("the segment table was built for tensors of other sizes")
+    _check_score(score)
+    _check_batch(segments, grads, params, exp_avgs, exp_avg_sqs, backups)
     if not can_speculate([*params, *grads, *exp_avgs, *exp_avg_sqs, *backups]):
         raise ValueError("the speculative step needs the C++ kernel (contiguous fp32 CPU tensors)")
     return cpp_impl.moments_scores_speculate_multi(
@@ -328,7 +331,7 @@ def settle_multi(
 ) -> tuple[int, int]:
     """After `moments_scores_speculate_multi`: rows presumed to win that lost get their backup back; rows that won
     unpresumed get the AdamW update. Returns (elements updated, elements restored)."""
-    _check_lists(params, exp_avgs, exp_avg_sqs, backups)
+    _check_batch(segments, params, exp_avgs, exp_avg_sqs, backups)
     return cpp_impl.settle_multi(params, exp_avgs, exp_avg_sqs, backups, segments.table, presumed, winners, lrs,
                                  weight_decays, bias_correction1, bias_correction2, eps)
 
@@ -357,8 +360,7 @@ def route(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores [modules, experts] (float64; sums / max(N_e, 1), square-rooted for PFN, -inf where an expert took
     no part) and the winner mask: per module the top_k scores, ties to the lower index, never a non-participant."""
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    _check_score(score)
     sums, sizes, took_part = sums.contiguous(), sizes.double().contiguous().view(-1), took_part.contiguous()
     if sums.numel() != sizes.numel() or sums.numel() != took_part.numel() or sums.numel() % n_experts:
         raise ValueError("sums, sizes and took_part must hold one value per (module, expert)")

@@ -49,7 +49,6 @@ def load() -> bool:
     return True
 
 
-
 # The ops take the public functions' arguments in the same order, except that the score name ("epd" / "pfn")
 # becomes a flag; every other function of the backend interface is the op itself (see __getattr__).
 def moments_and_scores(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float, offsets: Tensor,
@@ -67,9 +66,9 @@ def moments_and_scores_multi(grads: list[Tensor], exp_avgs: list[Tensor], exp_av
 
 def moments_scores_speculate_multi(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                                    exp_avg_sqs: list[Tensor], backups: list[Tensor], table: Tensor, scale: Tensor,
-                                   sums: Tensor, took_part: Tensor, presumed: Tensor, lrs: Tensor, weight_decays: Tensor,
-                                   beta1: float, beta2: float, bias_correction1: float, bias_correction2: float,
-                                   eps: float, score: str, eps_s: float = 1e-8) -> int:
+                                   sums: Tensor, took_part: Tensor, presumed: Tensor, lrs: Tensor,
+                                   weight_decays: Tensor, beta1: float, beta2: float, bias_correction1: float,
+                                   bias_correction2: float, eps: float, score: str, eps_s: float = 1e-8) -> int:
     return torch.ops.molf_cpu_adam.moments_scores_speculate_multi(
         params, grads, exp_avgs, exp_avg_sqs, backups, table, scale, sums, took_part, presumed, lrs, weight_decays,
         beta1, beta2, bias_correction1, bias_correction2, eps, score == "pfn", eps_s)
@@ -81,8 +80,8 @@ def route(sums: Tensor, sizes: Tensor, took_part: Tensor, n_experts: int, top_k:
 
 
 def __getattr__(name: str):
-    """adamw_update_ranges, adamw_step, update_winners_multi, settle_multi, adamw_step_multi, dropout_zero: the ops as they
-    are (typed and checked in molf_ds.optim.kernels, the only caller)."""
+    """adamw_update_ranges, adamw_step, update_winners_multi, settle_multi, adamw_step_multi, dropout_zero: the
+    ops as they are (typed and checked in molf_ds.optim.kernels, the only caller)."""
     if name.startswith("__"):
         raise AttributeError(name)
     return getattr(torch.ops.molf_cpu_adam, name)
