@@ -53,9 +53,8 @@ def test_stage_reproduces_reference(fp32_runs, run):
 
 @pytest.mark.parametrize("run", ["zero2_speculative", "zero2_offload_speculative"])
 def test_speculative_update_took_its_one_pass_path(fp32_runs, run):
-    """The speculative runs (reproducing the reference above, so the rows routing moved after DeepSpeed copied the
-    partition were copied again) updated last step's winners inside the scoring pass from step 2 on, and restored
-    or updated where routing moved; the two-pass run never speculated."""
+    """The speculative runs (reproducing the reference above) updated last step's winners inside the scoring pass
+    from step 2 on, and restored or updated where routing moved; the two-pass run never speculated."""
     _, ranks, _ = fp32_runs
     for rank in ranks:
         counts = rank[run]["step_elements"]
