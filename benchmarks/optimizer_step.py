@@ -44,7 +44,7 @@ def measure(args: argparse.Namespace) -> dict:
         for step, speculative in STEPS.items():
             settings = replace(base, lr=args.lr, lora_lr=args.lr * factor, speculative_update=speculative)
             runs[f"{routing}/{step}"] = run_bench(settings, cells, world=2, shared_process=True,
-                                                  progress=not args.no_progress)
+                                                  progress=not args.no_progress, huge_pages=args.huge_pages)
     rows = []
     for name, report in runs.items():
         routing, step = name.split("/")
@@ -112,6 +112,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=20, help="isolated optimizer steps per method")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--out", type=Path, default=Path("bench_results/optimizer_step.json"))
+    parser.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
+                        help="4 KiB pages for torch's CPU tensors (default: huge pages, for every optimizer alike)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     result = measure(args)

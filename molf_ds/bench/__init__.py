@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--speculative-update", action="store_true",
                         help="MoLF's one-pass optimizer step (CPU kernel; +4 bytes per MoLF parameter element)")
+    parser.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
+                        help="leave torch's CPU tensors on 4 KiB pages (default: THP_MEM_ALLOC_ENABLE=1 in every rank, "
+                             "for every method alike)")
     parser.add_argument("--shared-process", action="store_true",
                         help="run every cell in the same ranks (faster start; peak memory then is not per cell)")
     parser.add_argument("--out", type=Path, default=None, help="directory for bench.json and bench.md")
@@ -101,18 +104,23 @@ def cells_for(stages: Sequence[int], offloads: Sequence[str], methods: Sequence[
 
 
 def run_bench(settings: Settings, cells: list[tuple[int, bool, str]], world: int = 2, threads: int = 1,
-              shared_process: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Measure every cell with `world` spawned ranks; returns the report (settings, machine, rows)."""
+              shared_process: bool = False, progress: bool = True, huge_pages: bool = True) -> dict[str, Any]:
+    """Measure every cell with `world` spawned ranks; returns the report (settings, machine, rows).
+
+    `huge_pages`: torch allocates CPU tensors of 2 MiB and more on transparent huge pages in every rank. The
+    optimizer steps stream hundreds of MB; on 4 KiB pages their speed here swung 0.7-8 GB/s with the host's load
+    (page walks), on huge pages it held at 8 GB/s."""
     from . import report
     from .procs import spawn
     from .worker import cell_name, run_cells
 
     settings_dict = settings.to_dict()
+    env = {"THP_MEM_ALLOC_ENABLE": "1" if huge_pages else "0"}
     load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory(prefix="molf-bench-") as tmp:
         if shared_process:
-            spawn(run_cells, world, cells, settings_dict, tmp, progress, threads=threads)
+            spawn(run_cells, world, cells, settings_dict, tmp, progress, threads=threads, env=env)
             indices = list(range(len(cells)))
         else:
             bar = None
@@ -125,7 +133,7 @@ def run_bench(settings: Settings, cells: list[tuple[int, bool, str]], world: int
                     bar.set_postfix_str(cell_name(cell))
                 sub = Path(tmp, f"c{k}")
                 sub.mkdir()
-                spawn(run_cells, world, [cell], settings_dict, str(sub), False, threads=threads)
+                spawn(run_cells, world, [cell], settings_dict, str(sub), False, threads=threads, env=env)
                 for rank in range(world):
                     Path(sub, f"cell-0.rank-{rank}.json").rename(Path(tmp, f"cell-{k}.rank-{rank}.json"))
                 if bar is not None:
@@ -139,7 +147,7 @@ def run_bench(settings: Settings, cells: list[tuple[int, bool, str]], world: int
     report.add_ratios(rows)
     machine = {**_machine(settings.device), "load_average_before": load_before, "load_average_after": os.getloadavg()}
     return {"settings": settings_dict, "world": world, "threads_per_rank": threads, "memory_per_cell": not shared_process,
-            "machine": machine, "rows": rows}
+            "huge_pages": huge_pages, "machine": machine, "rows": rows}
 
 
 def _machine(device: str) -> dict[str, Any]:
@@ -184,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         args.world = min(args.world, torch.cuda.device_count())
-    result = run_bench(settings, cells, args.world, args.threads, args.shared_process, not args.no_progress)
+    result = run_bench(settings, cells, args.world, args.threads, args.shared_process, not args.no_progress,
+                       args.huge_pages)
     print(report.text(result))
     if args.out is not None:
         argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]

@@ -1,5 +1,6 @@
 """Real multi-process runs: `spawn(fn, world, *args)` starts `world` ranks with the environment DeepSpeed and
-torch.distributed expect (one OpenMP thread each on CPU)."""
+torch.distributed expect (one OpenMP thread each on CPU), plus any variables the children must see before they
+import torch."""
 from __future__ import annotations
 
 import os
@@ -25,14 +26,17 @@ def _enter(rank: int, world: int, port: int, threads: int, fn: Callable[..., Non
     fn(rank, world, *args)
 
 
-def spawn(fn: Callable[..., None], world: int, *args: Any, threads: int = 1) -> None:
-    """Run fn(rank, world, *args) in `world` fresh processes (start method "spawn"), `threads` threads each."""
-    before = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by OpenMP when a child loads torch, before _enter runs
+def spawn(fn: Callable[..., None], world: int, *args: Any, threads: int = 1, env: dict[str, str] | None = None) -> None:
+    """Run fn(rank, world, *args) in `world` fresh processes (start method "spawn"), `threads` threads each; `env`
+    is set in the children from their start (OpenMP and torch read theirs when loaded, before _enter runs)."""
+    child_env = {**(env or {}), "OMP_NUM_THREADS": str(threads)}
+    before = {name: os.environ.get(name) for name in child_env}
+    os.environ.update(child_env)
     try:
         mp.start_processes(_enter, args=(world, free_port(), threads, fn, args), nprocs=world, start_method="spawn")
     finally:
-        if before is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = before
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value

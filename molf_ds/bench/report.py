@@ -180,7 +180,8 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
         f"Model {s['model']} ({report['rows'][0].get('trainable_params', '?')} trainable params for the first row), "
         f"{report['world']} ranks on {s['device']}, {s['dtype']}, micro-batch {s['micro_batch']} x {s['seq']} tokens "
         f"per rank, median of {s['steps']} steps after {s['warmup']} warm-up; MoLF ranks {s['molf_ranks']}, "
-        f"MoLF-E ranks {s['molf_e_ranks']}, LoRA rank {sum(s['molf_e_ranks'])}. Load average before / after: "
+        f"MoLF-E ranks {s['molf_e_ranks']}, LoRA rank {sum(s['molf_e_ranks'])}; CPU tensors on "
+        f"{'huge' if report.get('huge_pages') else '4 KiB'} pages. Load average before / after: "
         f"{_load(report, 'before')} / {_load(report, 'after')}.\n"
     )
     parts.append("Training step\n\n" + markdown_table(*step_table(report["rows"])) + "\n")
