@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -45,6 +46,17 @@ def test_files_and_keys(bench_run):
     assert md.count("| ZeRO-2 |") == 2 * len(METHODS)  # a row per method in each of the two tables
     for png in ("step_vs_fft.png", "optimizer_gbps.png", "peak_memory.png"):
         assert (out / png).stat().st_size > 0
+
+
+def test_huge_pages(bench_run):
+    """Every rank allocates its big CPU tensors on transparent huge pages (the default), where the kernel offers
+    them."""
+    result = bench_run[1]
+    assert result["huge_pages"] is True
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.is_file() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are off on this machine")
+    assert all(row["huge_page_mib"] > 0 for row in result["rows"])
 
 
 def test_ratios(bench_run):

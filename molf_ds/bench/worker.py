@@ -88,6 +88,15 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def _huge_page_bytes() -> int:
+    """Anonymous memory of this process on transparent huge pages (0 where the kernel does not say)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("AnonHugePages:")), 0)
+    except OSError:
+        return 0
+
+
 def _flat_groups(engine: Any) -> list[tuple[int, torch.Tensor]]:
     """(param group, flat tensor) for every tensor the basic optimizer steps: DeepSpeed's fp32 partitions under
     ZeRO-1/2 and ZeRO-3 (one per sub-group), the trainable parameters (or their fp32 copies) otherwise."""
@@ -278,6 +287,7 @@ def measure(cell: Cell, s: Settings, rank: int, world: int) -> dict[str, Any]:
         "flat_tensors": [flat.numel() for _, flat in _flat_groups(engine)], "setup_s": setup_s, "steps": steps,
         "tokens_per_step": world * s.micro_batch * s.seq,
         "peak_rss_bytes": _peak_rss_bytes(), "rss_start_bytes": rss_start, "rss_end_bytes": _rss_bytes(),
+        "huge_page_bytes": _huge_page_bytes(),
     }
     if s.device == "cuda":
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
