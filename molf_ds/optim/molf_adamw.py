@@ -243,7 +243,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         """Global scores from the local sums, then the same top-k on every rank; returns the flat winner mask."""
         if self.reduce_scores is not None:
             # The one collective of the step, where it is needed: started earlier, in flight while the plain groups
-            # took their AdamW step, it made the step 12-30 ms slower on CPU (2 gloo ranks, measured).
+            # took their AdamW step, it made the step 5-48 ms slower on CPU (2 gloo ranks, measured).
             self.reduce_scores(sums)
             took_part = self.index.sizes.view(-1) > 0  # partitioned grads always exist
         scores, winners = kernels.route(sums, self.index.sizes, took_part, self.index.n_experts, self.cfg.top_k,
