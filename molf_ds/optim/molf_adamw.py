@@ -158,8 +158,10 @@ class MoLFAdamW(torch.optim.Optimizer):
                 )
             routing.batches.append((params, exp_avgs, exp_avg_sqs, segments, backups))
             counts["moments"] += sum(segments.numels)
-            if not self.defer_routing:  # route before the plain groups step: less work for the ranks to drift
-                self.finish_routing()  # apart on before they meet at the all-reduce
+            # Route before the plain groups step: the ranks meet at the all-reduce with less work behind them to
+            # have drifted apart on.
+            if not self.defer_routing:
+                self.finish_routing()
         return loss
 
     def _routing_of(self, t: int) -> "_Routing":
