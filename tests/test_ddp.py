@@ -57,23 +57,31 @@ def _worker(rank, port, model_dir, state_path, out_dir):
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        model, cfg = _build(model_dir, state_path)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = molf_ds.build_optimizer(model, cfg, routing_log=os.path.join(out_dir, f"routing_rank{rank}.jsonl"))
-        sched = _schedule(opt)
-        per = BATCH // WORLD
-        records = []
-        for ids in token_batches(STEPS, BATCH, SEQ):
-            half = ids[rank * per:(rank + 1) * per]
-            ddp(input_ids=half, labels=half).loss.backward()
-            opt.step()
-            records.append(json.loads(json.dumps(opt.last_routing)))
-            sched.step()
-            opt.zero_grad()
-        torch.save({"records": records, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        _train(rank, model_dir, state_path, out_dir)
+        # DDP's reducer went with _train's frame while the group was alive, and every rank is done with the group.
+        # Freed after destroy_process_group instead, the reducer destroys the gloo group while holding the GIL, and
+        # can deadlock with gloo's thread releasing a finished work's tensors (it hung once here, torch 2.13).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _train(rank, model_dir, state_path, out_dir):
+    model, cfg = _build(model_dir, state_path)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = molf_ds.build_optimizer(model, cfg, routing_log=os.path.join(out_dir, f"routing_rank{rank}.jsonl"))
+    sched = _schedule(opt)
+    per = BATCH // WORLD
+    records = []
+    for ids in token_batches(STEPS, BATCH, SEQ):
+        half = ids[rank * per:(rank + 1) * per]
+        ddp(input_ids=half, labels=half).loss.backward()
+        opt.step()
+        records.append(json.loads(json.dumps(opt.last_routing)))
+        sched.step()
+        opt.zero_grad()
+    torch.save({"records": records, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}},
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_ddp_two_ranks_match_single_process(tiny, tmp_path):
