@@ -38,7 +38,7 @@ def merge(ranks: list[dict[str, Any]]) -> dict[str, Any]:
         engine_step_ms=1e3 * _median_of_max(per_rank, "engine_step_s"),
         optimizer_ms=1e3 * _median_of_max(per_rank, "optimizer_s"),
         peak_rss_mib=max(r["peak_rss_bytes"] for r in ranks) / MIB,
-        huge_page_mib=min(r.get("huge_page_bytes", 0) for r in ranks) / MIB,
+        huge_page_mib=min(r["huge_page_bytes"] for r in ranks) / MIB,
         loss=statistics.fmean(s["loss"] for s in first["steps"]),
     )
     if "peak_gpu_bytes" in first:
