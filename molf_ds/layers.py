@@ -43,17 +43,17 @@ class MoLFLinear(nn.Module):
                 nn.init.zeros_(b.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        h, keep_scale = self._dropout(x)
-        flat = y.reshape(-1, y.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])
+        y = self.base_layer(rows)  # 2-D, so that the experts add into y itself, not into a view of it
+        h, keep_scale = self._dropout(rows)
         for a, b, s in zip(self.lora_A, self.lora_B, self.scaling):
             # the experts' weights are used directly, not through their modules: under ZeRO-3 they are resident
             # (molf_ds.zero.attach), so DeepSpeed need not run its gather/release hooks around them
             t = F.linear(h.to(a.weight.dtype), a.weight)
-            # y + s * t B^T in one BLAS call (the dropout's 1/(1-p) folded into alpha): no output-sized temporaries
-            flat = torch.addmm(flat, t.reshape(-1, t.shape[-1]).to(y.dtype), b.weight.t().to(y.dtype),
-                               alpha=s * keep_scale)
-        return flat.view(y.shape)
+            # y += s * t B^T in one BLAS call, in place (the base's backward does not need y; the dropout's
+            # 1/(1-p) folded into alpha): no output-sized temporary, no copy of y
+            y.addmm_(t.to(y.dtype), b.weight.t().to(y.dtype), alpha=s * keep_scale)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def _dropout(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The experts' input after dropout, and the scale its kept elements are still owed."""
