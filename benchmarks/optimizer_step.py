@@ -44,7 +44,8 @@ def measure(args: argparse.Namespace) -> dict:
         for step, speculative in STEPS.items():
             settings = replace(base, lr=args.lr, lora_lr=args.lr * factor, speculative_update=speculative)
             runs[f"{routing}/{step}"] = run_bench(settings, cells, world=2, shared_process=True,
-                                                  progress=not args.no_progress, huge_pages=args.huge_pages)
+                                                  progress=not args.no_progress, huge_pages=args.huge_pages,
+                                                  interleave=False)
     rows = []
     for name, report in runs.items():
         routing, step = name.split("/")

@@ -41,6 +41,7 @@ def test_files_and_keys(bench_run):
         assert "error" not in row, row
         assert ROW_KEYS <= row.keys(), ROW_KEYS - row.keys()
         assert row["measured_steps"] == 2 and row["stage"] == 2 and row["offload"] is False
+        assert row["interleaved"] is True and row["alone_step_ms"] > 0  # step times from the interleaved run
         assert {"own", "deepspeed_cpu_adam", "torch_adamw_fused"} <= row["isolated_ms"].keys()
     md = (out / "bench.md").read_text()
     assert md.count("| ZeRO-2 |") == 2 * len(METHODS)  # a row per method in each of the two tables
@@ -91,6 +92,27 @@ def test_exactly_one_more_all_reduce(bench_run, molf, baseline):
     assert [n_modules * n_experts * 8] == [b for name, b in rows[molf]["engine_step_collectives"]
                                            if name == "allreduce" and b == n_modules * n_experts * 8]
     assert rows[molf]["ratios"][f"collectives_minus_{baseline}"] == 1
+
+
+def test_merge_takes_step_times_from_the_interleaved_run():
+    """Memory and the isolated optimizer steps come from the cell's own run, step times and collectives from its
+    steps in the interleaved run; an error in either run marks the row."""
+    def steps(seconds: float, collectives: int) -> list[dict]:
+        keys = ("step_s", "forward_backward_s", "engine_step_s", "optimizer_s", "step_cpu_s", "engine_step_cpu_s",
+                "optimizer_cpu_s")
+        return [{**dict.fromkeys(keys, seconds), "collectives": collectives, "collective_bytes": 8,
+                 "step_collectives": [["allreduce", 8]], "optimizer_bytes": 28, "loss": 1.0}] * 3
+
+    ident = {"cell": "zero2/molf", "stage": 2, "offload": False, "method": "molf", "world": 2}
+    alone = [{**ident, "rank": r, "steps": steps(2.0, 5), "optimizer": "MoLFAdamW", "trainable_params": 10,
+              "tokens_per_step": 100, "peak_rss_bytes": (r + 1) * 2**20, "huge_page_bytes": 0} for r in range(2)]
+    timed = [{**ident, "rank": r, "steps": steps(0.5 + r, 7)} for r in range(2)]
+    row = report.merge(alone, timed)
+    assert row["interleaved"] and row["step_ms"] == 1500.0 and row["alone_step_ms"] == 2000.0
+    assert row["collectives_per_step"] == 7 and row["peak_rss_mib"] == 2.0 and row["tokens_per_s"] == 100 / 1.5
+    assert report.merge(alone)["step_ms"] == 2000.0 and not report.merge(alone)["interleaved"]
+    failed = [{**timed[0], "error": "RuntimeError: boom"}, timed[1]]
+    assert report.merge(alone, failed)["error"] == "RuntimeError: boom"
 
 
 def test_cells_and_arguments():

@@ -5,8 +5,9 @@ For one model config, every (ZeRO stage, optimizer offload) mode and every metho
 for warm-up + measured steps on random tokens and reports median training-step time, tokens/s,
 engine.step() time, the basic optimizer's own time and memory traffic (beside DeepSpeedCPUAdam and torch's
 fused AdamW on tensors of the same sizes, in the same run), peak memory (RSS on CPU, the allocator's peak on
-GPU) and the collectives per step with their bytes. Ratios against FFT and LoRA of the same mode, a text
-table, JSON and markdown (`--out`), PNG charts (`--plot`).
+GPU) and the collectives per step with their bytes. The step times come from one run per mode in which its
+methods train in the same ranks in turn, step by step (`--no-interleave`: from each cell's own run). Ratios
+against FFT and LoRA of the same mode, a text table, JSON and markdown (`--out`), PNG charts (`--plot`).
 
     python -m molf_ds.bench --model qwen2-h256 --out bench_results/bench
 """
@@ -20,7 +21,7 @@ import shlex
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .methods import BASELINE_OPTIMIZERS, EXTRA_METHODS, METHODS, Settings, default_ranks
 
@@ -67,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
                         help="leave torch's CPU tensors on 4 KiB pages (default: THP_MEM_ALLOC_ENABLE=1 in every rank, "
                              "for every method alike)")
+    parser.add_argument("--no-interleave", dest="interleave", action="store_false",
+                        help="time each cell in its own run (default: a mode's methods train in turn in the same ranks, "
+                             "step by step, for their step times)")
     parser.add_argument("--shared-process", action="store_true",
                         help="run every cell in the same ranks (faster start; peak memory then is not per cell)")
     parser.add_argument("--out", type=Path, default=None, help="directory for bench.json and bench.md")
@@ -104,50 +108,76 @@ def cells_for(stages: Sequence[int], offloads: Sequence[str], methods: Sequence[
 
 
 def run_bench(settings: Settings, cells: list[tuple[int, bool, str]], world: int = 2, threads: int = 1,
-              shared_process: bool = False, progress: bool = True, huge_pages: bool = True) -> dict[str, Any]:
+              shared_process: bool = False, progress: bool = True, huge_pages: bool = True,
+              interleave: bool = True) -> dict[str, Any]:
     """Measure every cell with `world` spawned ranks; returns the report (settings, machine, rows).
+
+    Each cell first runs alone in its ranks (fresh ones, unless `shared_process`): peak memory and the isolated
+    optimizer steps. With `interleave`, the step times then come from one run per mode in which the mode's cells
+    train in the same ranks in turn, step by step: on a shared machine whose speed drifts by tens of percent over
+    minutes, only that compares methods under the same conditions (the cell-alone runs then train
+    min(steps, 2) steps). Without it, the cell-alone runs time the steps.
 
     `huge_pages`: torch allocates CPU tensors of 2 MiB and more on transparent huge pages in every rank. The
     optimizer steps stream hundreds of MB; on 4 KiB pages their speed here swung 0.7-8 GB/s with the host's load
     (page walks), on huge pages it held at 8 GB/s."""
     from . import report
     from .procs import spawn
-    from .worker import cell_name, run_cells
+    from .worker import cell_name, run_cells, run_interleaved
 
-    settings_dict = settings.to_dict()
     env = {"THP_MEM_ALLOC_ENABLE": "1" if huge_pages else "0"}
+    alone_settings = settings.to_dict()
+    if interleave:
+        alone_settings["steps"] = min(settings.steps, 2)
     load_before = os.getloadavg()
-    rows = []
     with tempfile.TemporaryDirectory(prefix="molf-bench-") as tmp:
-        if shared_process:
-            spawn(run_cells, world, cells, settings_dict, tmp, progress, threads=threads, env=env)
-            indices = list(range(len(cells)))
-        else:
-            bar = None
-            if progress:
-                from tqdm import tqdm
+        def collect(directory: Path, n: int) -> list[list[dict[str, Any]]]:
+            return [[json.loads(Path(directory, f"cell-{k}.rank-{r}.json").read_text()) for r in range(world)]
+                    for k in range(n)]
 
-                bar = tqdm(total=len(cells), desc="bench", unit="cell", file=sys.stderr)
-            for k, cell in enumerate(cells):
-                if bar is not None:
-                    bar.set_postfix_str(cell_name(cell))
+        alone: list[list[dict[str, Any]]] = []
+        if shared_process:
+            spawn(run_cells, world, cells, alone_settings, tmp, progress, threads=threads, env=env)
+            alone = collect(Path(tmp), len(cells))
+        else:
+            for k, cell in _progress(cells, progress, "bench", cell_name):
                 sub = Path(tmp, f"c{k}")
                 sub.mkdir()
-                spawn(run_cells, world, [cell], settings_dict, str(sub), False, threads=threads, env=env)
-                for rank in range(world):
-                    Path(sub, f"cell-0.rank-{rank}.json").rename(Path(tmp, f"cell-{k}.rank-{rank}.json"))
-                if bar is not None:
-                    bar.update()
-            if bar is not None:
-                bar.close()
-            indices = list(range(len(cells)))
-        for k in indices:
-            ranks = [json.loads(Path(tmp, f"cell-{k}.rank-{r}.json").read_text()) for r in range(world)]
-            rows.append(report.merge(ranks))
+                spawn(run_cells, world, [cell], alone_settings, str(sub), False, threads=threads, env=env)
+                alone += collect(sub, 1)
+        timing: list[list[dict[str, Any]] | None] = [None] * len(cells)
+        if interleave:
+            modes: dict[tuple[int, bool], list[int]] = {}
+            for k, (stage, offload, _) in enumerate(cells):
+                modes.setdefault((stage, offload), []).append(k)
+            for i, (_, ks) in _progress(list(modes.items()), progress, "interleaved",
+                                           lambda m: report.mode_name(*m[0])):
+                sub = Path(tmp, f"m{i}")
+                sub.mkdir()
+                spawn(run_interleaved, world, [cells[k] for k in ks], settings.to_dict(), str(sub), threads=threads,
+                      env=env)
+                for k, ranks in zip(ks, collect(sub, len(ks))):
+                    timing[k] = ranks
+        rows = [report.merge(ranks, timed) for ranks, timed in zip(alone, timing)]
     report.add_ratios(rows)
     machine = {**_machine(settings.device), "load_average_before": load_before, "load_average_after": os.getloadavg()}
-    return {"settings": settings_dict, "world": world, "threads_per_rank": threads, "memory_per_cell": not shared_process,
-            "huge_pages": huge_pages, "machine": machine, "rows": rows}
+    return {"settings": settings.to_dict(), "world": world, "threads_per_rank": threads,
+            "memory_per_cell": not shared_process, "interleaved": interleave, "huge_pages": huge_pages,
+            "machine": machine, "rows": rows}
+
+
+def _progress(items: list, show: bool, desc: str, label: Callable[[Any], str]) -> Iterator[tuple[int, Any]]:
+    """enumerate(items), with a tqdm bar on stderr naming the item at work when `show`."""
+    if not show:
+        yield from enumerate(items)
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=len(items), desc=desc, unit="run", file=sys.stderr) as bar:
+        for k, item in enumerate(items):
+            bar.set_postfix_str(label(item))
+            yield k, item
+            bar.update()
 
 
 def _machine(device: str) -> dict[str, Any]:
@@ -193,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
 
         args.world = min(args.world, torch.cuda.device_count())
     result = run_bench(settings, cells, args.world, args.threads, args.shared_process, not args.no_progress,
-                       args.huge_pages)
+                       args.huge_pages, args.interleave)
     print(report.text(result))
     if args.out is not None:
         argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]

@@ -15,15 +15,21 @@ def _median_of_max(per_rank: list[list[dict]], key: str, stat=statistics.median)
     return stat(max(s[key] for s in step) for step in steps)
 
 
-def merge(ranks: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row from the per-rank results of one cell."""
+def merge(ranks: list[dict[str, Any]], timed: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One row from the per-rank results of one cell: memory and isolated optimizer steps from its own run
+    (`ranks`), step times and collectives from `timed` (its steps in the interleaved run of its mode) when given,
+    from its own run otherwise."""
     first = ranks[0]
     row: dict[str, Any] = {k: first[k] for k in ("cell", "stage", "offload", "method")}
-    errors = [r["error"] for r in ranks if "error" in r]
+    errors = [r["error"] for r in ranks + (timed or []) if "error" in r]
     if errors:
         row["error"] = errors[0]
         return row
-    per_rank = [r["steps"] for r in ranks]
+    row["interleaved"] = timed is not None
+    if timed is not None:
+        row["alone_step_ms"] = 1e3 * _median_of_max([r["steps"] for r in ranks], "step_s")
+        first = {**first, **timed[0]}
+    per_rank = [r["steps"] for r in (timed or ranks)]
     step_s = _median_of_max(per_rank, "step_s")
     row.update(
         optimizer=first["optimizer"], trainable_params=first["trainable_params"], world=first["world"],

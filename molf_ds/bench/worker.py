@@ -1,5 +1,6 @@
 """What each rank does: build a cell's engine, train it for warm-up + measured steps, time every phase, count
-collectives, read memory, then time plain AdamW steps on the optimizer's own flat tensor sizes.
+collectives, read memory, then time plain AdamW steps on the optimizer's own flat tensor sizes (`run_cells`);
+or train all cells of one mode in the same ranks, step by step in turn, for their step times (`run_interleaved`).
 
 Results go to OUT/cell-K.rank-R.json, one file per (cell, rank); `report.py` merges the ranks."""
 from __future__ import annotations
@@ -238,28 +239,30 @@ def _routing_shares(engine: Any) -> dict[str, float] | None:
     return optimizer.routing_shares()
 
 
-def measure(cell: Cell, s: Settings, rank: int, world: int) -> dict[str, Any]:
-    import deepspeed.comm as dist
+class _Trainer:
+    """One cell's engine, trained step by step: each step timed (phases, CPU time), its collectives counted."""
 
-    stage, offload, method = cell
-    clock = _Clock(s.device)
-    if s.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    rss_start = _rss_bytes()
-    dtype = torch.float32
-    model = models.build(s.model, s.seed, dtype)
-    if s.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    vocab = model.config.vocab_size
-    setup_start = clock()
-    engine = build_engine(method, model, s, stage, offload)
-    setup_s = clock() - setup_start
-    timer = _OptimizerTimer(engine.basic_optimizer, clock)
-    steps: list[dict[str, Any]] = []
-    shares: list[dict[str, float]] = []
-    device = engine.device
-    for step in range(s.warmup + s.steps):
-        ids = models.token_batch(step, rank, s.micro_batch, s.seq, vocab).to(device)
+    def __init__(self, cell: Cell, s: Settings, rank: int) -> None:
+        stage, offload, method = cell
+        self.cell, self.s, self.rank = cell, s, rank
+        self.clock = _Clock(s.device)
+        model = models.build(s.model, s.seed, torch.float32)
+        if s.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.vocab = model.config.vocab_size
+        start = self.clock()
+        self.engine = build_engine(method, model, s, stage, offload)
+        self.setup_s = self.clock() - start
+        self.timer = _OptimizerTimer(self.engine.basic_optimizer, self.clock)
+        self.steps: list[dict[str, Any]] = []
+        self.shares: list[dict[str, float]] = []
+
+    def step(self, step: int) -> None:
+        """Training step number `step` (the same tokens for every cell); recorded after the warm-up steps."""
+        import deepspeed.comm as dist
+
+        engine, clock = self.engine, self.clock
+        ids = models.token_batch(step, self.rank, self.s.micro_batch, self.s.seq, self.vocab).to(engine.device)
         dist.barrier()  # every rank starts the step together (outside the counted and timed region)
         with count_collectives() as calls:
             t0, c0 = clock(), cpu_seconds()
@@ -269,45 +272,104 @@ def measure(cell: Cell, s: Settings, rank: int, world: int) -> dict[str, Any]:
             in_backward = len(calls)
             engine.step()
             t2, c2 = clock(), cpu_seconds()
-        opt_s, opt_cpu = timer.take()
-        if step < s.warmup:
-            continue
-        steps.append({
+        opt_s, opt_cpu = self.timer.take()
+        if step < self.s.warmup:
+            return
+        self.steps.append({
             "step_s": t2 - t0, "forward_backward_s": t1 - t0, "engine_step_s": t2 - t1, "optimizer_s": opt_s,
             "step_cpu_s": c2 - c0, "engine_step_cpu_s": c2 - c1, "optimizer_cpu_s": opt_cpu,
             "collectives": len(calls), "collective_bytes": calls.total_bytes,
             "step_collectives": [list(c) for c in calls.since(in_backward)],
             "optimizer_bytes": optimizer_bytes(engine), "loss": float(loss.detach().float()),
         })
-        if method in MOLF_METHODS and (r := _routing_shares(engine)) is not None:
-            shares.append(r)
+        if self.cell[2] in MOLF_METHODS and (r := _routing_shares(engine)) is not None:
+            self.shares.append(r)
+
+    def timings(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"steps": self.steps}
+        if self.shares:
+            out["routing_shares"] = {e: statistics.fmean(r[e] for r in self.shares) for e in self.shares[0]}
+        return out
+
+
+def _identity(cell: Cell, rank: int, world: int) -> dict[str, Any]:
+    stage, offload, method = cell
+    return {"cell": cell_name(cell), "stage": stage, "offload": offload, "method": method, "rank": rank, "world": world}
+
+
+def _error(cell: Cell, rank: int, world: int, error: Exception) -> dict[str, Any]:
+    return {**_identity(cell, rank, world), "error": f"{type(error).__name__}: {error}",
+            "traceback": traceback.format_exc()}
+
+
+def measure(cell: Cell, s: Settings, rank: int, world: int) -> dict[str, Any]:
+    """One cell alone in its ranks: training steps, peak memory, then the isolated optimizer steps."""
+    if s.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss_start = _rss_bytes()
+    trainer = _Trainer(cell, s, rank)
+    for step in range(s.warmup + s.steps):
+        trainer.step(step)
+    engine = trainer.engine
     result: dict[str, Any] = {
-        "cell": cell_name(cell), "stage": stage, "offload": offload, "method": method, "rank": rank, "world": world,
+        **_identity(cell, rank, world), **trainer.timings(),
         "optimizer": optimizer_name(engine), "trainable_params": trainable_params(engine),
-        "flat_tensors": [flat.numel() for _, flat in _flat_groups(engine)], "setup_s": setup_s, "steps": steps,
+        "flat_tensors": [flat.numel() for _, flat in _flat_groups(engine)], "setup_s": trainer.setup_s,
         "tokens_per_step": world * s.micro_batch * s.seq,
         "peak_rss_bytes": _peak_rss_bytes(), "rss_start_bytes": rss_start, "rss_end_bytes": _rss_bytes(),
         "huge_page_bytes": _huge_page_bytes(),
     }
     if s.device == "cuda":
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
-    if shares:
-        result["routing_shares"] = {e: statistics.fmean(r[e] for r in shares) for e in shares[0]}
     if s.reference_repeats > 0:  # after every training measurement: it moves the engine's weights
         result["isolated"] = isolated_optimizer_steps(engine, s.reference_repeats, s.device)
-        if method in MOLF_METHODS and (r := _routing_shares(engine)) is not None:
+        if cell[2] in MOLF_METHODS and (r := _routing_shares(engine)) is not None:
             result["isolated"]["routing_shares"] = r
     return result
 
 
-def run_cells(rank: int, world: int, cells: list[Cell], settings: dict[str, Any], out: str, progress: bool) -> None:
-    """The entry point of each spawned rank: measure `cells` one after the other, write one JSON per cell."""
+def run_interleaved(rank: int, world: int, cells: list[Cell], settings: dict[str, Any], out: str) -> None:
+    """The entry point of each spawned rank for one mode's timing: every cell's engine in the same ranks, trained
+    step by step in turn (the order rotates each step, so that no method always follows the same one). A change
+    of the machine's speed then hits every method alike, which separate runs minutes apart do not ensure.
+    Writes OUT/cell-K.rank-R.json with each cell's step records."""
+    s = Settings(**settings)
+    _init_distributed(s, rank)
+    trainers: dict[int, _Trainer] = {}
+    for k, cell in enumerate(cells):
+        try:
+            trainers[k] = _Trainer(cell, s, rank)
+        except Exception as error:
+            _write(out, k, rank, _error(cell, rank, world, error))
+    for step in range(s.warmup + s.steps):
+        order = sorted(trainers)
+        shift = step % max(1, len(order))
+        for k in order[shift:] + order[:shift]:
+            try:
+                trainers[k].step(step)
+            except Exception as error:
+                _write(out, k, rank, _error(cells[k], rank, world, error))
+                del trainers[k]
+    for k, trainer in trainers.items():
+        _write(out, k, rank, {**_identity(cells[k], rank, world), **trainer.timings()})
+
+
+def _init_distributed(s: Settings, rank: int) -> None:
     import deepspeed
 
-    s = Settings(**settings)
     if s.device == "cuda":
         torch.cuda.set_device(rank)
     deepspeed.init_distributed(dist_backend="nccl" if s.device == "cuda" else "gloo", auto_mpi_discovery=False)
+
+
+def _write(out: str, k: int, rank: int, result: dict[str, Any]) -> None:
+    Path(out, f"cell-{k}.rank-{rank}.json").write_text(json.dumps(result))
+
+
+def run_cells(rank: int, world: int, cells: list[Cell], settings: dict[str, Any], out: str, progress: bool) -> None:
+    """The entry point of each spawned rank: measure `cells` one after the other, write one JSON per cell."""
+    s = Settings(**settings)
+    _init_distributed(s, rank)
     bar = None
     if progress and rank == 0 and len(cells) > 1:
         from tqdm import tqdm
@@ -319,9 +381,8 @@ def run_cells(rank: int, world: int, cells: list[Cell], settings: dict[str, Any]
         try:
             result = measure(cell, s, rank, world)
         except Exception as error:  # one unsupported cell must not lose the others
-            result = {"cell": cell_name(cell), "stage": cell[0], "offload": cell[1], "method": cell[2], "rank": rank,
-                      "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
-        Path(out, f"cell-{k}.rank-{rank}.json").write_text(json.dumps(result))
+            result = _error(cell, rank, world, error)
+        _write(out, k, rank, result)
         if bar is not None:
             bar.update()
         gc.collect()
