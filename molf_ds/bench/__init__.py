@@ -126,9 +126,8 @@ def run_bench(settings: Settings, cells: list[tuple[int, bool, str]], world: int
     from .worker import cell_name, run_cells, run_interleaved
 
     env = {"THP_MEM_ALLOC_ENABLE": "1" if huge_pages else "0"}
-    alone_settings = settings.to_dict()
-    if interleave:
-        alone_settings["steps"] = min(settings.steps, 2)
+    settings_dict = settings.to_dict()
+    alone_settings = {**settings_dict, "steps": min(settings.steps, 2)} if interleave else settings_dict
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="molf-bench-") as tmp:
         def collect(directory: Path, n: int) -> list[list[dict[str, Any]]]:
@@ -154,14 +153,13 @@ def run_bench(settings: Settings, cells: list[tuple[int, bool, str]], world: int
                                            lambda m: report.mode_name(*m[0])):
                 sub = Path(tmp, f"m{i}")
                 sub.mkdir()
-                spawn(run_interleaved, world, [cells[k] for k in ks], settings.to_dict(), str(sub), threads=threads,
-                      env=env)
+                spawn(run_interleaved, world, [cells[k] for k in ks], settings_dict, str(sub), threads=threads, env=env)
                 for k, ranks in zip(ks, collect(sub, len(ks))):
                     timing[k] = ranks
         rows = [report.merge(ranks, timed) for ranks, timed in zip(alone, timing)]
     report.add_ratios(rows)
     machine = {**_machine(settings.device), "load_average_before": load_before, "load_average_after": os.getloadavg()}
-    return {"settings": settings.to_dict(), "world": world, "threads_per_rank": threads,
+    return {"settings": settings_dict, "world": world, "threads_per_rank": threads,
             "memory_per_cell": not shared_process, "interleaved": interleave, "huge_pages": huge_pages,
             "machine": machine, "rows": rows}
 

@@ -171,7 +171,8 @@ def _all_reduce_over(group: Any) -> ScoreReducer:
             while not work.is_completed():
                 os.sched_yield()
         work.wait()
-        sums.copy_(on_device)
+        if on_device is not sums:
+            sums.copy_(on_device)
 
     return reduce
 
