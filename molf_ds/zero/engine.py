@@ -77,7 +77,7 @@ def attach(wrapper: Any, optimizer: MoLFAdamW) -> None:
         optimizer.reduce_scores = _all_reduce_over(wrapper.dp_process_group)
         experts = [p for cell in index.params_by_cell.values() for p in cell if index.kind_of[id(p)] == LORA]
         _keep_resident(wrapper, experts)
-        _route_after_all_sub_groups(wrapper, optimizer, experts)
+        _route_after_all_sub_groups(wrapper, optimizer)
     elif isinstance(wrapper, FP16_UnfusedOptimizer):
         pairs = ((p, c) for lp, hp in zip(wrapper.fp16_groups, wrapper.fp32_groups) for p, c in zip(lp, hp))
         optimizer.layouts = copied_param_layouts(index, pairs)
@@ -91,14 +91,12 @@ def attach(wrapper: Any, optimizer: MoLFAdamW) -> None:
     optimizer.paused = False
 
 
-def _route_after_all_sub_groups(
-    zero3: DeepSpeedZeroOptimizer_Stage3, optimizer: MoLFAdamW, resident: list[nn.Parameter]
-) -> None:
+def _route_after_all_sub_groups(zero3: DeepSpeedZeroOptimizer_Stage3, optimizer: MoLFAdamW) -> None:
     """ZeRO-3 steps the wrapped optimizer one sub-group at a time. MoLF lets DeepSpeed's loop run as is
     (grads flattened, unscaled and clipped by DeepSpeed) but only gathers moments and scores in it; the
     winners' update and the copy of MoLF sub-groups back into the model run once every sub-group is in.
-    Then the resident experts are re-gathered in one collective (DeepSpeed's own re-gather of persistent
-    parameters in `_post_step` takes one per tensor)."""
+    Then the persistent parameters, the resident experts among them, are re-gathered in one collective
+    (DeepSpeed's own re-gather in `_post_step` takes one per tensor)."""
     optimizer.defer_routing = True
     molf_groups = {g for g, group in enumerate(optimizer.param_groups) if group["kind"] == "molf"}
     molf_sub_groups = {s for s, g in zero3.sub_group_to_group_id.items() if g in molf_groups}
@@ -117,7 +115,7 @@ def _route_after_all_sub_groups(
         for sub_group_id in waiting:
             copy_back(sub_group_id)
         waiting.clear()
-        _gather_coalesced(zero3, resident)
+        _gather_coalesced(zero3, zero3.persistent_parameters)
         return post_step(*args, **kwargs)
 
     zero3._reassign_or_swap_out_partitioned_parameters = copy_back_after_routing
@@ -137,26 +135,28 @@ def _keep_resident(zero3: DeepSpeedZeroOptimizer_Stage3, params: list[nn.Paramet
 
 
 def _gather_coalesced(zero3: DeepSpeedZeroOptimizer_Stage3, params: list[nn.Parameter]) -> None:
-    """All-gather the partitions of `params` that DeepSpeed released, in one collective, and mark them
-    available (DeepSpeed then skips them). Left to DeepSpeed with hierarchical partitioning (ZeRO++ hpZ),
-    quantized weights or mixed dtypes."""
-    stale = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-    if (not stale or zero3.zero_hpz_partition_size > 1 or len({p.ds_tensor.dtype for p in stale}) > 1
-            or any(hasattr(p.ds_tensor, "ds_quant_scale") for p in stale)):
+    """All-gather the partitions of `params` that DeepSpeed released, one collective per dtype and process group
+    (DeepSpeed's `_post_step` takes one per tensor), and mark them available so that DeepSpeed skips them. Left
+    to DeepSpeed with hierarchical partitioning (ZeRO++ hpZ) and for quantized weights."""
+    if zero3.zero_hpz_partition_size > 1:
         return
+    buckets: dict[tuple[torch.dtype, Any], list[nn.Parameter]] = {}
+    for p in params:
+        if p.ds_status == ZeroParamStatus.NOT_AVAILABLE and not hasattr(p.ds_tensor, "ds_quant_scale"):
+            buckets.setdefault((p.ds_tensor.dtype, p.ds_process_group), []).append(p)
     device = deepspeed.get_accelerator().current_device_name()
-    group = zero3.dp_process_group
-    world = dist.get_world_size(group=group)
-    local = torch.cat([p.ds_tensor.data.view(-1).to(device) for p in stale])
-    gathered = torch.empty(world * local.numel(), dtype=local.dtype, device=device)
-    dist.all_gather_into_tensor(gathered, local, group=group)
-    by_rank = gathered.view(world, -1)
-    offset = 0
-    for p in stale:
-        width = p.ds_tensor.ds_numel  # this rank's partition, padding included
-        p.data = by_rank[:, offset:offset + width].reshape(-1)[:p.ds_numel].view(p.ds_shape)  # a copy of its own
-        p.ds_status = ZeroParamStatus.AVAILABLE
-        offset += width
+    for (dtype, group), stale in buckets.items():
+        world = dist.get_world_size(group=group)
+        local = torch.cat([p.ds_tensor.data.view(-1).to(device) for p in stale])
+        gathered = torch.empty(world * local.numel(), dtype=dtype, device=device)
+        dist.all_gather_into_tensor(gathered, local, group=group)
+        by_rank = gathered.view(world, -1)
+        offset = 0
+        for p in stale:
+            width = p.ds_tensor.ds_numel  # this rank's partition, padding included
+            p.data = by_rank[:, offset:offset + width].reshape(-1)[:p.ds_numel].view(p.ds_shape)  # a copy of its own
+            p.ds_status = ZeroParamStatus.AVAILABLE
+            offset += width
 
 
 def _all_reduce_over(group: Any) -> ScoreReducer:
