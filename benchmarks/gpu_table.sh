@@ -10,8 +10,9 @@
 #
 # Extra arguments go to `python -m molf_ds.bench` (see --help). A cell DeepSpeed or molf_ds does not support
 # (e.g. ZeRO-0 with bf16 for MoLF) is reported as an error row and the others still run. Step times come from
-# a run per mode that holds all four engines at once (about 60 GB per GPU for qwen2.5-1.5b at ZeRO-0 on one
-# GPU); on smaller GPUs add --no-interleave (each cell timed in its own run).
+# runs that hold a method and its baseline at once (FFT and MoLF: two full fine-tunes' weights, gradients and
+# Adam states, about 50 GB per GPU for qwen2.5-1.5b at ZeRO-0 on one GPU); on smaller GPUs add --no-interleave
+# (each cell timed in its own run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -42,6 +42,8 @@ def test_files_and_keys(bench_run):
         assert ROW_KEYS <= row.keys(), ROW_KEYS - row.keys()
         assert row["measured_steps"] == 2 and row["stage"] == 2 and row["offload"] is False
         assert row["interleaved"] is True and row["alone_step_ms"] > 0  # step times from the interleaved run
+        pair = ["fft", "molf"] if row["method"] in ("fft", "molf") else ["lora", "molf-e"]  # each with its baseline
+        assert row["interleaved_with"] == [f"zero2/{m}" for m in pair], row["interleaved_with"]
         assert {"own", "deepspeed_cpu_adam", "torch_adamw_fused"} <= row["isolated_ms"].keys()
     md = (out / "bench.md").read_text()
     assert md.count("| ZeRO-2 |") == 2 * len(METHODS)  # a row per method in each of the two tables

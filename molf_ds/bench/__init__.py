@@ -5,9 +5,10 @@ For one model config, every (ZeRO stage, optimizer offload) mode and every metho
 for warm-up + measured steps on random tokens and reports median training-step time, tokens/s,
 engine.step() time, the basic optimizer's own time and memory traffic (beside DeepSpeedCPUAdam and torch's
 fused AdamW on tensors of the same sizes, in the same run), peak memory (RSS on CPU, the allocator's peak on
-GPU) and the collectives per step with their bytes. The step times come from one run per mode in which its
-methods train in the same ranks in turn, step by step (`--no-interleave`: from each cell's own run). Ratios
-against FFT and LoRA of the same mode, a text table, JSON and markdown (`--out`), PNG charts (`--plot`).
+GPU) and the collectives per step with their bytes. The step times come from runs in which each method trains
+in the same ranks as its baseline, in turn, step by step: FFT with MoLF, LoRA with MoLF-E (`--no-interleave`:
+from each cell's own run). Ratios against FFT and LoRA of the same mode, a text table, JSON and markdown
+(`--out`), PNG charts (`--plot`).
 
     python -m molf_ds.bench --model qwen2-h256 --out bench_results/bench
 """
@@ -23,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .methods import BASELINE_OPTIMIZERS, EXTRA_METHODS, METHODS, Settings, default_ranks
+from .methods import BASELINE_OPTIMIZERS, EXTRA_METHODS, METHODS, Settings, baseline_of, default_ranks
 
 __all__ = ["Settings", "add_arguments", "cells_for", "run", "run_bench"]
 
@@ -113,10 +114,12 @@ def run_bench(settings: Settings, cells: list[tuple[int, bool, str]], world: int
     """Measure every cell with `world` spawned ranks; returns the report (settings, machine, rows).
 
     Each cell first runs alone in its ranks (fresh ones, unless `shared_process`): peak memory and the isolated
-    optimizer steps. With `interleave`, the step times then come from one run per mode in which the mode's cells
-    train in the same ranks in turn, step by step: on a shared machine whose speed drifts by tens of percent over
-    minutes, only that compares methods under the same conditions (the cell-alone runs then train
-    min(steps, 2) steps). Without it, the cell-alone runs time the steps.
+    optimizer steps. With `interleave`, the step times then come from one run per mode and baseline in which a
+    baseline's cells (FFT and MoLF; LoRA and MoLF-E) train in the same ranks in turn, step by step: on a shared
+    machine whose speed drifts by tens of percent over minutes, only that compares methods under the same
+    conditions (the cell-alone runs then train min(steps, 2) steps). Two engines per run, not all four: with
+    four in the ranks, their memory slowed some backward passes by up to half. Without it, the cell-alone runs
+    time the steps.
 
     `huge_pages`: torch allocates CPU tensors of 2 MiB and more on transparent huge pages in every rank. The
     optimizer steps stream hundreds of MB; on 4 KiB pages their speed here swung 0.7-8 GB/s with the host's load
@@ -145,18 +148,22 @@ def run_bench(settings: Settings, cells: list[tuple[int, bool, str]], world: int
                 spawn(run_cells, world, [cell], alone_settings, str(sub), False, threads=threads, env=env)
                 alone += collect(sub, 1)
         timing: list[list[dict[str, Any]] | None] = [None] * len(cells)
+        partners: list[list[str]] = [[] for _ in cells]
         if interleave:
-            modes: dict[tuple[int, bool], list[int]] = {}
-            for k, (stage, offload, _) in enumerate(cells):
-                modes.setdefault((stage, offload), []).append(k)
-            for i, (_, ks) in _progress(list(modes.items()), progress, "interleaved",
-                                           lambda m: report.mode_name(*m[0])):
+            runs: dict[tuple[int, bool, str], list[int]] = {}
+            for k, (stage, offload, method) in enumerate(cells):
+                runs.setdefault((stage, offload, baseline_of(method)), []).append(k)
+            for i, (_, ks) in _progress(list(runs.items()), progress, "interleaved",
+                                           lambda run: " + ".join(cell_name(cells[k]) for k in run[1])):
                 sub = Path(tmp, f"m{i}")
                 sub.mkdir()
                 spawn(run_interleaved, world, [cells[k] for k in ks], settings_dict, str(sub), threads=threads, env=env)
                 for k, ranks in zip(ks, collect(sub, len(ks))):
                     timing[k] = ranks
+                    partners[k] = [cell_name(cells[j]) for j in ks]
         rows = [report.merge(ranks, timed) for ranks, timed in zip(alone, timing)]
+        for row, names in zip(rows, partners):
+            row["interleaved_with"] = names
     report.add_ratios(rows)
     machine = {**_machine(settings.device), "load_average_before": load_before, "load_average_after": os.getloadavg()}
     return {"settings": settings_dict, "world": world, "threads_per_rank": threads,

@@ -26,6 +26,11 @@ BASELINE_OPTIMIZERS = ("torch-fused", "torch", "deepspeed")
 MOLF_METHODS = ("molf", "molf-e", "ds-adamw")  # MoLF-wrapped models
 
 
+def baseline_of(method: str) -> str:
+    """The method a method's target is measured against (MoLF-E against LoRA, every other against FFT)."""
+    return "lora" if method in ("lora", "molf-e") else "fft"
+
+
 @dataclass
 class Settings:
     """Everything a cell needs besides (stage, offload, method); one value for every cell of a run."""

@@ -189,7 +189,10 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
         f"per rank, median of {s['steps']} steps after {s['warmup']} warm-up; MoLF ranks {s['molf_ranks']}, "
         f"MoLF-E ranks {s['molf_e_ranks']}, LoRA rank {sum(s['molf_e_ranks'])}; CPU tensors on "
         f"{'huge' if report.get('huge_pages') else '4 KiB'} pages. Load average before / after: "
-        f"{_load(report, 'before')} / {_load(report, 'after')}.\n"
+        f"{_load(report, 'before')} / {_load(report, 'after')}."
+        + (" Step times: each method trained in turn with its baseline in the same ranks (FFT with MoLF, LoRA with "
+           "MoLF-E); `x LoRA` of FFT and MoLF, `x FFT` of LoRA and MoLF-E compare separate runs." if
+           report.get("interleaved") else "") + "\n"
     )
     parts.append("Training step\n\n" + markdown_table(*step_table(report["rows"])) + "\n")
     parts.append("Optimizer step: `train opt ms` is the basic optimizer's time inside engine.step() (slowest rank); "

@@ -1,6 +1,6 @@
 """What each rank does: build a cell's engine, train it for warm-up + measured steps, time every phase, count
 collectives, read memory, then time plain AdamW steps on the optimizer's own flat tensor sizes (`run_cells`);
-or train all cells of one mode in the same ranks, step by step in turn, for their step times (`run_interleaved`).
+or train cells of one mode in the same ranks, step by step in turn, for their step times (`run_interleaved`).
 
 Results go to OUT/cell-K.rank-R.json, one file per (cell, rank); `report.py` merges the ranks."""
 from __future__ import annotations
@@ -329,9 +329,10 @@ def measure(cell: Cell, s: Settings, rank: int, world: int) -> dict[str, Any]:
 
 
 def run_interleaved(rank: int, world: int, cells: list[Cell], settings: dict[str, Any], out: str) -> None:
-    """The entry point of each spawned rank for one mode's timing: every cell's engine in the same ranks, trained
-    step by step in turn (the order rotates each step, so that no method always follows the same one). A change
-    of the machine's speed then hits every method alike, which separate runs minutes apart do not ensure.
+    """The entry point of each spawned rank for the timing of cells of one mode (a baseline and the methods
+    measured against it): their engines in the same ranks, trained step by step in turn (the order rotates each
+    step, so that no method always follows the same one). A change of the machine's speed then hits them alike,
+    which separate runs minutes apart do not ensure.
     Writes OUT/cell-K.rank-R.json with each cell's step records."""
     s = Settings(**settings)
     _init_distributed(s, rank)
