@@ -95,8 +95,8 @@ def _route_after_all_sub_groups(zero3: DeepSpeedZeroOptimizer_Stage3, optimizer:
     """ZeRO-3 steps the wrapped optimizer one sub-group at a time. MoLF lets DeepSpeed's loop run as is
     (grads flattened, unscaled and clipped by DeepSpeed) but only gathers moments and scores in it; the
     winners' update and the copy of MoLF sub-groups back into the model run once every sub-group is in.
-    Then the persistent parameters, the resident experts among them, are re-gathered in one collective
-    (DeepSpeed's own re-gather in `_post_step` takes one per tensor)."""
+    Then the persistent parameters, the resident experts among them, are re-gathered in one collective per
+    dtype (DeepSpeed's own re-gather in `_post_step` takes one per tensor)."""
     optimizer.defer_routing = True
     molf_groups = {g for g, group in enumerate(optimizer.param_groups) if group["kind"] == "molf"}
     molf_sub_groups = {s for s, g in zero3.sub_group_to_group_id.items() if g in molf_groups}
@@ -124,7 +124,7 @@ def _route_after_all_sub_groups(zero3: DeepSpeedZeroOptimizer_Stage3, optimizer:
 
 def _keep_resident(zero3: DeepSpeedZeroOptimizer_Stage3, params: list[nn.Parameter]) -> None:
     """Replicate LoRA experts (small) instead of gathering them for every forward: persistent parameters
-    stay gathered and DeepSpeed re-gathers them after each step."""
+    stay gathered, and are re-gathered after each step."""
     persistent = zero3.persistent_parameters  # shared with the parameter offload coordinator
     new = [p for p in params if not p.ds_persist]
     for p in new:
