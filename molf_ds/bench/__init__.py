@@ -70,8 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave torch's CPU tensors on 4 KiB pages (default: THP_MEM_ALLOC_ENABLE=1 in every rank, "
                              "for every method alike)")
     parser.add_argument("--no-interleave", dest="interleave", action="store_false",
-                        help="time each cell in its own run (default: a mode's methods train in turn in the same ranks, "
-                             "step by step, for their step times)")
+                        help="time each cell in its own run (default: each method trains in turn with its "
+                             "baseline, FFT with MoLF and LoRA with MoLF-E, in the same ranks, step by step)")
     parser.add_argument("--shared-process", action="store_true",
                         help="run every cell in the same ranks (faster start; peak memory then is not per cell)")
     parser.add_argument("--out", type=Path, default=None, help="directory for bench.json and bench.md")
@@ -158,9 +158,9 @@ def run_bench(settings: Settings, cells: list[tuple[int, bool, str]], world: int
                 sub = Path(tmp, f"m{i}")
                 sub.mkdir()
                 spawn(run_interleaved, world, [cells[k] for k in ks], settings_dict, str(sub), threads=threads, env=env)
+                names = [cell_name(cells[k]) for k in ks]
                 for k, ranks in zip(ks, collect(sub, len(ks))):
-                    timing[k] = ranks
-                    partners[k] = [cell_name(cells[j]) for j in ks]
+                    timing[k], partners[k] = ranks, names
         rows = [report.merge(ranks, timed) for ranks, timed in zip(alone, timing)]
         for row, names in zip(rows, partners):
             row["interleaved_with"] = names

@@ -17,7 +17,7 @@ def _median_of_max(per_rank: list[list[dict]], key: str, stat=statistics.median)
 
 def merge(ranks: list[dict[str, Any]], timed: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One row from the per-rank results of one cell: memory and isolated optimizer steps from its own run
-    (`ranks`), step times and collectives from `timed` (its steps in the interleaved run of its mode) when given,
+    (`ranks`), step times and collectives from `timed` (its steps in the run beside its baseline) when given,
     from its own run otherwise."""
     first = ranks[0]
     row: dict[str, Any] = {k: first[k] for k in ("cell", "stage", "offload", "method")}
