@@ -42,8 +42,7 @@ def measure(args: argparse.Namespace) -> dict:
     for name, s in variants(args.model, args.lora_dropout).items():
         model = models.build(args.model, seed=0)
         built[name] = (model if s is None else wrap_model(model, molf_config(s, "molf"))).train()
-    vocab = models.load_config(args.model).vocab_size
-    ids = models.token_batch(0, 0, 1, args.seq, vocab)
+    ids = models.token_batch(0, 0, 1, args.seq, built["fft"].config.vocab_size)
 
     def step(model: torch.nn.Module) -> float:
         start = time.perf_counter()
