@@ -31,8 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .distributed import end_process_group
     from .train.data import DataError
 
+    started_here = _rank() is None  # evaluate_model starts a process group under a multi-rank launcher
     try:
         result = evaluate_model(args.model, args.task, args.data, split=args.split, tokenizer=args.tokenizer,
                                 max_samples=args.max_samples, skip=args.skip, batch_size=args.batch_size,
@@ -41,12 +43,14 @@ def run(args: argparse.Namespace) -> int:
     except (DataError, FileNotFoundError, ValueError) as error:
         print(f"molf-ds eval: {error}", file=sys.stderr)
         return 2
-    if _rank() == 0:
+    if not _rank():
         text = json.dumps(result)
         print(text)
         if args.output:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(text + "\n")
+    if started_here:
+        end_process_group()
     return 0
 
 
@@ -113,10 +117,11 @@ def load_tokenizer(source: str) -> Any:
     return AutoTokenizer.from_pretrained(source)
 
 
-def _rank() -> int:
+def _rank() -> int | None:
+    """This process's rank; None without a process group."""
     import torch.distributed as dist
 
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
 
 
 def _init_distributed() -> None:

@@ -1,6 +1,6 @@
 """Real multi-process runs: `spawn(fn, world, *args)` starts `world` ranks with the environment DeepSpeed and
 torch.distributed expect (one OpenMP thread each on CPU), plus any variables the children must see before they
-import torch."""
+import torch; the process group fn starts is ended when it returns."""
 from __future__ import annotations
 
 import os
@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
+
+from ..distributed import end_process_group
 
 
 def free_port() -> int:
@@ -24,6 +26,7 @@ def _enter(rank: int, world: int, port: int, threads: int, fn: Callable[..., Non
     )
     torch.set_num_threads(threads)
     fn(rank, world, *args)
+    end_process_group()  # the one fn started, if any
 
 
 def spawn(fn: Callable[..., None], world: int, *args: Any, threads: int = 1, env: dict[str, str] | None = None) -> None:
