@@ -70,6 +70,14 @@ def test_ratios(bench_run):
             assert row["ratios"][f"optimizer_vs_{base}"] == pytest.approx(
                 row["optimizer_ms"] / rows[base]["optimizer_ms"])
     assert rows["fft"]["ratios"]["step_vs_fft"] == 1.0 and rows["lora"]["ratios"]["step_vs_lora"] == 1.0
+    for method, base in (("molf", "fft"), ("molf-e", "lora")):  # step by step against the baseline beside it
+        per_step = sorted(a / b for a, b in zip(rows[method]["step_ms_by_step"], rows[base]["step_ms_by_step"]))
+        assert len(per_step) == 2
+        assert rows[method]["ratios"][f"step_paired_vs_{base}"] == pytest.approx(sum(per_step) / 2)
+        assert rows[method]["ratios"][f"step_paired_quartiles_vs_{base}"] == pytest.approx(
+            [per_step[0] * 3 / 4 + per_step[1] / 4, per_step[0] / 4 + per_step[1] * 3 / 4])
+    assert not any(k.startswith("step_paired") for m in ("fft", "lora") for k in rows[m]["ratios"])
+    assert "step_paired_vs_lora" not in rows["molf"]["ratios"]  # run beside FFT, not beside LoRA
     text = report.text(bench_run[1])
     assert "x FFT" in text and "x best AdamW" in text
 

@@ -47,6 +47,7 @@ def merge(ranks: list[dict[str, Any]], timed: list[dict[str, Any]] | None = None
         huge_page_mib=min(r["huge_page_bytes"] for r in ranks) / MIB,
         loss=statistics.fmean(s["loss"] for s in first["steps"]),
     )
+    row["step_ms_by_step"] = [1e3 * max(s["step_s"] for s in step) for step in zip(*per_rank)]
     if "peak_gpu_bytes" in first:
         row["peak_gpu_mib"] = max(r["peak_gpu_bytes"] for r in ranks) / MIB
     steps0 = first["steps"]
@@ -112,7 +113,28 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
                 ratios[f"optimizer_vs_{base}"] = row["optimizer_ms"] / ref["optimizer_ms"]
                 ratios[f"peak_rss_vs_{base}"] = row["peak_rss_mib"] / ref["peak_rss_mib"]
                 ratios[f"collectives_minus_{base}"] = row["collectives_per_step"] - ref["collectives_per_step"]
+                if ref is not row and ref["cell"] in row.get("interleaved_with", ()):
+                    ratios.update(_paired(row, ref, base))
             row["ratios"] = ratios
+
+
+def _paired(row: dict[str, Any], ref: dict[str, Any], base: str) -> dict[str, Any]:
+    """Step time against a baseline trained in turn with it: the ratio of each step to the baseline's step next
+    to it, median and quartiles. A drift of the machine's speed over the run cancels out of each ratio, which
+    the ratio of the two medians does not ensure."""
+    per_step = [a / b for a, b in zip(row["step_ms_by_step"], ref["step_ms_by_step"])]
+    if len(per_step) < 2:
+        return {}
+    q1, median, q3 = statistics.quantiles(per_step, n=4, method="inclusive")
+    return {f"step_paired_vs_{base}": median, f"step_paired_quartiles_vs_{base}": [q1, q3]}
+
+
+def _fmt_paired(ratios: dict[str, Any]) -> str:
+    for base in ("fft", "lora"):
+        if f"step_paired_vs_{base}" in ratios:
+            q1, q3 = ratios[f"step_paired_quartiles_vs_{base}"]
+            return f"{ratios[f'step_paired_vs_{base}']:.2f} ({q1:.2f}-{q3:.2f})"
+    return "-"
 
 
 def _fmt(value: Any, spec: str = ".2f") -> str:
@@ -127,7 +149,7 @@ def _shares(row: dict) -> str:
 
 
 def step_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    head = ["mode", "method", "step ms", "tokens/s", "x FFT", "x LoRA", "CPU x FFT", "CPU x LoRA", "fwd+bwd ms",
+    head = ["mode", "method", "step ms", "tokens/s", "x FFT", "x LoRA", "paired x baseline (IQR)", "CPU x FFT", "CPU x LoRA", "fwd+bwd ms",
             "engine.step ms", "peak MiB", "x FFT mem", "collectives/step", "MiB/step"]
     body = []
     for r in rows:
@@ -138,7 +160,7 @@ def step_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         q = r.get("ratios", {})
         body.append([
             mode, r["method"], _fmt(r["step_ms"], ".1f"), _fmt(r["tokens_per_s"], ".0f"),
-            _fmt(q.get("step_vs_fft")), _fmt(q.get("step_vs_lora")), _fmt(q.get("step_cpu_vs_fft")),
+            _fmt(q.get("step_vs_fft")), _fmt(q.get("step_vs_lora")), _fmt_paired(q), _fmt(q.get("step_cpu_vs_fft")),
             _fmt(q.get("step_cpu_vs_lora")), _fmt(r["forward_backward_ms"], ".1f"), _fmt(r["engine_step_ms"], ".1f"),
             _fmt(r.get("peak_gpu_mib", r["peak_rss_mib"]), ".0f"), _fmt(q.get("peak_rss_vs_fft")),
             _fmt(r["collectives_per_step"], ".0f"), _fmt(r["collective_mib_per_step"], ".2f"),
@@ -191,7 +213,8 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
         f"{'huge' if report.get('huge_pages') else '4 KiB'} pages. Load average before / after: "
         f"{_load(report, 'before')} / {_load(report, 'after')}."
         + (" Step times: each method trained in turn with its baseline in the same ranks (FFT with MoLF, LoRA with "
-           "MoLF-E); `x LoRA` of FFT and MoLF, `x FFT` of LoRA and MoLF-E compare separate runs." if
+           "MoLF-E); `x LoRA` of FFT and MoLF, `x FFT` of LoRA and MoLF-E compare separate runs. `paired x baseline`: "
+           "the median of each step's ratio to the baseline's step beside it, quartiles in parentheses." if
            report.get("interleaved") else "") + "\n"
     )
     parts.append("Training step\n\n" + markdown_table(*step_table(report["rows"])) + "\n")
