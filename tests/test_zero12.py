@@ -15,8 +15,8 @@ from zero_runs import GLOBAL_BATCH, MOLF, SEQ, STEPS, assert_reproduces, deepspe
 
 
 
-def ds_config(stage: int, offload: bool = False, **extra) -> dict:
-    zero = {"stage": stage, **({"offload_optimizer": {"device": "cpu"}} if offload else {})}
+def ds_config(stage: int, offload: bool = False, zero_extra: dict | None = None, **extra) -> dict:
+    zero = {"stage": stage, **({"offload_optimizer": {"device": "cpu"}} if offload else {}), **(zero_extra or {})}
     return {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // 2, "gradient_clipping": 0.0,
             "zero_optimization": zero, **extra}
 
@@ -26,6 +26,9 @@ FP32_RUNS = {
     "zero1": {"ds": ds_config(1), "baseline_ds": prepare_ds_config(ds_config(1))},
     "zero2": {"ds": ds_config(2), "baseline_ds": prepare_ds_config(ds_config(2))},
     "zero2_offload": {"ds": ds_config(2, offload=True), "baseline_ds": prepare_ds_config(ds_config(2, True))},
+    "zero2_offload_in_place_allreduce": {  # the presets' reduce_scatter=false
+        "ds": ds_config(2, True, {"reduce_scatter": False}),
+        "baseline_ds": prepare_ds_config(ds_config(2, True, {"reduce_scatter": False}))},
     "zero2_speculative": {"ds": ds_config(2), "molf": {"speculative_update": True}},
     "zero2_offload_speculative": {"ds": ds_config(2, offload=True), "molf": {"speculative_update": True}},
     "zero2_resumed": {"ds": ds_config(2), "resume_at": 9},  # checkpoint after step 9, resume in a new engine
@@ -72,7 +75,7 @@ def test_partitions_cut_experts(fp32_runs, run):
     assert cells[0] ^ cells[1], "every rank holds every expert: the absent-expert path is untested"
 
 
-@pytest.mark.parametrize("run", ["zero1", "zero2", "zero2_offload"])
+@pytest.mark.parametrize("run", ["zero1", "zero2", "zero2_offload", "zero2_offload_in_place_allreduce"])
 def test_exactly_one_extra_collective_per_step(fp32_runs, run):
     _, ranks, _ = fp32_runs
     for rank in ranks:

@@ -73,7 +73,7 @@ def default_ranks(hidden: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 def ds_config(s: Settings, stage: int, offload: bool) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": stage, **s.extra_ds}
+    zero: dict[str, Any] = {"stage": stage, **({"reduce_scatter": False} if stage in (1, 2) else {}), **s.extra_ds}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": s.device == "cuda"}
     config: dict[str, Any] = {
