@@ -8,6 +8,9 @@ from typing import Sequence
 
 
 def _train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from .distributed import end_process_group
     from .train import ConfigError, load_config, run
     from .train.checkpoints import SaveError
     from .train.data import DataError
@@ -17,6 +20,7 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as error:  # before any process group: one line, no traceback
         print(f"molf-ds train: {error}", file=sys.stderr)
         return 2
+    started_here = not dist.is_initialized()
     try:
         run(cfg)
     except (ConfigError, DataError) as error:
@@ -25,6 +29,8 @@ def _train(args: argparse.Namespace) -> int:
     except SaveError as error:
         print(f"molf-ds train: {error}", file=sys.stderr)
         return 3
+    if started_here:  # the job is done: end the group before the interpreter's exit tears gloo down
+        end_process_group()
     return 0
 
 

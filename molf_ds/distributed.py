@@ -1,4 +1,4 @@
-"""Ending the process group a run started."""
+"""Ending the process group a command started, before its process exits."""
 from __future__ import annotations
 
 import gc

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from .distributed import end_process_group
     from .train.data import DataError
 
-    started_here = _rank() is None  # evaluate_model starts a process group under a multi-rank launcher
+    started_here = _rank() is None  # the group evaluate_model starts under a multi-rank launcher is ended here
     try:
         result = evaluate_model(args.model, args.task, args.data, split=args.split, tokenizer=args.tokenizer,
                                 max_samples=args.max_samples, skip=args.skip, batch_size=args.batch_size,

@@ -213,26 +213,26 @@ def test_fp16_overflow_steps_are_skipped_and_logged(demo, tmp_path):
     assert "step 1: gradient overflow (inf/NaN), update skipped" in stdout
 
 
-RUN_THEN_REPORT_GROUP = """
+TRAIN_THEN_REPORT_GROUP = """
 import os
 import sys
 import torch.distributed as dist
-from molf_ds.train import load_config, run
+from molf_ds.cli import main
 
 config, out, callers_group = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 if callers_group:  # as a script under torchrun may
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     dist.init_process_group("gloo", init_method=f"file://{out}.rendezvous", rank=0, world_size=1)
-run(load_config(config, [f"train.output_dir={out}", "train.max_steps=1", "train.save_steps=0"]))
-print("process group after run:", dist.is_initialized())
+assert main(["train", config, f"train.output_dir={out}", "train.max_steps=1", "train.save_steps=0"]) == 0
+print("process group after train:", dist.is_initialized())
 """
 
 
 @pytest.mark.parametrize("callers_group", [False, True])
-def test_run_ends_the_process_group_it_started_and_leaves_a_callers_alone(demo, tmp_path, callers_group):
+def test_train_ends_the_process_group_it_started_and_leaves_a_callers_alone(demo, tmp_path, callers_group):
     """Left to interpreter exit, gloo's teardown once aborted a rank that had finished its work."""
-    result = subprocess.run([sys.executable, "-c", RUN_THEN_REPORT_GROUP, str(demo / "run.yaml"), str(tmp_path / "out"),
+    result = subprocess.run([sys.executable, "-c", TRAIN_THEN_REPORT_GROUP, str(demo / "run.yaml"), str(tmp_path / "out"),
                              str(int(callers_group))], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     assert result.returncode == 0, result.stderr[-5000:]
-    assert result.stdout.splitlines()[-1] == f"process group after run: {callers_group}"
+    assert result.stdout.splitlines()[-1] == f"process group after train: {callers_group}"

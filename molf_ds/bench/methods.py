@@ -73,6 +73,7 @@ def default_ranks(hidden: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 def ds_config(s: Settings, stage: int, offload: bool) -> dict[str, Any]:
+    # ZeRO-1/2 as in the presets: the gradient all-reduce in place, not through a flattened copy (README, presets)
     zero: dict[str, Any] = {"stage": stage, **({"reduce_scatter": False} if stage in (1, 2) else {}), **s.extra_ds}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": s.device == "cuda"}

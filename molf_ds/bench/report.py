@@ -149,8 +149,8 @@ def _shares(row: dict) -> str:
 
 
 def step_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    head = ["mode", "method", "step ms", "tokens/s", "x FFT", "x LoRA", "paired x baseline (IQR)", "CPU x FFT", "CPU x LoRA", "fwd+bwd ms",
-            "engine.step ms", "peak MiB", "x FFT mem", "collectives/step", "MiB/step"]
+    head = ["mode", "method", "step ms", "tokens/s", "x FFT", "x LoRA", "paired x baseline (quartiles)", "CPU x FFT",
+            "CPU x LoRA", "fwd+bwd ms", "engine.step ms", "peak MiB", "x FFT mem", "collectives/step", "MiB/step"]
     body = []
     for r in rows:
         mode = mode_name(r["stage"], r["offload"])
@@ -160,8 +160,8 @@ def step_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         q = r.get("ratios", {})
         body.append([
             mode, r["method"], _fmt(r["step_ms"], ".1f"), _fmt(r["tokens_per_s"], ".0f"),
-            _fmt(q.get("step_vs_fft")), _fmt(q.get("step_vs_lora")), _fmt_paired(q), _fmt(q.get("step_cpu_vs_fft")),
-            _fmt(q.get("step_cpu_vs_lora")), _fmt(r["forward_backward_ms"], ".1f"), _fmt(r["engine_step_ms"], ".1f"),
+            _fmt(q.get("step_vs_fft")), _fmt(q.get("step_vs_lora")), _fmt_paired(q),
+            _fmt(q.get("step_cpu_vs_fft")), _fmt(q.get("step_cpu_vs_lora")), _fmt(r["forward_backward_ms"], ".1f"), _fmt(r["engine_step_ms"], ".1f"),
             _fmt(r.get("peak_gpu_mib", r["peak_rss_mib"]), ".0f"), _fmt(q.get("peak_rss_vs_fft")),
             _fmt(r["collectives_per_step"], ".0f"), _fmt(r["collective_mib_per_step"], ".2f"),
         ])

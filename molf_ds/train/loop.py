@@ -22,7 +22,6 @@ import torch.distributed as dist
 import transformers
 import yaml
 
-from ..distributed import end_process_group
 from . import checkpoints
 from .config import ModelSection, TrainConfig
 from .data import Collator, DataError, load_task, pad_id, tokenize
@@ -36,15 +35,9 @@ MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE
 
 
 def run(cfg: TrainConfig) -> Path:
-    """Train as `cfg` says; returns the output directory. A process group this call starts, it also ends."""
-    started = _init_distributed(cfg.train.collective_timeout)
-    out = _train(cfg)
-    if started:
-        end_process_group()
-    return out
-
-
-def _train(cfg: TrainConfig) -> Path:
+    """Train as `cfg` says; returns the output directory. The process group (started here unless there is one)
+    stays for the caller: DeepSpeed keeps its groups for the rest of the process."""
+    _init_distributed(cfg.train.collective_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines drown the progress bar
     transformers.utils.logging.disable_progress_bar()
@@ -279,14 +272,13 @@ def _rank_zero_first(rank: int) -> Iterator[None]:
         dist.barrier()
 
 
-def _init_distributed(timeout_s: float = 600) -> bool:
-    """Process group from the launcher's environment (MPI included); one process when there is none. True if
-    this call started it. A collective that waits longer than `timeout_s` (a rank died, a node hangs) raises
-    instead of hanging."""
+def _init_distributed(timeout_s: float = 600) -> None:
+    """Process group from the launcher's environment (MPI included); one process when there is none.
+    A collective that waits longer than `timeout_s` (a rank died, a node hangs) raises instead of hanging."""
     import deepspeed
 
     if dist.is_initialized():
-        return False
+        return
     if "RANK" not in os.environ and not any(name in os.environ for name in MPI_ENV):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -298,7 +290,6 @@ def _init_distributed(timeout_s: float = 600) -> bool:
                                timeout=datetime.timedelta(seconds=timeout_s))
     if not cpu:  # before the first collective, so that each rank uses its own device
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return True
 
 
 def _load_tokenizer(m: ModelSection) -> Any:
