@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from molf_ds.bench import models
 from molf_ds.bench.methods import Settings, default_ranks, molf_config
+from molf_ds.bench.report import paired_ratio
 from molf_ds.wrapping import wrap_model
 
 
@@ -62,10 +63,9 @@ def measure(args: argparse.Namespace) -> dict:
             times[name].append(step(built[name]))
     rows = []
     for name in names:
-        ratios = sorted(t / f for t, f in zip(times[name], times["fft"]))
-        rows.append({"variant": name, "median_ms": 1e3 * statistics.median(times[name]),
-                     "x_fft": statistics.median(ratios), "x_fft_quartiles": [ratios[len(ratios) // 4],
-                                                                             ratios[3 * len(ratios) // 4]]})
+        x_fft, quartiles = paired_ratio(times[name], times["fft"])
+        rows.append({"variant": name, "median_ms": 1e3 * statistics.median(times[name]), "x_fft": x_fft,
+                     "x_fft_quartiles": quartiles})
     return {"model": args.model, "seq": args.seq, "threads": args.threads, "rounds": args.rounds,
             "lora_dropout": args.lora_dropout, "rows": rows}
 

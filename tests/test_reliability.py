@@ -231,8 +231,8 @@ print("process group after train:", dist.is_initialized())
 @pytest.mark.parametrize("callers_group", [False, True])
 def test_train_ends_the_process_group_it_started_and_leaves_a_callers_alone(demo, tmp_path, callers_group):
     """Left to interpreter exit, gloo's teardown once aborted a rank that had finished its work."""
-    result = subprocess.run([sys.executable, "-c", TRAIN_THEN_REPORT_GROUP, str(demo / "run.yaml"), str(tmp_path / "out"),
-                             str(int(callers_group))], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    result = subprocess.run([sys.executable, "-c", TRAIN_THEN_REPORT_GROUP, str(demo / "run.yaml"),
+                             str(tmp_path / "out"), str(int(callers_group))], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     assert result.returncode == 0, result.stderr[-5000:]
     assert result.stdout.splitlines()[-1] == f"process group after train: {callers_group}"

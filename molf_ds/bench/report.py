@@ -30,12 +30,13 @@ def merge(ranks: list[dict[str, Any]], timed: list[dict[str, Any]] | None = None
         row["alone_step_ms"] = 1e3 * _median_of_max([r["steps"] for r in ranks], "step_s")
         first = {**first, **timed[0]}
     per_rank = [r["steps"] for r in (timed or ranks)]
-    step_s = _median_of_max(per_rank, "step_s")
+    by_step = [1e3 * max(s["step_s"] for s in step) for step in zip(*per_rank)]  # the slowest rank, ms
+    step_ms = statistics.median(by_step)
     row.update(
         optimizer=first["optimizer"], trainable_params=first["trainable_params"], world=first["world"],
         measured_steps=len(first["steps"]),
-        step_ms=1e3 * step_s, tokens_per_s=first["tokens_per_step"] / step_s,
-        step_ms_min=1e3 * _median_of_max(per_rank, "step_s", min),
+        step_ms=step_ms, tokens_per_s=1e3 * first["tokens_per_step"] / step_ms, step_ms_min=min(by_step),
+        step_ms_by_step=by_step,
         step_cpu_ms=1e3 * _median_of_max(per_rank, "step_cpu_s"),
         engine_step_cpu_ms=1e3 * _median_of_max(per_rank, "engine_step_cpu_s"),
         optimizer_cpu_ms=1e3 * _median_of_max(per_rank, "optimizer_cpu_s"),
@@ -47,7 +48,6 @@ def merge(ranks: list[dict[str, Any]], timed: list[dict[str, Any]] | None = None
         huge_page_mib=min(r["huge_page_bytes"] for r in ranks) / MIB,
         loss=statistics.fmean(s["loss"] for s in first["steps"]),
     )
-    row["step_ms_by_step"] = [1e3 * max(s["step_s"] for s in step) for step in zip(*per_rank)]
     if "peak_gpu_bytes" in first:
         row["peak_gpu_mib"] = max(r["peak_gpu_bytes"] for r in ranks) / MIB
     steps0 = first["steps"]
@@ -122,11 +122,20 @@ def _paired(row: dict[str, Any], ref: dict[str, Any], base: str) -> dict[str, An
     """Step time against a baseline trained in turn with it: the ratio of each step to the baseline's step next
     to it, median and quartiles. A drift of the machine's speed over the run cancels out of each ratio, which
     the ratio of the two medians does not ensure."""
-    per_step = [a / b for a, b in zip(row["step_ms_by_step"], ref["step_ms_by_step"])]
-    if len(per_step) < 2:
+    if len(row["step_ms_by_step"]) < 2:
         return {}
-    q1, median, q3 = statistics.quantiles(per_step, n=4, method="inclusive")
-    return {f"step_paired_vs_{base}": median, f"step_paired_quartiles_vs_{base}": [q1, q3]}
+    median, quartiles = paired_ratio(row["step_ms_by_step"], ref["step_ms_by_step"])
+    return {f"step_paired_vs_{base}": median, f"step_paired_quartiles_vs_{base}": quartiles}
+
+
+def paired_ratio(times: list[float], base_times: list[float]) -> tuple[float, list[float]]:
+    """Median and [first, third] quartiles of times[i] / base_times[i] (quartiles interpolated; one pair: its
+    ratio for all three)."""
+    ratios = [t / b for t, b in zip(times, base_times)]
+    if len(ratios) == 1:
+        return ratios[0], ratios * 2
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return median, [q1, q3]
 
 
 def _fmt_paired(ratios: dict[str, Any]) -> str:
@@ -161,7 +170,8 @@ def step_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         body.append([
             mode, r["method"], _fmt(r["step_ms"], ".1f"), _fmt(r["tokens_per_s"], ".0f"),
             _fmt(q.get("step_vs_fft")), _fmt(q.get("step_vs_lora")), _fmt_paired(q),
-            _fmt(q.get("step_cpu_vs_fft")), _fmt(q.get("step_cpu_vs_lora")), _fmt(r["forward_backward_ms"], ".1f"), _fmt(r["engine_step_ms"], ".1f"),
+            _fmt(q.get("step_cpu_vs_fft")), _fmt(q.get("step_cpu_vs_lora")), _fmt(r["forward_backward_ms"], ".1f"),
+            _fmt(r["engine_step_ms"], ".1f"),
             _fmt(r.get("peak_gpu_mib", r["peak_rss_mib"]), ".0f"), _fmt(q.get("peak_rss_vs_fft")),
             _fmt(r["collectives_per_step"], ".0f"), _fmt(r["collective_mib_per_step"], ".2f"),
         ])
