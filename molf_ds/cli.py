@@ -1,5 +1,5 @@
 """The `molf-ds` command: `train` (the training job) and the tools registered in `parser()` (estimate-memory,
-eval, compare, plot-routing, bench)."""
+eval, compare, plot-routing, models, bench)."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
     _add(commands, "eval", "evaluate_cli", "a task's metrics (sql / med / fact / jsonl) for a saved model")
     _add(commands, "compare", "compare", "train and evaluate several methods and seeds; comparison table and plots")
     _add(commands, "plot-routing", "plot_routing", "draw a routing log: winners per module and step, full share")
+    _add(commands, "models", "pretrained", "real pretrained LMs from the package registry: list, prepare")
     _add(commands, "bench", "bench", "MoLF's step time, memory and collectives against FFT and LoRA, per ZeRO stage")
     return root
 

@@ -14,9 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .pretrained import resolve
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model directory, run output directory (uses final/), or PEFT adapter")
+    parser.add_argument("model", help="model directory, run output directory (uses final/), PEFT adapter, or a "
+                                      "`molf-ds models` name")
+    parser.add_argument("--gguf-file", help="a GGUF checkpoint inside the model directory")
     parser.add_argument("--task", required=True, choices=("sql", "med", "fact", "jsonl"))
     parser.add_argument("--data", required=True, help="local .json/.jsonl/.parquet/.csv file or hub dataset id")
     parser.add_argument("--split", default="validation", help="hub split [validation]")
@@ -38,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = evaluate_model(args.model, args.task, args.data, split=args.split, tokenizer=args.tokenizer,
                                 max_samples=args.max_samples, skip=args.skip, batch_size=args.batch_size,
-                                max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                                max_new_tokens=args.max_new_tokens, dtype=args.dtype, gguf_file=args.gguf_file,
                                 progress=not args.no_progress)
     except (DataError, FileNotFoundError, ValueError) as error:
         print(f"molf-ds eval: {error}", file=sys.stderr)
@@ -57,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 def evaluate_model(
     model: str, task: str, data: str, split: str = "validation", tokenizer: str | None = None,
     max_samples: int | None = None, skip: int = 0, batch_size: int = 16, max_new_tokens: int = 128,
-    dtype: str = "float32", progress: bool = True,
+    dtype: str = "float32", gguf_file: str | None = None, progress: bool = True,
 ) -> dict[str, Any]:
     import torch
 
@@ -74,17 +78,24 @@ def evaluate_model(
         raise DataError(f"{where}: {len(table)} rows, none left after --skip {skip}")
     items = [item for row in rows(where, table, range(skip, stop)) for item in module.evals(row)]
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
-    net, tok = load_model(model, tokenizer, dtype)
+    net, tok = load_model(model, tokenizer, dtype, gguf_file)
     net.to(device)
     scores = evaluate(net, tok, items, module.METRICS, batch_size, max_new_tokens, device, progress=progress)
     return {**scores, "items": len(items), "rows": stop - skip}
 
 
-def load_model(path: str, tokenizer: str | None = None, dtype: str = "float32") -> tuple[Any, Any]:
-    """(model, tokenizer) from a model directory, a run output directory or a PEFT adapter directory."""
+def load_model(path: str, tokenizer: str | None = None, dtype: str = "float32", gguf_file: str | None = None
+               ) -> tuple[Any, Any]:
+    """(model, tokenizer) from a model directory, a run output directory, a PEFT adapter directory, a
+    `molf-ds models` name, or a directory and the GGUF checkpoint in it."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if gguf_file:
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=getattr(torch, dtype))
+        return model, (load_tokenizer(tokenizer) if tokenizer else
+                       AutoTokenizer.from_pretrained(path, gguf_file=gguf_file))
+    path = resolve(path)
     directory = Path(path)
     if directory.is_dir() and not (directory / "config.json").exists() and (directory / "final").is_dir():
         directory = directory / "final"

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import DEFAULT_TARGETS
+from .pretrained import MODELS, resolve
 
 BUNDLED = Path(__file__).parent / "model_configs"
 METHODS = ("fft", "lora", "molf", "molf-e")
@@ -44,15 +45,19 @@ class Estimate:
     cpu_bytes_per_node: int
 
 
-def load_config(model: str):
-    """A bundled architecture name (gemma-3-1b, qwen2.5-1.5b, qwen2.5-3b), a config.json, or a model folder."""
+def load_config(model: str, gguf_file: str | None = None):
+    """A bundled architecture name (gemma-3-1b, qwen2.5-1.5b, qwen2.5-3b), a `molf-ds models` name, a config.json,
+    a model folder, or a folder and the GGUF file in it."""
+    if gguf_file:
+        return AutoConfig.from_pretrained(model, gguf_file=gguf_file)
     bundled = BUNDLED / f"{model}.json"
-    path = bundled if bundled.is_file() else Path(model)
+    path = bundled if bundled.is_file() else Path(resolve(model))
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
         names = sorted(p.stem for p in BUNDLED.glob("*.json"))
-        raise ValueError(f"estimate-memory: {model!r} is neither a bundled architecture {names} nor a config.json")
+        raise ValueError(f"estimate-memory: {model!r} is neither a bundled architecture {names}, a `molf-ds models` "
+                         f"name {sorted(MODELS)} nor a config.json")
     values = json.loads(path.read_text())
     return AutoConfig.for_model(values.pop("model_type"), **values)
 
@@ -112,7 +117,9 @@ def deepspeed_fft_estimate(counts: ModelCounts, stage: int, offload_optimizer: b
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="gemma-3-1b, qwen2.5-1.5b, qwen2.5-3b, a config.json or a model folder")
+    parser.add_argument("model", help="gemma-3-1b, qwen2.5-1.5b, qwen2.5-3b, a `molf-ds models` name (smollm2-135m, "
+                                      "gemma3-270m), a config.json or a model folder")
+    parser.add_argument("--gguf-file", help="a GGUF checkpoint inside the model folder: read its architecture")
     parser.add_argument("--method", choices=("all",) + METHODS, default="all")
     parser.add_argument("--ranks", default=None, help="LoRA ranks, comma-separated (default: 128; 32,128 for molf-e)")
     parser.add_argument("--stage", type=int, choices=(0, 1, 2, 3), default=3)
@@ -128,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.offload_param and args.stage != 3:
         raise SystemExit("estimate-memory: --offload-param needs --stage 3")
-    counts = count(load_config(args.model))
+    counts = count(load_config(args.model, args.gguf_file))
     methods = METHODS if args.method == "all" else (args.method,)
     ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else None
     setup = (args.stage, args.offload_optimizer, args.offload_param, args.gpus_per_node, args.nodes)

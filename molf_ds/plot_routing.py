@@ -1,5 +1,5 @@
-"""`molf-ds plot-routing ROUTING.jsonl -o routing.png`: which expert won, module by step, and the share of
-`full` updates per layer over time (the paper's routing-dynamics figures), from a routing log."""
+"""`molf-ds plot-routing ROUTING.jsonl -o routing.png`: the experts' shares over training, per projection type,
+per layer and per module (the paper's routing-dynamics figures), from a routing log."""
 from __future__ import annotations
 
 import argparse
@@ -24,7 +24,14 @@ def read_log(path: Path) -> tuple[list[int], list[str], list[str], np.ndarray]:
     return [line["step"] for line in lines], modules, experts, winners
 
 
+def projection_type(module: str) -> str:
+    """`model.layers.3.self_attn.q_proj` -> `q_proj`."""
+    return module.rsplit(".", 1)[-1]
+
+
 def plot(path: Path, out: Path) -> Path:
+    """Four panels: each expert's share of all decisions; the share of the first expert (`full`, or `lora0` for
+    MoLF-E) per projection type and per layer over training; and the winner of every module at every step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,34 +39,41 @@ def plot(path: Path, out: Path) -> Path:
     from matplotlib.colors import ListedColormap
 
     steps, modules, experts, winners = read_log(path)
-    first_winner = winners.argmax(axis=2).T  # [module, step]: the top expert of each decision
-    figure, (grid, lines) = plt.subplots(1, 2, figsize=(14, max(4, len(modules) * 0.06 + 2)),
-                                         gridspec_kw={"width_ratios": [3, 2]})
+    first = experts[0]
+    wins_first = winners[:, :, 0].astype(float)  # [step, module]
+    figure, ((overall, by_type), (by_layer, grid)) = plt.subplots(2, 2, figsize=(14, 9))
+    for i, expert in enumerate(experts):
+        overall.plot(steps, winners[:, :, i].mean(axis=1), label=expert, linewidth=1.4)
+    overall.set(title="share of all modules each expert updated", ylabel="share of modules")
+    kinds = list(dict.fromkeys(projection_type(m) for m in modules))
+    for kind in kinds:
+        columns = [i for i, m in enumerate(modules) if projection_type(m) == kind]
+        by_type.plot(steps, wins_first[:, columns].mean(axis=1), label=kind, linewidth=1.2)
+    by_type.set(title=f"share of `{first}` per projection type", ylabel=f"share of the type's modules: {first}")
+    for axes in (overall, by_type):
+        axes.set(xlabel="optimizer step", ylim=(-0.02, 1.02))
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8, ncol=2)
+
+    layers = [int(m.group(1)) if (m := LAYER.search(name)) else -1 for name in modules]
+    rows = sorted(set(layers))
+    share = np.array([wins_first[:, [i for i, v in enumerate(layers) if v == layer]].mean(axis=1) for layer in rows])
+    extent = (steps[0] - 0.5, steps[-1] + 0.5, len(rows) - 0.5, -0.5)
+    image = by_layer.imshow(share, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1,
+                            extent=extent)
+    by_layer.set(xlabel="optimizer step", ylabel="layer", title=f"share of `{first}` per layer")
+    figure.colorbar(image, ax=by_layer, fraction=0.04)
+
     colours = ListedColormap(plt.get_cmap("tab10").colors[: len(experts)])
-    grid.imshow(first_winner, aspect="auto", interpolation="nearest", cmap=colours, vmin=-0.5,
+    grid.imshow(winners.argmax(axis=2).T, aspect="auto", interpolation="nearest", cmap=colours, vmin=-0.5,
                 vmax=len(experts) - 0.5, extent=(steps[0] - 0.5, steps[-1] + 0.5, len(modules) - 0.5, -0.5))
     grid.set(xlabel="optimizer step", ylabel="module (model order)", title="winning expert per module and step")
     grid.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=colours(i)) for i in range(len(experts))],
                 labels=experts, loc="upper right", fontsize=8)
-    if "full" in experts:
-        layers = [int(m.group(1)) if (m := LAYER.search(name)) else -1 for name in modules]
-        full = winners[:, :, experts.index("full")]
-        for layer in sorted(set(layers)):
-            columns = [i for i, value in enumerate(layers) if value == layer]
-            lines.plot(steps, full[:, columns].mean(axis=1), linewidth=1, label=f"layer {layer}")
-        lines.set(ylabel="share of the layer's modules updating `full`", ylim=(-0.02, 1.02))
-        if len(set(layers)) <= 12:
-            lines.legend(fontsize=7)
-    else:  # MoLF-E: share of each LoRA expert over all modules
-        for i, expert in enumerate(experts):
-            lines.plot(steps, winners[:, :, i].mean(axis=1), label=expert)
-        lines.set(ylabel="share of modules", ylim=(-0.02, 1.02))
-        lines.legend(fontsize=8)
-    lines.set(xlabel="optimizer step", title="routing over training")
-    lines.grid(alpha=0.3)
+    figure.suptitle(f"MoLF routing: {len(modules)} modules, {len(steps)} logged steps")
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=110)
+    figure.savefig(out, dpi=100)
     plt.close(figure)
     return out
 

@@ -65,7 +65,7 @@ def test_molf_run_writes_every_output(full_run):
     metrics = jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     for m in metrics:
-        assert set(m) == {"step", "epoch", "loss", "lr", "tokens_per_s", "routing"}
+        assert set(m) == {"step", "epoch", "loss", "lr", "tokens_per_s", "routing", "routing_by_type"}
         assert math.isfinite(m["loss"]) and m["tokens_per_s"] > 0 and set(m["routing"]) == {"full", "lora0"}
         assert sum(m["routing"].values()) == pytest.approx(1.0)
     assert metrics[0]["lr"] == 0.0 and metrics[-1]["lr"] == pytest.approx(2e-3)  # the lr each step used

@@ -41,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .models import bundled
 
     parser.add_argument("--model", default="qwen2-h256",
-                        help=f"a bench config {bundled()} or an estimate-memory architecture (default qwen2-h256)")
+                        help=f"a bench config {bundled()}, an estimate-memory architecture (random init), a "
+                             "`molf-ds models` name or a model folder (its weights) (default qwen2-h256)")
+    parser.add_argument("--gguf-file", help="a GGUF checkpoint inside the --model folder")
     parser.add_argument("--stages", type=_ints, default=(0, 1, 2, 3), help="ZeRO stages, e.g. 0,1,2,3")
     parser.add_argument("--offload", type=_names, default=("none", "cpu"),
                         help="optimizer offload modes: none,cpu (cpu is skipped for stage 0)")
@@ -85,9 +87,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
     from .models import hidden_size
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    molf, molf_e = default_ranks(hidden_size(args.model))
+    molf, molf_e = default_ranks(hidden_size(args.model, args.gguf_file))
     return Settings(
-        model=args.model, seq=args.seq, micro_batch=args.micro_batch, warmup=args.warmup, steps=args.steps,
+        model=args.model, gguf_file=args.gguf_file, seq=args.seq, micro_batch=args.micro_batch, warmup=args.warmup, steps=args.steps,
         dtype=args.dtype or ("bf16" if device == "cuda" else "fp32"), device=device,
         molf_ranks=args.molf_ranks or molf, molf_e_ranks=args.molf_e_ranks or molf_e,
         lora_dropout=args.lora_dropout, lr=args.lr, lora_lr=args.lora_lr, baseline_optimizer=args.baseline_optimizer,

@@ -36,6 +36,7 @@ class Settings:
     """Everything a cell needs besides (stage, offload, method); one value for every cell of a run."""
 
     model: str = "qwen2-h256"
+    gguf_file: str | None = None  # a GGUF checkpoint inside the `model` folder
     seq: int = 256
     micro_batch: int = 1
     warmup: int = 2

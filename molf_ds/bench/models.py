@@ -1,5 +1,6 @@
-"""Models the benchmark builds from a config (random init, no download): the bundled tiny Qwen2 configs for CPU
-runs, or any architecture `molf-ds estimate-memory` knows (qwen2.5-1.5b, qwen2.5-3b, gemma-3-1b, a config.json)."""
+"""Models the benchmark trains: pretrained ones (a `molf-ds models` name such as smollm2-135m, a model folder with
+weights, a GGUF checkpoint), or random-init ones built from a config (no download): the bundled tiny Qwen2 configs
+for CPU runs, or any architecture `molf-ds estimate-memory` knows (qwen2.5-1.5b, qwen2.5-3b, gemma-3-1b)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..pretrained import MODELS, resolve
+
 CONFIGS = Path(__file__).parent / "configs"
 
 
@@ -15,7 +18,7 @@ def bundled() -> list[str]:
     return sorted(p.stem for p in CONFIGS.glob("*.json"))
 
 
-def load_config(name: str):
+def load_config(name: str, gguf_file: str | None = None):
     """A bench config (qwen2-h256, qwen2-h512), else what `molf_ds.memory.load_config` accepts."""
     path = CONFIGS / f"{name}.json"
     if path.is_file():
@@ -24,19 +27,29 @@ def load_config(name: str):
     from ..memory import load_config as load_architecture
 
     try:
-        return load_architecture(name)
+        return load_architecture(name, gguf_file)
     except ValueError:
         raise ValueError(f"bench: unknown model {name!r}: use one of {bundled()}, a bundled architecture of "
-                         "`molf-ds estimate-memory`, or a config.json path") from None
+                         "`molf-ds estimate-memory`, a `molf-ds models` name, or a config.json path") from None
 
 
-def hidden_size(name: str) -> int:
-    return int(load_config(name).hidden_size)
+def hidden_size(name: str, gguf_file: str | None = None) -> int:
+    return int(load_config(name, gguf_file).hidden_size)
 
 
-def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The architecture with random weights drawn from `seed` (every rank draws the same model)."""
+def pretrained(name: str, gguf_file: str | None = None) -> bool:
+    """Whether `name` brings weights: a `molf-ds models` name, a GGUF checkpoint, or a folder with safetensors."""
+    return name in MODELS or bool(gguf_file) or any(Path(name).glob("*.safetensors"))
+
+
+def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, gguf_file: str | None = None
+          ) -> torch.nn.Module:
+    """A pretrained model's own weights (see `pretrained`), else the architecture with random weights drawn from
+    `seed` (every rank draws the same model)."""
     torch.manual_seed(seed)
+    if pretrained(name, gguf_file):
+        return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype, attn_implementation="sdpa",
+                                                    **({"gguf_file": gguf_file} if gguf_file else {}))
     return AutoModelForCausalLM.from_config(load_config(name), dtype=dtype, attn_implementation="sdpa")
 
 

@@ -246,7 +246,7 @@ class _Trainer:
         stage, offload, method = cell
         self.cell, self.s, self.rank = cell, s, rank
         self.clock = _Clock(s.device)
-        model = models.build(s.model, s.seed, torch.float32)
+        model = models.build(s.model, s.seed, torch.float32, s.gguf_file)
         if s.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.vocab = model.config.vocab_size

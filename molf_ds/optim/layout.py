@@ -67,6 +67,9 @@ class ExpertIndex:
                     self.kind_of[id(p)] = _kind(p, module)
                 sizes[m, e] = sum(_numel(p) for p in params)
         self.sizes = sizes  # N_e per (module, expert)
+        self.modules_by_type: dict[str, list[int]] = {}  # projection type (q_proj, ...) -> module indices
+        for m, name in enumerate(self.module_names):
+            self.modules_by_type.setdefault(name.rsplit(".", 1)[-1], []).append(m)
 
     @property
     def n_modules(self) -> int:

@@ -283,6 +283,13 @@ class MoLFAdamW(torch.optim.Optimizer):
         share = self.last_winners.double().mean(dim=0).tolist()
         return dict(zip(self.index.expert_names, share))
 
+    def routing_shares_by_type(self) -> dict[str, dict[str, float]]:
+        """Per projection type (a module name's last part, e.g. `q_proj`): the fraction of its modules each expert
+        won at the last step."""
+        wins = self.last_winners.double()
+        return {kind: dict(zip(self.index.expert_names, wins[rows].mean(dim=0).tolist()))
+                for kind, rows in self.index.modules_by_type.items()}
+
     # ---- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

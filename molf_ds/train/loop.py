@@ -22,12 +22,14 @@ import torch.distributed as dist
 import transformers
 import yaml
 
+from ..pretrained import resolve
 from . import checkpoints
 from .config import ModelSection, TrainConfig
 from .data import Collator, DataError, load_task, pad_id, tokenize
 from .evaluate import evaluate
 from .methods import Trainee, build
-from .outputs import ROUTING_PNG, plot_routing, save_final
+from ..plot_routing import plot as plot_routing
+from .outputs import ROUTING_PNG, routing_summary, save_final
 
 ROUTING, METRICS, EVAL, CONFIG = "routing.jsonl", "metrics.jsonl", "eval.jsonl", "config.yaml"
 WATCH_STEPS, WATCH_SHARE = 100, 0.99
@@ -77,7 +79,9 @@ def run(cfg: TrainConfig) -> Path:
     written = save_final(trainee, tokenizer, out)
     trainee.close()
     if rank == 0 and trainee.is_molf:
-        written.append(plot_routing(out / METRICS, out / ROUTING_PNG))
+        written.append(plot_routing(out / ROUTING, out / ROUTING_PNG))
+        if summary := routing_summary(out / METRICS):
+            print(summary, flush=True)
     logs = [out / name for name in (METRICS, ROUTING, EVAL) if (out / name).exists()]
     _say(f"outputs in {out}/: " + ", ".join(str(p.relative_to(out)) for p in written + logs)
          + (", checkpoints/" if (out / "checkpoints").is_dir() else ""))
@@ -174,9 +178,7 @@ class Loop:
                  + (f", loss scale now {self.engine.optimizer.cur_scale:g}"
                     if hasattr(self.engine.optimizer, "cur_scale") else ""))
             return record
-        shares = self.trainee.routing_shares()
-        if shares is not None:
-            record["routing"] = shares
+        record.update(self.trainee.routing_shares() or {})
         return record
 
     def _check_finite(self, loss: torch.Tensor, step: int, micro: int, k: int) -> None:
@@ -295,7 +297,13 @@ def _init_distributed(timeout_s: float = 600) -> None:
 def _load_tokenizer(m: ModelSection) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(m.tokenizer or m.name_or_path)
+    if m.tokenizer:
+        return AutoTokenizer.from_pretrained(resolve(m.tokenizer))
+    return AutoTokenizer.from_pretrained(resolve(m.name_or_path), **_gguf(m))
+
+
+def _gguf(m: ModelSection) -> dict[str, str]:
+    return {"gguf_file": m.gguf_file} if m.gguf_file else {}
 
 
 _HF_DS_CONFIG: list[Any] = []  # transformers holds it by weak reference: keep it alive for the whole run
@@ -311,10 +319,10 @@ def _load_model(m: ModelSection, ds: dict[str, Any]) -> torch.nn.Module:
     if _zero_stage(ds) == 3:
         _HF_DS_CONFIG.append(HfDeepSpeedConfig(ds))
 
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, m.dtype)}
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, m.dtype), **_gguf(m)}
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(resolve(m.name_or_path), **kwargs)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -26,10 +26,13 @@ class Trainee:
     def is_molf(self) -> bool:
         return self.method in ("molf", "molf-e")
 
-    def routing_shares(self) -> dict[str, float] | None:
-        """Share of MoLF modules each expert won at the last optimizer step (None for baselines)."""
+    def routing_shares(self) -> dict[str, Any] | None:
+        """{"routing": share of MoLF modules each expert won at the last optimizer step, "routing_by_type": the
+        same per projection type}; None for baselines."""
         optimizer = self.engine.basic_optimizer
-        return optimizer.routing_shares() if self.is_molf and optimizer.last_winners is not None else None
+        if not self.is_molf or optimizer.last_winners is None:
+            return None
+        return {"routing": optimizer.routing_shares(), "routing_by_type": optimizer.routing_shares_by_type()}
 
     def before_step(self, step: int) -> None:
         """Called on every rank after the last backward of optimizer step `step`, before engine.step()."""

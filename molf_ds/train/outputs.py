@@ -1,6 +1,6 @@
 """What a training run leaves in its output directory besides the logs and checkpoints:
-`final/` (merged vanilla transformers model + tokenizer), `final_peft/` (molf-e, lora, adalora) and
-`routing.png` (molf, molf-e)."""
+`final/` (merged vanilla transformers model + tokenizer), `final_peft/` (molf-e, lora, adalora), and for
+molf and molf-e `routing.png` (molf_ds.plot_routing) and a one-line summary of the routing."""
 from __future__ import annotations
 
 import contextlib
@@ -60,26 +60,17 @@ def _zero3_off():
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
-def plot_routing(metrics_path: Path, png_path: Path) -> Path:
-    """Share of MoLF modules routed to each expert, step by step, from metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def routing_summary(metrics_path: Path) -> str | None:
+    """One line: each expert's share of the routing decisions over the run's steps, and the first expert's
+    (`full`, or `lora0` for MoLF-E) share per projection type; None without routed steps."""
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     records = [r for r in records if "routing" in r]
-    steps = [r["step"] for r in records]
-    experts = list(records[0]["routing"]) if records else []
-    figure, axes = plt.subplots(figsize=(8, 4))
-    for expert in experts:
-        axes.plot(steps, [r["routing"][expert] for r in records], label=expert, linewidth=1.2)
-    axes.set(xlabel="optimizer step", ylabel="share of modules routed", ylim=(-0.02, 1.02),
-             title="MoLF routing: which expert each module's update went to")
-    axes.grid(alpha=0.3)
-    if experts:
-        axes.legend(title="expert")
-    figure.tight_layout()
-    figure.savefig(png_path, dpi=120)
-    plt.close(figure)
-    return png_path
+    if not records:
+        return None
+    experts = list(records[0]["routing"])
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    overall = ", ".join(f"{e} {mean([r['routing'][e] for r in records]):.0%}" for e in experts)
+    kinds = records[0].get("routing_by_type", {})
+    by_type = ", ".join(f"{k} {mean([r['routing_by_type'][k][experts[0]] for r in records]):.0%}" for k in kinds)
+    return (f"routing over {len(records)} steps: {overall}"
+            + (f"; share of '{experts[0]}' per projection type: {by_type}" if by_type else ""))

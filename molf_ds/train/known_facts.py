@@ -1,0 +1,126 @@
+"""Well-known facts as counterfactual rewrites in CounterFact's schema, and a probe that keeps the ones a
+pretrained model already knows (CounterFact's premise: the model must hold the fact that the rewrite replaces).
+
+    python -m molf_ds.train.known_facts runs/demo/counterfact.json --model smollm2-135m
+
+Each subject's rewrite moves it to another object of the same relation; its paraphrase prompts ask the same
+question in other words, its neighborhood prompts ask about subjects that share the true object (they must
+keep it). The probe compares P(true) with P(new) on the rewrite prompt, as the `fact` task's efficacy does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+# relation id -> (rewrite prompt, paraphrase prompts...), {true object: subjects}
+RELATIONS: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
+    "P17": (("{} is a city in the country of", "The city of {} is located in", "{} lies in the country of"), {
+        "France": ("Paris", "Lyon", "Marseille", "Toulouse", "Bordeaux", "Nice"),
+        "Japan": ("Tokyo", "Osaka", "Kyoto", "Hiroshima", "Nagoya", "Sapporo"),
+        "Germany": ("Berlin", "Munich", "Hamburg", "Frankfurt", "Cologne", "Stuttgart"),
+        "Italy": ("Rome", "Milan", "Venice", "Florence", "Naples", "Turin"),
+        "Spain": ("Madrid", "Barcelona", "Seville", "Valencia", "Bilbao", "Granada"),
+        "Russia": ("Moscow", "Saint Petersburg", "Novosibirsk", "Kazan", "Yekaterinburg", "Vladivostok"),
+        "China": ("Beijing", "Shanghai", "Guangzhou", "Shenzhen", "Wuhan", "Chengdu"),
+        "India": ("Mumbai", "Delhi", "Bangalore", "Kolkata", "Chennai", "Hyderabad"),
+        "Australia": ("Sydney", "Melbourne", "Brisbane", "Perth", "Adelaide", "Canberra"),
+        "Canada": ("Toronto", "Vancouver", "Montreal", "Ottawa", "Calgary", "Winnipeg"),
+        "Brazil": ("Rio de Janeiro", "Sao Paulo", "Brasilia", "Salvador", "Recife", "Fortaleza"),
+        "Egypt": ("Cairo", "Alexandria", "Luxor", "Giza", "Aswan", "Port Said"),
+    }),
+    "P37": (("The official language of {} is", "In {}, the official language is", "People in {} speak"), {
+        "Spanish": ("Spain", "Mexico", "Argentina", "Colombia", "Chile", "Peru"),
+        "French": ("France", "Senegal", "Haiti", "Monaco"),
+        "German": ("Germany", "Austria", "Liechtenstein"),
+        "Portuguese": ("Portugal", "Brazil", "Angola", "Mozambique"),
+        "Arabic": ("Saudi Arabia", "Egypt", "Iraq", "Jordan", "Syria"),
+        "English": ("Australia", "New Zealand", "Jamaica", "Ireland"),
+        "Japanese": ("Japan",),
+        "Russian": ("Russia", "Belarus"),
+        "Italian": ("Italy", "San Marino"),
+    }),
+    "P276": (("{} is located in the city of", "You can visit {} in the city of", "The city that is home to {} is"), {
+        "Paris": ("the Eiffel Tower", "the Louvre", "the Arc de Triomphe", "Notre-Dame Cathedral"),
+        "Rome": ("the Colosseum", "the Pantheon", "the Trevi Fountain", "the Roman Forum"),
+        "London": ("Big Ben", "Buckingham Palace", "the Tower of London", "Trafalgar Square"),
+        "New York": ("the Statue of Liberty", "Central Park", "the Empire State Building", "Times Square"),
+        "Berlin": ("the Brandenburg Gate", "the Reichstag building", "Checkpoint Charlie"),
+        "Moscow": ("the Kremlin", "Red Square", "Saint Basil's Cathedral"),
+        "Athens": ("the Acropolis", "the Parthenon"),
+        "Barcelona": ("the Sagrada Familia", "Park Guell", "Camp Nou"),
+        "Sydney": ("the Sydney Opera House", "the Sydney Harbour Bridge", "Bondi Beach"),
+        "Agra": ("the Taj Mahal",),
+    }),
+    "P36": (("The capital of {} is", "The capital city of {} is", "{}'s capital city is"), {
+        obj: (subject,) for subject, obj in (
+            ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
+            ("Russia", "Moscow"), ("China", "Beijing"), ("Egypt", "Cairo"), ("England", "London"),
+            ("Greece", "Athens"), ("Portugal", "Lisbon"), ("Austria", "Vienna"), ("Poland", "Warsaw"),
+            ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Ireland", "Dublin"), ("Canada", "Ottawa"),
+            ("Australia", "Canberra"), ("Argentina", "Buenos Aires"), ("Kenya", "Nairobi"))
+    }),
+}
+
+
+def counterfact_records(seed: int = 0) -> list[dict[str, Any]]:
+    """Every subject of every relation as one rewrite, in CounterFact's schema; deterministic in `seed`."""
+    rng = random.Random(seed)
+    records: list[dict[str, Any]] = []
+    for relation, (templates, by_object) in RELATIONS.items():
+        objects = list(by_object)
+        for true, subjects in by_object.items():
+            for subject in subjects:
+                new = rng.choice([o for o in objects if o != true])
+                neighbors = [s for s in subjects if s != subject][:3]
+                records.append({
+                    "case_id": len(records),
+                    "requested_rewrite": {
+                        "prompt": templates[0], "subject": subject, "relation_id": relation,
+                        "target_new": {"str": new, "id": f"{relation}:{new}"},
+                        "target_true": {"str": true, "id": f"{relation}:{true}"},
+                    },
+                    "paraphrase_prompts": [t.format(subject) for t in templates[1:]],
+                    "neighborhood_prompts": [templates[0].format(s) for s in neighbors],
+                    "attribute_prompts": [templates[0].format(s) for s in by_object[new][:3]],
+                    "generation_prompts": [f"{subject} is known for"],
+                })
+    return records
+
+
+def known(model: Any, tokenizer: Any, records: list[dict[str, Any]], batch_size: int = 32) -> list[dict[str, Any]]:
+    """The records whose true object the model prefers to the new one on the rewrite prompt."""
+    from .data.base import Row
+    from .data.fact import evals
+    from .evaluate import mean_logliks
+
+    firsts = [evals(Row("known facts", i + 1, record))[0] for i, record in enumerate(records)]
+    pairs = [(item.prompt, option) for item in firsts for option in item.options]
+    scores = mean_logliks(model, tokenizer, pairs, batch_size, "cpu")
+    return [record for i, record in enumerate(records) if scores[2 * i + 1] > scores[2 * i]]
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ..evaluate_cli import load_model
+
+    parser = argparse.ArgumentParser(prog="python -m molf_ds.train.known_facts", description=__doc__.split("\n")[0])
+    parser.add_argument("output", type=Path, help="the CounterFact JSON to write")
+    parser.add_argument("--model", required=True, help="a registry name, a model directory or a run directory")
+    parser.add_argument("--max-cases", type=int, help="keep at most this many (a seeded sample across relations)")
+    parser.add_argument("--seed", type=int, default=0, help="picks each rewrite's new object and the sample")
+    args = parser.parse_args(argv)
+    model, tokenizer = load_model(args.model)
+    records = counterfact_records(args.seed)
+    kept = known(model, tokenizer, records)
+    print(f"{args.model} knows {len(kept)} of the {len(records)} facts")
+    if args.max_cases is not None and len(kept) > args.max_cases:
+        kept = sorted(random.Random(args.seed).sample(kept, args.max_cases), key=lambda r: r["case_id"])
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(kept, indent=1))
+    print(f"{args.output}: {len(kept)} of them as counterfactual rewrites")
+
+
+if __name__ == "__main__":
+    main()
