@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./launch/install.sh
 python -m pip install -q -e ".[gemma]"  # the suite loads Gemma 3 270M once (Gemma Terms of Use)
-export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+# A C++ kernel that fails to build fails the suite instead of skipping its tests (users get a warning and torch).
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false MOLF_DS_REQUIRE_CPP_KERNEL=1
 python -m pytest -q "$@"

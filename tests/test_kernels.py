@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +14,7 @@ import torch
 from molf_ds.optim import kernels
 from molf_ds.optim.kernels import cpp_impl, torch_impl
 
+REPO = Path(__file__).resolve().parents[1]
 BETAS = (0.9, 0.999)
 HYPER = dict(lr=1e-3, weight_decay=0.1, eps=1e-8)
 BACKENDS = ["cpp", "torch"]
@@ -201,16 +206,62 @@ def test_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_build_failure_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    from torch.utils import cpp_extension
-
-    def broken(**_kwargs):
-        raise RuntimeError("no compiler")
-
-    monkeypatch.setattr(cpp_extension, "load", broken)
-    with pytest.warns(UserWarning, match="torch path"):
+    monkeypatch.delenv(cpp_impl.REQUIRE_ENV, raising=False)
+    monkeypatch.setattr(cpp_impl, "build_error", lambda: "no compiler")
+    with pytest.warns(UserWarning, match="no compiler.*torch kernels"):
         assert cpp_impl.load.__wrapped__() is False
     monkeypatch.setattr(cpp_impl, "load", lambda: False)
     assert kernels.backend(torch.zeros(3)) == "torch"
+
+
+def _broken_compiler_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """No C++ compiler (CXX=false) and an empty extensions cache: the kernel's JIT build fails."""
+    (tmp_path / "extensions").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k not in (cpp_impl.REQUIRE_ENV, kernels.ENV_VAR)}
+    return {**env, "CXX": "false", "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"), **extra}
+
+
+def test_broken_compiler_warns_once_with_cause_and_cost(tmp_path: Path) -> None:
+    code = ("import torch; from molf_ds.optim import kernels; x = torch.zeros(4); "
+            "print(kernels.backend(x), kernels.backend(x), kernels.cpp_enabled())")
+    done = subprocess.run([sys.executable, "-c", code], env=_broken_compiler_env(tmp_path), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].split() == ["torch", "torch", "False"]
+    warned = [line for line in done.stderr.splitlines() if "C++ CPU kernel" in line]
+    assert len(warned) == 1, done.stderr
+    assert "returned non-zero exit status" in warned[0]  # the cause: the compiler check failed
+    assert "5x slower" in warned[0] and "MOLF_DS_KERNEL=torch" in warned[0]
+
+
+def test_broken_compiler_fails_the_test_command(tmp_path: Path) -> None:
+    """launch/test.sh exports MOLF_DS_REQUIRE_CPP_KERNEL=1: the C++ tests then fail instead of skipping."""
+    assert f"{cpp_impl.REQUIRE_ENV}=1" in (REPO / "launch" / "test.sh").read_text()
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_kernels.py"),
+               "-k", "test_dispatch or test_adamw_step_matches_torch_adamw"]
+    env = _broken_compiler_env(tmp_path, **{cpp_impl.REQUIRE_ENV: "1"})
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0, done.stdout[-3000:]
+    assert "failed to build and MOLF_DS_REQUIRE_CPP_KERNEL=1 requires it" in done.stdout
+    assert " skipped" not in done.stdout.splitlines()[-1]
+    passing = subprocess.run(command, cwd=tmp_path, env=_broken_compiler_env(tmp_path / "users"),
+                             capture_output=True, text=True, timeout=300)
+    assert passing.returncode == 0 and " skipped" in passing.stdout.splitlines()[-1], passing.stdout[-3000:]
+
+
+def test_speculative_update_without_the_kernel_is_an_error(monkeypatch: pytest.MonkeyPatch, tiny) -> None:
+    import molf_ds
+
+    cfg = molf_ds.MoLFConfig(lora_ranks=(4,), speculative_update=True)
+    model = molf_ds.wrap_model(tiny("qwen2"), cfg)
+    monkeypatch.setattr(cpp_impl, "build_error", lambda: "Error building extension 'x': [1/2] c++ ...\nc++: error: no")
+    with pytest.raises(ValueError, match=r"speculative_update=True needs the C\+\+ CPU kernel, which failed to build "
+                                         r"\(Error building extension 'x': c\+\+: error: no\): set speculative_update"):
+        molf_ds.build_optimizer(model, cfg)
+    monkeypatch.setattr(cpp_impl, "build_error", lambda: None)
+    monkeypatch.setenv(kernels.ENV_VAR, "torch")
+    with pytest.raises(ValueError, match="which is turned off by MOLF_DS_KERNEL=torch"):
+        molf_ds.build_optimizer(model, cfg)
 
 
 def test_env_var_forces_torch(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,8 +13,13 @@ from molf_ds.optim.kernels import cpp_impl
 from tiny_models import token_batches
 from test_kernels_multi import BETAS, KIND_LRS, KIND_WDS, N_CELLS, NUMELS, ROWS, _clone, _tensors
 
-pytestmark = pytest.mark.skipif(not cpp_impl.load(), reason="the C++ CPU kernel failed to build")
 EPS = 1e-8
+
+
+@pytest.fixture(autouse=True)
+def _cpp_kernel() -> None:
+    if not cpp_impl.load():  # raises instead (the test fails) under MOLF_DS_REQUIRE_CPP_KERNEL=1, as in launch/test.sh
+        pytest.skip("the C++ CPU kernel failed to build")
 
 
 def _two_pass(s, table, winners, score, bc):

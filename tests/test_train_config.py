@@ -87,6 +87,13 @@ def test_error_names_the_key(config_file, override, key):
     assert message.startswith(f"config key '{key}':" if key else "override 'train'")
 
 
+def test_speculative_update_without_the_cpp_kernel_is_one_line(config_file, monkeypatch):
+    monkeypatch.setenv("MOLF_DS_KERNEL", "torch")
+    with pytest.raises(ConfigError, match="^config key 'molf.speculative_update': MoLFConfig.speculative_update=True "
+                                          r"needs the C\+\+ CPU kernel, which is turned off by MOLF_DS_KERNEL=torch"):
+        load_config(config_file, ["molf.speculative_update=true"])
+
+
 def test_cli_prints_one_line_and_exits_2(config_file):
     result = subprocess.run([sys.executable, "-m", "molf_ds.train", str(config_file), "train.max_steps=0"],
                             capture_output=True, text=True, cwd=config_file.parent, timeout=120)

@@ -2,12 +2,15 @@
 every MoLFConfig validation error; DeepSpeed config checks that run before any process group."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import molf_ds
 from molf_ds.zero.ds_config import check_deepspeed_version, prepare_ds_config
+from distributed import spawn
 from tiny_models import token_batches
 
 
@@ -122,11 +125,55 @@ def test_optimizer_refuses_a_config_with_other_experts(tiny):
         ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, "NVMe offload"),
         ({"zero_force_ds_cpu_optimizer": True, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
          "zero_force_ds_cpu_optimizer"),
+        ({"zero_optimization": {"stage": 2, "zenflow": {"topk_ratio": 0.1}}},
+         r"^DeepSpeed config key 'zero_optimization.zenflow': ZenFlow .* bypassing MoLF's routing: remove it"),
+        ({"zero_optimization": {"stage": 3, "zenflow": {}}}, "'zero_optimization.zenflow': ZenFlow"),
+        ({"zero_optimization": {"stage": 3, "zero_quantized_weights": True}},
+         r"^DeepSpeed config key 'zero_optimization.zero_quantized_weights': ZeRO\+\+ weight quantization .*: remove "
+         "it .*zero_hpz_partition_size, is supported"),
+        ({"zero_optimization": {"stage": 3, "zero_quantized_nontrainable_weights": True}},
+         "'zero_optimization.zero_quantized_nontrainable_weights': ZeRO\\+\\+ frozen-weight quantization"),
+        ({"zero_optimization": {"stage": 3, "zero_quantized_gradients": True}},
+         "'zero_optimization.zero_quantized_gradients': ZeRO\\+\\+ gradient quantization"),
+        ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.3}}},
+         r"^DeepSpeed config key 'zero_optimization.offload_optimizer.ratio'=0.3: partial offload .* remove it"),
+        ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "super_offload": True}}},
+         r"^DeepSpeed config key 'zero_optimization.offload_optimizer.super_offload': .* remove it"),
+        ({"pipeline": {"stages": 2}}, r"^DeepSpeed config key 'pipeline': molf_ds does not run pipeline parallelism"),
     ],
 )
 def test_deepspeed_config_errors_name_the_key(ds, message):
     with pytest.raises(ValueError, match=message):
         prepare_ds_config(ds)
+
+
+def test_deepspeed_modes_molf_runs_are_accepted():
+    """ZeRO++ hpZ (covered by the ZeRO-3 exactness runs), explicit whole offload, and the modes refused above
+    when switched off."""
+    zero = {"stage": 3, "zero_hpz_partition_size": 2, "zenflow": None, "zero_quantized_weights": False,
+            "zero_quantized_gradients": False, "offload_optimizer": {"device": "cpu", "ratio": 1.0,
+                                                                     "super_offload": False}}
+    assert prepare_ds_config({"zero_optimization": zero})["zero_optimization"] == zero
+
+
+def _initialize_a_pipeline_module(rank: int, world: int, out: str) -> None:
+    import deepspeed
+    from deepspeed.pipe import PipelineModule
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = PipelineModule(layers=[torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)], num_stages=1)
+    try:
+        molf_ds.initialize(model, molf_ds.MoLFConfig(), {"train_batch_size": 1})
+    except ValueError as error:
+        Path(out).write_text(str(error))
+
+
+def test_pipeline_module_is_refused_at_initialize(tmp_path):
+    out = tmp_path / "error.txt"
+    spawn(_initialize_a_pipeline_module, 1, str(out))
+    assert out.read_text().startswith("molf_ds.initialize got a deepspeed PipelineModule: molf_ds does not run "
+                                      "pipeline parallelism (each stage would route only its own layers): pass the "
+                                      "model itself and use data parallelism with ZeRO")
 
 
 def test_offload_config_is_made_to_accept_the_client_optimizer(tmp_path):

@@ -1,7 +1,8 @@
 """ZeRO-3 on 2 CPU ranks reproduces the single-process reference in fp32: one sub-group, many sub-groups,
 optimizer + parameter offload, gradient clipping, a model loaded partitioned (transformers' ZeRO-3
-loading), small parameters persistent; LoRA experts stay resident; persistent parameters are re-gathered in one
-collective; the merged checkpoint loads with from_pretrained and matches."""
+loading), small parameters persistent, ZeRO++ hierarchical partitioning (hpZ); LoRA experts stay resident;
+persistent parameters are re-gathered in one collective; the merged checkpoint loads with from_pretrained and
+matches."""
 from __future__ import annotations
 
 from collections import Counter
@@ -34,6 +35,7 @@ RUNS = {
     "zero3_offload": {"ds": zero3(**OFFLOAD), "save_merged": True},
     "zero3_offload_speculative": {"ds": zero3(**OFFLOAD), "molf": {"speculative_update": True}},
     "zero3_loaded_partitioned": {"ds": zero3(), "zero_init": True},
+    "zero3_hpz": {"ds": zero3(zero_hpz_partition_size=2)},  # ZeRO++ hpZ: secondary partitions (group: both ranks)
     "zero3_clipped": {"ds": {**zero3(sub_group_size=4000), "gradient_clipping": CLIP}},
     "zero3_molf_e": {"ds": zero3(), "molf": dict(variant="molf-e", lora_ranks=(4, 8), lora_alphas=(16.0, 16.0),
                                                   top_k=2), "export_peft": True},

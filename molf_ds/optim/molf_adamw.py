@@ -82,6 +82,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         cfg: MoLFConfig,
         routing_log: RoutingLog | None = None,
     ) -> None:
+        check_speculative_update(cfg)
         super().__init__(list(param_groups), dict(lr=cfg.lr, weight_decay=0.0, betas=cfg.betas, eps=cfg.eps))
         self.index = index
         self.cfg = cfg
@@ -302,6 +303,16 @@ class MoLFAdamW(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         steps = [int(s["step"]) for s in self.state.values() if "step" in s]
         self.molf_step = molf["step"] if molf else max(steps, default=0)
+
+
+def check_speculative_update(cfg: MoLFConfig) -> None:
+    """`speculative_update` runs in the C++ CPU kernel only: without the kernel, an error rather than a silent
+    two-pass step."""
+    missing = kernels.cpp_unavailable() if cfg.speculative_update else None
+    if missing:
+        raise ValueError(f"MoLFConfig.speculative_update=True needs the C++ CPU kernel, which {missing}: set "
+                         "speculative_update to false (the two-pass step: the same results, one more pass over "
+                         "optimizer memory) or install g++ with OpenMP and ninja")
 
 
 def param_groups(model: nn.Module, index: ExpertIndex, cfg: MoLFConfig) -> list[dict[str, Any]]:

@@ -336,6 +336,8 @@ def _positive(key: str, value: int) -> None:
 
 
 def _check_molf(cfg: TrainConfig) -> None:
+    from ..optim.molf_adamw import check_speculative_update
+
     own = [f.name for f in fields(MoLFConfig) if f.name not in SHARED_OPTIMIZER_FIELDS + ("variant",)]
     for name in cfg.molf:
         if name in SHARED_OPTIMIZER_FIELDS:
@@ -344,7 +346,7 @@ def _check_molf(cfg: TrainConfig) -> None:
             raise key_error("molf.variant", "set by method (molf or molf-e)")
     _reject_unknown(cfg.molf, own, "molf.")
     try:
-        cfg.molf_config()
+        check_speculative_update(cfg.molf_config())
     except ValueError as error:  # MoLFConfig names its field: point at the YAML key instead
         message = str(error)
         match = re.search(r"MoLFConfig(?:\.| has no field\(s\) \[')(\w+)", message)

@@ -12,6 +12,16 @@ from packaging.version import Version
 
 TESTED_DEEPSPEED = (Version("0.19.8"), Version("0.20"))  # [low, high)
 SUPPORTED_STAGES = (0, 1, 2, 3)
+# DeepSpeed modes that bypass or change MoLF's step, refused by key (hpZ, `zero_hpz_partition_size`, is supported).
+_ZERO_PP = ("ZeRO++ {} is lossy, so MoLF's exactness tests cannot cover it, and DeepSpeed's quantizer op it needs "
+            "has no CPU build: remove it (ZeRO++'s hierarchical partitioning, zero_hpz_partition_size, is supported)")
+UNSUPPORTED_ZERO = {
+    "zenflow": "ZenFlow updates only selected gradient columns with its own optimizer step, bypassing MoLF's "
+               "routing: remove it (for the optimizer step on CPU use offload_optimizer with device 'cpu')",
+    "zero_quantized_weights": _ZERO_PP.format("weight quantization (qwZ)"),
+    "zero_quantized_nontrainable_weights": _ZERO_PP.format("frozen-weight quantization"),
+    "zero_quantized_gradients": _ZERO_PP.format("gradient quantization (qgZ)"),
+}
 
 
 def check_deepspeed_version(version: str | None = None) -> None:
@@ -23,6 +33,12 @@ def check_deepspeed_version(version: str | None = None) -> None:
             f"molf_ds is tested with deepspeed>={low},<{high} but deepspeed {found} is installed: "
             f"run `pip install 'deepspeed>={low},<{high}'` (or set MOLF_DS_ALLOW_UNTESTED_DEEPSPEED=1 at your risk)"
         )
+
+
+def no_pipeline(what: str, remedy: str) -> ValueError:
+    return ValueError(f"{what}: molf_ds does not run pipeline parallelism (each stage would route only its own "
+                      f"layers): {remedy} and use data parallelism with ZeRO (stage 3 partitions a model too large "
+                      "for one device)")
 
 
 def load_ds_config(config: dict[str, Any] | str | Path | None) -> dict[str, Any]:
@@ -62,7 +78,24 @@ def prepare_ds_config(config: dict[str, Any] | str | Path | None, allow_auto: bo
         raise ValueError(
             f"DeepSpeed config key 'zero_optimization.stage'={stage!r}: molf_ds supports stages {SUPPORTED_STAGES}"
         )
+    for key, problem in UNSUPPORTED_ZERO.items():
+        if zero.get(key) not in (None, False):
+            raise ValueError(f"DeepSpeed config key 'zero_optimization.{key}': {problem}")
+    if "pipeline" in ds:
+        raise no_pipeline("DeepSpeed config key 'pipeline'", "remove it")
     offload = zero.get("offload_optimizer") or {}
+    if offload.get("ratio", 1.0) != 1.0:
+        raise ValueError(
+            f"DeepSpeed config key 'zero_optimization.offload_optimizer.ratio'={offload['ratio']!r}: partial offload "
+            "steps part of the parameters with DeepSpeed's own GPU AdamW, bypassing MoLF: remove it (the whole "
+            "optimizer step on CPU) or remove offload_optimizer (the whole step on the GPU)"
+        )
+    if offload.get("super_offload"):
+        raise ValueError(
+            "DeepSpeed config key 'zero_optimization.offload_optimizer.super_offload': SuperOffload steps the "
+            "optimizer with its own CPU Adam, bypassing MoLF: remove it (offload_optimizer with device 'cpu' runs "
+            "MoLF's step on CPU)"
+        )
     device = offload.get("device", "none")
     if device not in ("none", "cpu"):
         raise ValueError(

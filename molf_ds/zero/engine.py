@@ -14,6 +14,7 @@ from typing import Any
 import deepspeed
 import deepspeed.comm as dist
 import torch
+from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
@@ -25,7 +26,7 @@ from ..optim import MoLFAdamW, RoutingLog, build_optimizer
 from ..optim.layout import LORA
 from ..optim.molf_adamw import ScoreReducer
 from ..wrapping import molf_modules, wrap_model
-from .ds_config import check_deepspeed_version, prepare_ds_config
+from .ds_config import check_deepspeed_version, no_pipeline, prepare_ds_config
 from .layouts import copied_param_layouts, zero3_layouts, zero12_layouts
 
 
@@ -43,6 +44,8 @@ def initialize(
     DeepSpeed config dict or JSON path without an "optimizer" block.
     """
     check_deepspeed_version()
+    if isinstance(model, PipelineModule):
+        raise no_pipeline("molf_ds.initialize got a deepspeed PipelineModule", "pass the model itself")
     cfg = molf_config or MoLFConfig()
     ds_config = prepare_ds_config(config)
     if not molf_modules(model):
@@ -137,12 +140,12 @@ def _keep_resident(zero3: DeepSpeedZeroOptimizer_Stage3, params: list[nn.Paramet
 def _gather_coalesced(zero3: DeepSpeedZeroOptimizer_Stage3, params: list[nn.Parameter]) -> None:
     """All-gather the partitions of `params` that DeepSpeed released, one collective per dtype and process group
     (DeepSpeed's `_post_step` takes one per tensor), and mark them available so that DeepSpeed skips them. Left
-    to DeepSpeed with hierarchical partitioning (ZeRO++ hpZ) and for quantized weights."""
+    to DeepSpeed with hierarchical partitioning (ZeRO++ hpZ); ZeRO++ quantization is refused (ds_config.py)."""
     if zero3.zero_hpz_partition_size > 1:
         return
     buckets: dict[tuple[torch.dtype, Any], list[nn.Parameter]] = {}
     for p in params:
-        if p.ds_status == ZeroParamStatus.NOT_AVAILABLE and not hasattr(p.ds_tensor, "ds_quant_scale"):
+        if p.ds_status == ZeroParamStatus.NOT_AVAILABLE:
             buckets.setdefault((p.ds_tensor.dtype, p.ds_process_group), []).append(p)
     device = deepspeed.get_accelerator().current_device_name()
     for (dtype, group), stale in buckets.items():

@@ -23,7 +23,8 @@ in one int64 table [S, 5] of rows (tensor, offset, length, cell, kind), see ``Se
 - ``dropout_zero``: the experts' input dropout on CPU (a counter-based mask, kept elements unscaled).
 
 Backend: the fused C++ kernel for contiguous fp32 CPU tensors (JIT-built once on first
-use), torch otherwise or when the build fails. ``MOLF_DS_KERNEL=torch`` forces torch.
+use), torch otherwise. A failed build warns once and falls back to torch (an error with
+``MOLF_DS_REQUIRE_CPP_KERNEL=1``, as in the test command). ``MOLF_DS_KERNEL=torch`` forces torch.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from . import cpp_impl, torch_impl
 
 __all__ = [
     "ScoreSums", "SegmentTable", "adamw_step", "adamw_step_multi", "adamw_update_ranges", "backend", "can_speculate",
-    "cpp_enabled", "dropout_zero", "moments_and_scores", "moments_and_scores_multi", "moments_scores_speculate_multi",
-    "route", "settle_multi", "update_winners_multi",
+    "cpp_enabled", "cpp_unavailable", "dropout_zero", "moments_and_scores", "moments_and_scores_multi",
+    "moments_scores_speculate_multi", "route", "settle_multi", "update_winners_multi",
 ]
 
 ENV_VAR = "MOLF_DS_KERNEL"
@@ -55,6 +56,14 @@ def _forced_torch() -> bool:
 def cpp_enabled() -> bool:
     """Whether the C++ CPU kernels run here (built and not turned off by MOLF_DS_KERNEL=torch)."""
     return not _forced_torch() and cpp_impl.load()
+
+
+def cpp_unavailable() -> str | None:
+    """Why the C++ CPU kernels do not run here (without warning about it), or None when they do."""
+    if _forced_torch():
+        return f"is turned off by {ENV_VAR}=torch"
+    error = cpp_impl.build_error()
+    return None if error is None else f"failed to build ({cpp_impl.cause(error)})"
 
 
 def _impl(*tensors: torch.Tensor) -> ModuleType:
