@@ -41,6 +41,7 @@ def key_error(key: str, problem: str) -> ConfigError:
 class ModelSection:
     name_or_path: str = REQUIRED  # type: ignore[assignment]  # hub id or local directory
     tokenizer: str | None = None  # default: name_or_path
+    gguf_file: str | None = None  # a GGUF checkpoint: file name inside name_or_path, or a path
     dtype: str = "float32"
     attn_implementation: str | None = None  # transformers' default when unset
     gradient_checkpointing: bool = False
