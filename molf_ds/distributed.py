@@ -1,9 +1,13 @@
-"""Ending the process group a command started, before its process exits."""
+"""Ending the process group a command started, before its process exits; which rank reports a failure that
+every rank meets before there is a group."""
 from __future__ import annotations
 
 import gc
+import os
 
 import torch.distributed as dist
+
+LOCAL_RANK_ENV = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK")
 
 
 def end_process_group() -> None:
@@ -15,3 +19,13 @@ def end_process_group() -> None:
     gc.collect()  # engines, and what they hold of the group, go first
     dist.barrier()
     dist.destroy_process_group()
+
+
+def first_on_node() -> bool:
+    """Whether this process prints a failure every rank of its node meets before the process group starts (a
+    config error, a missing model): the node's first rank under a launcher (torchrun, deepspeed, srun, mpirun),
+    so that the line comes once per node, not once per rank; a process without a launcher prints it."""
+    for name in LOCAL_RANK_ENV:
+        if name in os.environ:
+            return os.environ[name] == "0"
+    return True
