@@ -1,6 +1,7 @@
 """Issue 23: a model, tokenizer or dataset that cannot be loaded is one line naming the key (exit status 2, no
-traceback), printed once, before any process group: through `molf-ds train` (each source key), and under torchrun
-with 2 ranks. Offline: HF_HUB_OFFLINE=1 and empty caches in the commands; in-process checks against fake hub and datasets caches, and a hub that is unreachable or lacks the id."""
+traceback), printed once, before any process group: through `molf-ds train` (each source key), `eval`, `compare`,
+`bench` and `estimate-memory`, and under torchrun with 2 ranks. Offline: HF_HUB_OFFLINE=1 and empty caches in the
+commands; in-process checks against fake hub and datasets caches, and a hub that is unreachable or lacks the id."""
 from __future__ import annotations
 
 import json
@@ -78,6 +79,28 @@ def test_under_torchrun_the_line_comes_once(demo):
                      "demo/model?); relative paths start at the working directory"], result.stderr[-3000:]
     assert result.stderr.count("exitcode  : 2") == 2  # both ranks stopped with it, before any process group
     assert "[rank0]" not in result.stderr and "[rank1]" not in result.stderr
+
+
+@pytest.mark.parametrize("argv,prefix,words", [
+    (["eval", "demo/modle", "--task", "fact", "--data", "demo/data/counterfact.json", "--tokenizer", "demo/tokenizer"],
+     "molf-ds eval:", ["argument MODEL: demo/modle does not exist (did you mean demo/model?)"]),
+    (["eval", "demo/model", "--task", "fact", "--data", "demo/data/counterfact.json"],
+     "molf-ds eval:", ["argument --tokenizer: unset, so the tokenizer comes from MODEL (demo/model)",
+                       "pass --tokenizer DIR"]),
+    (["eval", "demo/model", "--task", "fact", "--data", "some/dataset", "--tokenizer", "demo/tokenizer"],
+     "molf-ds eval:", ["argument --data: 'some/dataset' is not a local path", "pass --data FILE"]),
+    (["compare", "run.yaml", "model.name_or_path=demo/nothing", "--methods", "molf", "--seeds", "1",
+      "--output-dir", "cmp"], "molf-ds compare:", ["config key 'model.name_or_path': demo/nothing does not exist"]),
+    (["bench", "--model", "qwen2-h265"], "molf-ds bench:", ["argument --model: 'qwen2-h265' is neither",
+                                                            "did you mean qwen2-h256?"]),
+    (["estimate-memory", "demo/data"], "molf-ds estimate-memory:",
+     ["argument MODEL: demo/data is not a model directory (no config.json)"]),
+], ids=["eval-model", "eval-tokenizer", "eval-data", "compare", "bench", "estimate-memory"])
+def test_other_commands_name_the_argument_in_one_line(demo, argv, prefix, words):
+    line = one_line(command(demo, *argv), prefix)
+    for word in words:
+        assert word in line
+    assert not (demo / "cmp").exists()  # compare launched no run
 
 
 # ---- the checks in-process ---------------------------------------------------------------------------
@@ -195,6 +218,17 @@ def test_gguf(caches, monkeypatch):
     if real("gguf") is not None:
         check_model("model.name_or_path", str(caches / "gguf-dir"), str(caches / "gguf-dir" / "smollm2.gguf"),
                     **kwargs)
+
+
+def test_eval_checks_an_adapters_base_model(caches):
+    from molf_ds.evaluate_cli import check_sources
+
+    (caches / "adapter").mkdir()
+    (caches / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "base/model"}))
+    (caches / "rows.jsonl").write_text("")
+    message = fails(check_sources, "adapter", "rows.jsonl")
+    assert message.startswith("argument MODEL's base model: 'base/model' is not a local path")
+    assert message.endswith("set base_model_name_or_path in adapter/adapter_config.json to DIR")
 
 
 def test_first_on_node(monkeypatch):

@@ -23,11 +23,7 @@ def load_config(name: str):
         return AutoConfig.for_model(values.pop("model_type"), **values)
     from ..memory import load_config as load_architecture
 
-    try:
-        return load_architecture(name)
-    except ValueError:
-        raise ValueError(f"bench: unknown model {name!r}: use one of {bundled()}, a bundled architecture of "
-                         "`molf-ds estimate-memory`, or a config.json path") from None
+    return load_architecture(name, "--model", also=bundled())
 
 
 def hidden_size(name: str) -> int:
