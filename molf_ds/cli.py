@@ -10,7 +10,7 @@ from typing import Sequence
 def _train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from .distributed import end_process_group, first_on_node
+    from .distributed import end_process_group, report_before_group
     from .sources import SourceError, check_config
     from .train import ConfigError, load_config, run
     from .train.checkpoints import SaveError
@@ -20,8 +20,7 @@ def _train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         check_config(cfg)
     except (ConfigError, SourceError) as error:  # before any process group: one line, no traceback
-        if first_on_node():  # every rank found it: the node's first one says it
-            print(f"molf-ds train: {error}", file=sys.stderr)
+        report_before_group(f"molf-ds train: {error}")
         return 2
     started_here = not dist.is_initialized()
     try:

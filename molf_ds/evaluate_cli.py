@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .distributed import end_process_group, first_on_node
+    from .distributed import end_process_group, report_before_group
     from .sources import SourceError
     from .train.data import DataError
 
@@ -41,9 +41,8 @@ def run(args: argparse.Namespace) -> int:
                                 max_samples=args.max_samples, skip=args.skip, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                                 progress=not args.no_progress)
-    except SourceError as error:  # before any process group: every rank found it, one says it
-        if first_on_node():
-            print(f"molf-ds eval: {error}", file=sys.stderr)
+    except SourceError as error:  # before any process group
+        report_before_group(f"molf-ds eval: {error}")
         return 2
     except (DataError, FileNotFoundError, ValueError) as error:
         print(f"molf-ds eval: {error}", file=sys.stderr)

@@ -15,7 +15,6 @@ import pytest
 
 from demo_runs import REPO, ZERO2, write_demo_run
 from molf_ds import sources
-from molf_ds.distributed import first_on_node
 from molf_ds.sources import SourceError, check_dataset, check_model, check_tokenizer
 
 
@@ -77,7 +76,7 @@ def test_under_torchrun_the_line_comes_once(demo):
     lines = [line for line in result.stderr.splitlines() if "molf-ds train:" in line]
     assert lines == ["molf-ds train: config key 'model.name_or_path': demo/modle does not exist (did you mean "
                      "demo/model?); relative paths start at the working directory"], result.stderr[-3000:]
-    assert result.stderr.count("exitcode  : 2") == 2  # both ranks stopped with it, before any process group
+    assert "exitcode  : 2" in result.stderr  # the first rank's (the other one waited to be stopped)
     assert "[rank0]" not in result.stderr and "[rank1]" not in result.stderr
 
 
@@ -231,11 +230,18 @@ def test_eval_checks_an_adapters_base_model(caches):
     assert message.endswith("set base_model_name_or_path in adapter/adapter_config.json to DIR")
 
 
-def test_first_on_node(monkeypatch):
-    for name in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK"):
+def test_only_the_first_rank_of_a_node_reports_at_once(monkeypatch, capsys):
+    from molf_ds import distributed
+
+    for name in distributed.LOCAL_RANK_ENV:
         monkeypatch.delenv(name, raising=False)
-    assert first_on_node()
+    waits = []
+    monkeypatch.setattr(distributed.time, "sleep", waits.append)
+    distributed.report_before_group("no launcher")
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1")
-    assert not first_on_node()
+    distributed.report_before_group("a second rank, not stopped by its launcher")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert first_on_node()
+    distributed.report_before_group("a first rank")
+    assert waits == [distributed.PEER_WAIT_S]
+    assert capsys.readouterr().err.splitlines() == ["no launcher", "a second rank, not stopped by its launcher",
+                                                    "a first rank"]
