@@ -10,15 +10,17 @@ from typing import Sequence
 def _train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from .distributed import end_process_group
+    from .distributed import end_process_group, report_before_group
+    from .sources import SourceError, check_config
     from .train import ConfigError, load_config, run
     from .train.checkpoints import SaveError
     from .train.data import DataError
 
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as error:  # before any process group: one line, no traceback
-        print(f"molf-ds train: {error}", file=sys.stderr)
+        check_config(cfg)
+    except (ConfigError, SourceError) as error:  # before any process group: one line, no traceback
+        report_before_group(f"molf-ds train: {error}")
         return 2
     started_here = not dist.is_initialized()
     try:

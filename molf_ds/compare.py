@@ -73,6 +73,7 @@ class RunResult:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .sources import SourceError, check_config
     from .train.config import ConfigError, load_config
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -89,17 +90,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.output_dir)
     plans = []
-    try:  # every run's config is checked before the first one starts
+    try:  # every run's config, model and data are checked before the first one starts
         for method in methods:
             overrides = run_overrides(args.overrides, method, per_method[method], 0, out / "runs" / "x")
             cfg = load_config(args.config, overrides)
             if not cfg.eval.enabled:
                 raise ConfigError("config key 'eval': compare needs an evaluation set (eval.data or eval.holdout)")
+            check_config(cfg)
             for seed in range(args.first_seed, args.first_seed + args.seeds):
                 name = f"{method}-seed{seed}"
                 plans.append((method, seed, out / "runs" / name,
                               run_overrides(args.overrides, method, per_method[method], seed, out / "runs" / name)))
-    except ConfigError as error:
+    except (ConfigError, SourceError) as error:
         print(f"molf-ds compare: {error}", file=sys.stderr)
         return 2
     from .train.data import TASKS

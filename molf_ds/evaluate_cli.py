@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .distributed import end_process_group
+    from .distributed import end_process_group, report_before_group
+    from .sources import SourceError
     from .train.data import DataError
 
     started_here = _rank() is None  # the group evaluate_model starts under a multi-rank launcher is ended here
@@ -44,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
                                 max_samples=args.max_samples, skip=args.skip, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens, dtype=args.dtype, gguf_file=args.gguf_file,
                                 progress=not args.no_progress)
+    except SourceError as error:  # before any process group
+        report_before_group(f"molf-ds eval: {error}")
+        return 2
     except (DataError, FileNotFoundError, ValueError) as error:
         print(f"molf-ds eval: {error}", file=sys.stderr)
         return 2
@@ -70,6 +74,7 @@ def evaluate_model(
 
     if batch_size < 1 or skip < 0 or (max_samples is not None and max_samples < 1):
         raise ValueError("--batch-size and --max-samples must be >= 1, --skip >= 0")
+    check_sources(model, data, tokenizer, gguf_file)
     _init_distributed()
     module = TASKS[task]
     where, table = open_table(data, split)
@@ -84,6 +89,41 @@ def evaluate_model(
     return {**scores, "items": len(items), "rows": stop - skip}
 
 
+def check_sources(model: str, data: str, tokenizer: str | None = None, gguf_file: str | None = None) -> None:
+    """MODEL (an adapter's base model too; with --gguf-file the folder holding it), its tokenizer and --data can be
+    loaded: `SourceError` otherwise."""
+    from .sources import SourceError, check_dataset, check_model, check_tokenizer
+
+    own: str | None = None  # where the tokenizer comes from without --tokenizer (None: the GGUF checkpoint)
+    if gguf_file is not None:
+        check_model("MODEL", model, gguf_file, gguf_key="--gguf-file")
+    else:
+        directory = model_directory(model)
+        adapter = directory / "adapter_config.json"
+        if adapter.is_file():
+            base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+            if not base:
+                raise SourceError("MODEL", f"{adapter} names no base_model_name_or_path")
+            check_model("MODEL's base model", base, point=f"set base_model_name_or_path in {adapter} to DIR")
+            own = str(directory) if (directory / "tokenizer_config.json").exists() else base
+        else:
+            own = str(directory) if directory.exists() else model
+            check_model("MODEL", own)
+    if tokenizer is not None:
+        check_tokenizer("--tokenizer", tokenizer)
+    elif own is not None:
+        check_tokenizer("--tokenizer", own, default_of="MODEL")
+    check_dataset("--data", data)
+
+
+def model_directory(path: str) -> Path:
+    """`path`, or the `final/` of a run output directory."""
+    directory = Path(path)
+    if directory.is_dir() and not (directory / "config.json").exists() and (directory / "final").is_dir():
+        return directory / "final"
+    return directory
+
+
 def load_model(path: str, tokenizer: str | None = None, dtype: str = "float32", gguf_file: str | None = None
                ) -> tuple[Any, Any]:
     """(model, tokenizer) from a model directory, a run output directory, a PEFT adapter directory, a
@@ -95,10 +135,7 @@ def load_model(path: str, tokenizer: str | None = None, dtype: str = "float32", 
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=getattr(torch, dtype))
         return model, (load_tokenizer(tokenizer) if tokenizer else
                        AutoTokenizer.from_pretrained(path, gguf_file=gguf_file))
-    path = resolve(path)
-    directory = Path(path)
-    if directory.is_dir() and not (directory / "config.json").exists() and (directory / "final").is_dir():
-        directory = directory / "final"
+    directory = model_directory(resolve(path))
     if directory.is_dir() and (directory / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 

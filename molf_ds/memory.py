@@ -11,15 +11,20 @@ estimator counts 2 bytes less per parameter than its ZeRO-2 one; we count the fp
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import DEFAULT_TARGETS
 from .pretrained import MODELS, resolve
+from .sources import SourceError, check_model
 
 BUNDLED = Path(__file__).parent / "model_configs"
 METHODS = ("fft", "lora", "molf", "molf-e")
@@ -45,21 +50,38 @@ class Estimate:
     cpu_bytes_per_node: int
 
 
-def load_config(model: str, gguf_file: str | None = None):
-    """A bundled architecture name (gemma-3-1b, qwen2.5-1.5b, qwen2.5-3b), a `molf-ds models` name, a config.json,
-    a model folder, or a folder and the GGUF file in it."""
+def load_config(model: str, key: str = "MODEL", also: Sequence[str] = (), gguf_file: str | None = None):
+    """A bundled architecture name (gemma-3-1b, qwen2.5-1.5b, qwen2.5-3b; or one of `also`, which the caller
+    resolves), a `molf-ds models` name, a config.json, a model folder, or a folder and the GGUF checkpoint
+    `gguf_file` in it; otherwise `SourceError` naming `key`."""
     if gguf_file:
+        check_model(key, model, gguf_file, gguf_key="--gguf-file")
         return AutoConfig.from_pretrained(model, gguf_file=gguf_file)
     bundled = BUNDLED / f"{model}.json"
-    path = bundled if bundled.is_file() else Path(resolve(model))
+    if not bundled.is_file() and model in MODELS and not Path(model).exists():
+        check_model(key, model)  # a registry name whose package is installed
+        model = resolve(model)
+    path = bundled if bundled.is_file() else Path(model)
+    if not path.exists():
+        names = [*also, *sorted(p.stem for p in BUNDLED.glob("*.json")), *MODELS]
+        near = difflib.get_close_matches(model, names, n=1)
+        raise SourceError(key, f"{model!r} is neither a bundled architecture or `molf-ds models` name {names} nor an "
+                               "existing config.json or model folder" + (f" (did you mean {near[0]}?)" if near else ""))
     if path.is_dir():
+        check_model(key, model)
         path = path / "config.json"
-    if not path.is_file():
-        names = sorted(p.stem for p in BUNDLED.glob("*.json"))
-        raise ValueError(f"estimate-memory: {model!r} is neither a bundled architecture {names}, a `molf-ds models` "
-                         f"name {sorted(MODELS)} nor a config.json")
-    values = json.loads(path.read_text())
-    return AutoConfig.for_model(values.pop("model_type"), **values)
+    try:
+        values = json.loads(path.read_text())
+    except ValueError as error:
+        raise SourceError(key, f"{path} is not valid JSON: {error}") from None
+    if not isinstance(values, dict) or "model_type" not in values:
+        raise SourceError(key, f"{path} is not a transformers config.json (no model_type)")
+    model_type = values.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except ValueError:
+        raise SourceError(key, f"{path}: model_type {model_type!r} is unknown to this transformers "
+                               f"{transformers.__version__}") from None
 
 
 def count(config, targets: tuple[str, ...] = DEFAULT_TARGETS) -> ModelCounts:
@@ -135,7 +157,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.offload_param and args.stage != 3:
         raise SystemExit("estimate-memory: --offload-param needs --stage 3")
-    counts = count(load_config(args.model, args.gguf_file))
+    try:
+        config = load_config(args.model, gguf_file=args.gguf_file)
+    except SourceError as error:
+        print(f"molf-ds estimate-memory: {error}", file=sys.stderr)
+        return 2
+    counts = count(config)
     methods = METHODS if args.method == "all" else (args.method,)
     ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else None
     setup = (args.stage, args.offload_optimizer, args.offload_param, args.gpus_per_node, args.nodes)

@@ -26,11 +26,7 @@ def load_config(name: str, gguf_file: str | None = None):
         return AutoConfig.for_model(values.pop("model_type"), **values)
     from ..memory import load_config as load_architecture
 
-    try:
-        return load_architecture(name, gguf_file)
-    except ValueError:
-        raise ValueError(f"bench: unknown model {name!r}: use one of {bundled()}, a bundled architecture of "
-                         "`molf-ds estimate-memory`, a `molf-ds models` name, or a config.json path") from None
+    return load_architecture(name, "--model", also=bundled(), gguf_file=gguf_file)
 
 
 def hidden_size(name: str, gguf_file: str | None = None) -> int:

@@ -271,6 +271,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 # ---- validation ----------------------------------------------------------------------------------
 def validate(cfg: TrainConfig) -> TrainConfig:
+    from ..sources import SourceError, check_dataset
+    from .data.base import is_local
+
     m, d, e, t, lo = cfg.model, cfg.data, cfg.eval, cfg.train, cfg.lora
     _choice("method", cfg.method, METHODS)
     _choice("model.dtype", m.dtype, DTYPES)
@@ -310,8 +313,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if lo.target_r > lo.init_r:
         raise key_error("lora.target_r", f"{lo.target_r} exceeds lora.init_r={lo.init_r}")
     for key, source in (("data.train", d.train), ("eval.data", e.data)):
-        if source is not None and _looks_local(source) and not Path(source).is_file():
-            raise key_error(key, f"file {source} does not exist")
+        if source is not None and is_local(source):  # a hub id's turn comes in sources.check_config
+            try:
+                check_dataset(key, source)
+            except SourceError as error:
+                raise ConfigError(str(error)) from None
     if cfg.method in ("molf", "molf-e"):
         _check_molf(cfg)
     elif cfg.molf:
@@ -319,10 +325,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                         "(override molf=null to drop them)")
     cfg.deepspeed = _check_deepspeed(cfg.deepspeed, t)
     return cfg
-
-
-def _looks_local(source: str) -> bool:
-    return Path(source).suffix in (".json", ".jsonl", ".parquet", ".csv") or Path(source).exists()
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
