@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from demo_runs import REPO, ZERO2, write_demo_run
+from distributed import needs_fp16
 from molf_ds.train.checkpoints import COMPLETE, to_universal
 
 FAULTS = Path(__file__).resolve().parent / "faults.py"
@@ -196,6 +197,7 @@ def test_resume_on_one_rank_from_two_through_a_universal_checkpoint(demo, tmp_pa
     assert_close_run(one, full, first=5)
 
 
+@needs_fp16
 def test_fp16_overflow_steps_are_skipped_and_logged(demo, tmp_path):
     config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
     config["fp16"] = {"enabled": True, "initial_scale_power": 18}  # too large a loss scale: the first steps overflow
