@@ -79,7 +79,10 @@ def run(cfg: TrainConfig) -> Path:
     written = save_final(trainee, tokenizer, out)
     trainee.close()
     if rank == 0 and trainee.is_molf:
-        written.append(plot_routing(out / ROUTING, out / ROUTING_PNG))
+        try:
+            written.append(plot_routing(out / ROUTING, out / ROUTING_PNG))
+        except (FileNotFoundError, ValueError) as error:  # no step logged: molf.log_every > the steps run
+            print(f"routing.png not drawn: {error}", flush=True)
         if summary := routing_summary(out / METRICS):
             print(summary, flush=True)
     logs = [out / name for name in (METRICS, ROUTING, EVAL) if (out / name).exists()]
