@@ -65,8 +65,9 @@ def load_config(model: str, key: str = "MODEL", also: Sequence[str] = (), gguf_f
     if not path.exists():
         names = [*also, *sorted(p.stem for p in BUNDLED.glob("*.json")), *MODELS]
         near = difflib.get_close_matches(model, names, n=1)
-        raise SourceError(key, f"{model!r} is neither a bundled architecture or `molf-ds models` name {names} nor an "
-                               "existing config.json or model folder" + (f" (did you mean {near[0]}?)" if near else ""))
+        raise SourceError(key, f"{model!r} is neither a bundled architecture {names} (`molf-ds models` names included) "
+                               "nor an existing config.json or model folder"
+                               + (f" (did you mean {near[0]}?)" if near else ""))
     if path.is_dir():
         check_model(key, model)
         path = path / "config.json"
