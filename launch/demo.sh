@@ -8,13 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./launch/install.sh
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore::FutureWarning
-ranks=2
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  ranks=$(nvidia-smi -L | wc -l)
-fi
 molf-ds models prepare smollm2-135m
 python -m molf_ds.train.known_facts runs/demo/data/counterfact.json --model smollm2-135m --max-cases 32
-rm -rf runs/demo/out
-torchrun --standalone --nproc_per_node "$ranks" -m molf_ds.train examples/demo.yaml "$@"
-python launch/demo_report.py runs/demo/out
+./launch/demo_train.sh examples/demo.yaml runs/demo/out "$@"
 echo "demo: the facts are in runs/demo/data/counterfact.json"

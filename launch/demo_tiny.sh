@@ -7,12 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./launch/install.sh
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore::FutureWarning
-ranks=2
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  ranks=$(nvidia-smi -L | wc -l)
-fi
 python -m molf_ds.train.demo runs/demo-tiny
-rm -rf runs/demo-tiny/out
-torchrun --standalone --nproc_per_node "$ranks" -m molf_ds.train examples/demo_tiny.yaml "$@"
-python launch/demo_report.py runs/demo-tiny/out
+./launch/demo_train.sh examples/demo_tiny.yaml runs/demo-tiny/out "$@"
 echo "demo: generated inputs in runs/demo-tiny/data, runs/demo-tiny/tokenizer, runs/demo-tiny/model"
