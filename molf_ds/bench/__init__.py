@@ -89,7 +89,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     molf, molf_e = default_ranks(hidden_size(args.model, args.gguf_file))
     return Settings(
-        model=args.model, gguf_file=args.gguf_file, seq=args.seq, micro_batch=args.micro_batch, warmup=args.warmup, steps=args.steps,
+        model=args.model, gguf_file=args.gguf_file, seq=args.seq, micro_batch=args.micro_batch, warmup=args.warmup,
+        steps=args.steps,
         dtype=args.dtype or ("bf16" if device == "cuda" else "fp32"), device=device,
         molf_ranks=args.molf_ranks or molf, molf_e_ranks=args.molf_e_ranks or molf_e,
         lora_dropout=args.lora_dropout, lr=args.lr, lora_lr=args.lora_lr, baseline_optimizer=args.baseline_optimizer,
