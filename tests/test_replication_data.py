@@ -12,7 +12,7 @@ import pytest
 import sqlglot
 
 from molf_ds.train import sql_templates
-from molf_ds.train.config import DataSection, EvalSection
+from molf_ds.train.config import DataSection, EvalSection, load_config
 from molf_ds.train.data import Generation, load_task
 from molf_ds.train.evaluate import sql_match
 from molf_ds.train.known_facts import RELATIONS, counterfact_records, split_dev
@@ -90,3 +90,15 @@ def test_shipped_fact_files_are_disjoint_counterfact_rewrites():
     data = load_task(DataSection(task="fact", train=str(DATA / "facts_smollm2_test.json")),
                      EvalSection(data=str(DATA / "facts_smollm2_test.json")))
     assert len(data.train) == len(halves["test"]) and data.metrics == ("efficacy", "paraphrase", "neighborhood")
+
+
+@pytest.mark.parametrize("task", ["fact", "sql"])
+def test_configs_validate_for_every_method(task, monkeypatch):
+    from molf_ds.compare import ALL_METHODS, run_overrides
+
+    monkeypatch.chdir(DATA.parents[2])  # the configs' paths start at the repository root, as run.sh runs them
+    for method in ALL_METHODS:
+        own = ["molf.lora_ranks=[32,128]", "molf.lora_alphas=[32,32]"] if method == "molf-e" else []
+        cfg = load_config(DATA.parent / f"{task}_smollm2.yaml", run_overrides([], method, own, 0, Path("out")))
+        assert cfg.method == method and cfg.data.task == task
+        assert Path(cfg.data.train).is_file() and Path(cfg.eval.data).is_file()

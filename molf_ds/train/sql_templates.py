@@ -1,5 +1,5 @@
 """Text-to-SQL rows in gretelai/synthetic_text_to_sql's schema, generated from question templates over ten small
-table schemas; dev and test use schemas (tables, columns, domains and values) that training never sees.
+table schemas; dev and test use schemas (tables, domains, values) that training never sees.
 
     python -m molf_ds.train.sql_templates examples/replication/data   # sql_train/dev/test.jsonl
 
