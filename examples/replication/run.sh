@@ -6,7 +6,8 @@
 # MoLF-E at the paper's defaults and, in a second comparison, with equal expert scaling at MoLF-E's lrs (only alpha
 # differs); (3) tables and figures.
 # `compare --reuse` skips finished runs: after an interruption, run the script again. A finished run is reused
-# whatever its settings, so delete $OUT/TASK/test* before rerunning with other dev results.
+# whatever its settings, so delete $OUT/TASK/test* before rerunning with other dev results. Each run's merged model
+# (final/, 540 MB; 78 runs) is deleted once its comparison is written, unless KEEP_FINAL=1.
 # Pipeline smoke test: OUT=/tmp/r FIGURES=/tmp/r GRID=1e-4 RATIO4=4e-4 SEEDS=1 OVERRIDES="train.max_steps=2" run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,6 +24,10 @@ MOLF_E=(--set 'molf-e:molf.lora_ranks=[32,128]' --set 'molf-e:molf.lora_alphas=[
 MOLF_E_EQ=(--set 'molf-e:molf.lora_ranks=[32,128]' --set 'molf-e:molf.lora_alphas=[32,64]')  # scalings 5.66, 5.66
 tasks=("$@")
 [ ${#tasks[@]} -gt 0 ] || tasks=(fact sql)
+
+prune() {  # the runs' merged models: their scores are in eval.jsonl already
+  [ "${KEEP_FINAL:-0}" = 1 ] || find "$1" -path '*/runs/*/final' -type d -prune -exec rm -rf {} +
+}
 
 mkdir -p "$OUT"
 { echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with local changes)')"; date -u
@@ -56,6 +61,7 @@ for task in "${tasks[@]}"; do
   done
   python examples/replication/report.py select "$out"/dev/lr* --variants $METHODS --table "$out/dev/selection.md" \
     --sets "$out/dev/chosen.txt"
+  prune "$out/dev"
   sets=$(< "$out/dev/chosen.txt")                          # --set=METHOD:train.lr=..., one a line
   sets_e=$(grep '^--set=molf-e:' "$out/dev/chosen.txt")
 
@@ -67,6 +73,8 @@ for task in "${tasks[@]}"; do
   done
   molf-ds compare "$yaml" "${OVERRIDES[@]}" --methods molf-e --seeds "$SEEDS" "${MOLF_E_EQ[@]}" $sets_e --reuse \
     --output-dir "$out/test-molf-e-eq"
+
+  prune "$out"
 
   # (3) routing shares per projection type, and the routing figures of seed 0
   python examples/replication/report.py routing "$out/test" "$out/test-molf-e-eq" --output "$out/routing.md"
