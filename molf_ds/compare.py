@@ -5,7 +5,8 @@ Every (method, seed) is one `molf-ds train` run of the same YAML and overrides (
 evaluation set), launched as a subprocess (default: torchrun with 2 ranks; `--launcher` gives another), with
 `method=M train.seed=S train.output_dir=OUT/runs/M-seedS` (baselines also `molf=null`). The scores are the
 runs' own evaluations at the end of training (`eval.jsonl`); the loss curves and the routing shares come from
-their `metrics.jsonl`. A run that fails is reported and the others go on (exit code 1).
+their `metrics.jsonl`. A run that fails is reported and the others go on (exit code 1). Each run directory
+keeps the command compare launched and its wall time (`compare_run.json`), so that `--reuse` reports them too.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ MOLF_METHODS = ("molf", "molf-e")
 ALL_METHODS = ("fft", "lora", "lora-rest", "adalora", "molf", "molf-e")
 DEGENERATE = 0.99
 CSV_NAME, MD_NAME = "comparison.csv", "comparison.md"
+RUN_RECORD = "compare_run.json"  # in each run directory: the command compare launched and its wall time
 PLOTS = {"metric": "metric_per_method.png", "loss": "loss_curves.png", "routing": "routing_full_share.png"}
 
 
@@ -124,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         status = launch(command, out / "logs" / f"{method}-seed{seed}.log")
         result = collect(method, seed, run_dir, status)
         result.wall_s = time.perf_counter() - began
+        if run_dir.is_dir():  # so that --reuse reports it in a later session
+            (run_dir / RUN_RECORD).write_text(json.dumps({"command": command, "wall_s": round(result.wall_s, 1)}))
         print(f"    {result.status}, {time.perf_counter() - began:.0f}s: "
               + ", ".join(f"{k} {v:.4f}" for k, v in result.scores.items()), flush=True)
         results.append(result)
@@ -173,6 +177,8 @@ def collect(method: str, seed: int, run_dir: Path, status: str = "ok") -> RunRes
     first = _jsonl(run_dir / "eval.jsonl")
     if first and first[0]["step"] == 0:
         result.before = {k: v for k, v in first[0].items() if k != "step"}
+    if (run_dir / RUN_RECORD).exists():
+        result.wall_s = json.loads((run_dir / RUN_RECORD).read_text())["wall_s"]
     for record in _jsonl(run_dir / "metrics.jsonl"):
         result.losses.append((record["step"], record["loss"]))
         if "routing" in record:

@@ -48,13 +48,14 @@ def compared(tmp_path_factory):
     write_demo_run(root, eval_samples=8, deepspeed=ZERO2,
                    train={"output_dir": str(root / "unused"), "max_steps": 3, "micro_batch_size": 4, "lr": 2e-3,
                           "lora_lr": 2e-3, "scheduler": "constant"})
-    code = main(["compare", str(root / "run.yaml"), "eval.max_samples=6", "--methods", "lora-rest,molf",
-                 "--seeds", "1", "--output-dir", str(root / "cmp")])
-    return root / "cmp", code
+    args = ["compare", str(root / "run.yaml"), "eval.max_samples=6", "--methods", "lora-rest,molf", "--seeds", "1",
+            "--output-dir", str(root / "cmp")]
+    code = main(args)
+    return root / "cmp", code, args
 
 
 def test_compare_end_to_end(compared):
-    out, code = compared
+    out, code, _ = compared
     assert code == 0, (out / "logs").iterdir() and [p.read_text()[-3000:] for p in (out / "logs").iterdir()]
     for name in ("comparison.md", "comparison.csv", "metric_per_method.png", "loss_curves.png",
                  "routing_full_share.png"):
@@ -80,3 +81,15 @@ def test_compare_end_to_end(compared):
     md = (out / "comparison.md").read_text()
     assert "| lora-rest | 1 |" in md and "| molf | 1 |" in md and "## Routing per MoLF / MoLF-E run" in md
     assert "molf: n/a" in md  # no fft / lora to compare with
+
+
+def test_reuse_reports_the_runs_wall_time_and_command(compared):
+    from molf_ds.cli import main
+
+    out, _, args = compared
+    first = list(csv.DictReader(open(out / "comparison.csv")))
+    assert main([*args, "--reuse"]) == 0  # nothing trains: every run has its final evaluation
+    again = list(csv.DictReader(open(out / "comparison.csv")))
+    assert [r["wall_s"] for r in again] == [r["wall_s"] for r in first] and float(first[0]["wall_s"]) > 0
+    record = json.loads((Path(first[1]["output_dir"]) / "compare_run.json").read_text())
+    assert "method=molf" in record["command"] and record["command"][-1] == f"train.output_dir={first[1]['output_dir']}"

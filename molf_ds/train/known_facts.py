@@ -1,7 +1,7 @@
 """Well-known facts as counterfactual rewrites in CounterFact's schema, and a probe that keeps the ones a
 pretrained model already knows (CounterFact's premise: the model must hold the fact that the rewrite replaces).
 
-    python -m molf_ds.train.known_facts runs/demo/counterfact.json --model smollm2-135m
+    python -m molf_ds.train.known_facts runs/demo/counterfact.json --model smollm2-135m [--dev-output dev.json]
 
 Each subject's rewrite moves it to another object of the same relation; its paraphrase prompts ask the same
 question in other words, its neighborhood prompts ask about subjects that share the true object (they must
@@ -102,6 +102,23 @@ def known(model: Any, tokenizer: Any, records: list[dict[str, Any]], batch_size:
     return [record for i, record in enumerate(records) if scores[2 * i + 1] > scores[2 * i]]
 
 
+def split_dev(records: list[dict[str, Any]], seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(dev, rest): a seeded half of each relation's records (rounded down) for choosing hyperparameters, and the
+    others, in their original order."""
+    rng = random.Random(seed)
+    dev: set[int] = set()
+    for relation in RELATIONS:
+        ids = [r["case_id"] for r in records if r["requested_rewrite"]["relation_id"] == relation]
+        dev.update(rng.sample(ids, len(ids) // 2))
+    return [r for r in records if r["case_id"] in dev], [r for r in records if r["case_id"] not in dev]
+
+
+def _write(path: Path, records: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=1))
+    print(f"{path}: {len(records)} of them as counterfactual rewrites")
+
+
 def main(argv: list[str] | None = None) -> None:
     from ..evaluate_cli import load_model
 
@@ -110,16 +127,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="a registry name, a model directory or a run directory")
     parser.add_argument("--max-cases", type=int, help="keep at most this many (a seeded sample across relations)")
     parser.add_argument("--seed", type=int, default=0, help="picks each rewrite's new object and the sample")
+    parser.add_argument("--dev-output", type=Path, help="also write a dev split here: half of each relation's known "
+                        "facts, which OUTPUT then leaves out (before --max-cases)")
+    parser.add_argument("--dev-seed", type=int, default=1, help="picks the dev half [1]")
     args = parser.parse_args(argv)
     model, tokenizer = load_model(args.model)
     records = counterfact_records(args.seed)
     kept = known(model, tokenizer, records)
     print(f"{args.model} knows {len(kept)} of the {len(records)} facts")
+    if args.dev_output is not None:
+        dev, kept = split_dev(kept, args.dev_seed)
+        _write(args.dev_output, dev)
     if args.max_cases is not None and len(kept) > args.max_cases:
         kept = sorted(random.Random(args.seed).sample(kept, args.max_cases), key=lambda r: r["case_id"])
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(kept, indent=1))
-    print(f"{args.output}: {len(kept)} of them as counterfactual rewrites")
+    _write(args.output, kept)
 
 
 if __name__ == "__main__":

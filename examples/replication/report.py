@@ -1,0 +1,152 @@
+"""Issue 19's replication helpers (run.sh calls them).
+
+    python examples/replication/report.py select DIR... --variants fft,lora --table T.md --sets T.txt  # lrs
+    python examples/replication/report.py routing DIR... --output routing.md   # shares per projection type
+
+DIR is a `molf-ds compare` output directory. `select` reads every run under DIR/runs/ (its config.yaml and its final
+evaluation), writes the table of every setting tried and its score, and writes `--set=METHOD:train.lr=...` and
+`--set=METHOD:train.lora_lr=...` for each variant's best setting, one a line, for `molf-ds compare` (a file, not
+stdout: importing molf_ds prints DeepSpeed's accelerator notice there); `routing` writes its table likewise. A
+variant is the method, or `molf-e-eq` for MoLF-E whose experts share one scaling. The score is the harmonic mean of
+the task's metrics (for `fact`, CounterFact's Score over efficacy, paraphrase and neighborhood; for `sql`, exact
+match); ties go to the lower final training loss.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from molf_ds.compare import RunResult, collect
+from molf_ds.train.data import TASKS
+
+
+def variant(config: dict[str, Any]) -> str:
+    """The method, or `molf-e-eq` where every MoLF-E expert has the same rsLoRA scaling alpha / sqrt(r)."""
+    method = config["method"]
+    if method != "molf-e":
+        return method
+    molf = config["molf"]
+    scalings = {round(a / math.sqrt(r), 6) for a, r in zip(molf["lora_alphas"], molf["lora_ranks"])}
+    return "molf-e-eq" if len(scalings) == 1 else method
+
+
+def runs(directories: list[Path]) -> list[tuple[dict[str, Any], RunResult]]:
+    """(config, result) of every run under each directory's runs/, in a stable order."""
+    found = []
+    for run_dir in sorted(d for directory in directories for d in directory.glob("runs/*")):
+        if (run_dir / "config.yaml").is_file():
+            config = yaml.safe_load((run_dir / "config.yaml").read_text())
+            found.append((config, collect(config["method"], config["train"]["seed"], run_dir)))
+    return found
+
+
+def score(result: RunResult, metrics: tuple[str, ...]) -> float:
+    values = [result.scores.get(m, math.nan) for m in metrics]
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    return 0.0 if min(values) == 0 else len(values) / sum(1 / v for v in values)
+
+
+def _rank(row: tuple) -> tuple[float, float]:
+    """Higher is better: the score, then the lower final loss; NaN last."""
+    value, loss = row[3], row[4].final_loss
+    return (-math.inf if math.isnan(value) else value, -math.inf if math.isnan(loss) else -loss)
+
+
+def select(directories: list[Path], wanted: list[str], table: Path, sets_file: Path) -> int:
+    found = [(c, r) for c, r in runs(directories) if r.status == "ok"]
+    if not found:
+        print("report.py select: no finished runs", file=sys.stderr)
+        return 1
+    tasks = {c["data"]["task"] for c, _ in found}
+    if len(tasks) > 1:
+        print(f"report.py select: runs of several tasks: {sorted(tasks)}", file=sys.stderr)
+        return 1
+    metrics = TASKS[tasks.pop()].METRICS
+    rows = sorted(((variant(c), c["train"]["lr"], c["train"]["lora_lr"], score(r, metrics), r) for c, r in found),
+                  key=lambda row: (row[0], row[1], row[2]))
+    best: dict[str, tuple] = {}
+    for row in rows:
+        if row[0] not in best or _rank(row) > _rank(best[row[0]]):
+            best[row[0]] = row
+    lines = ["# lr selection on the dev split", "", f"Score: harmonic mean of {', '.join(metrics)}; one seed per "
+             "setting; chosen: the highest score (ties: the lower final loss).", "",
+             f"| variant | lr | lora_lr | {' | '.join(metrics)} | score | final loss | chosen |",
+             "| --- | --- | --- |" + " --- |" * len(metrics) + " --- | --- | --- |"]
+    for row in rows:
+        name, lr, lora_lr, value, result = row
+        lines.append(f"| {name} | {lr:g} | {lora_lr:g} | " + " | ".join(f"{result.scores[m]:.4f}" for m in metrics)
+                     + f" | {value:.4f} | {result.final_loss:.4f} | {'**yes**' if best[name] is row else ''} |")
+    table.write_text("\n".join(lines) + "\n")
+    missing = [w for w in wanted if w not in best]
+    if missing:
+        print(f"report.py select: no finished run of {', '.join(missing)}", file=sys.stderr)
+        return 1
+    sets = []
+    for name in wanted:
+        method = "molf-e" if name == "molf-e-eq" else name
+        sets += [f"--set={method}:train.lr={best[name][1]!r}", f"--set={method}:train.lora_lr={best[name][2]!r}"]
+    sets_file.write_text("\n".join(sets) + "\n")
+    return 0
+
+
+def routing(directories: list[Path], output: Path) -> int:
+    """Writes a markdown table: per MoLF variant, each expert's share of all decisions and the first expert's share per
+    projection type, mean ± std over seeds (each seed's share is its mean over steps)."""
+    per_variant: dict[str, list[dict[str, dict[str, float]]]] = {}
+    for config, result in runs(directories):
+        if result.status != "ok" or not result.routing:
+            continue
+        records = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
+        by_type = [r["routing_by_type"] for r in records if "routing_by_type" in r]
+        shares = {"all": result.routing}
+        shares.update({kind: {e: statistics.fmean(step[kind][e] for step in by_type) for e in by_type[0][kind]}
+                       for kind in by_type[0]})
+        per_variant.setdefault(variant(config), []).append(shares)
+    if not per_variant:
+        print("report.py routing: no finished MoLF / MoLF-E runs", file=sys.stderr)
+        return 1
+    kinds = [k for k in next(iter(per_variant.values()))[0] if k != "all"]
+    lines = [f"| variant | seeds | share of decisions | {' | '.join(kinds)} |",
+             "| --- | --- | --- |" + " --- |" * len(kinds)]
+    for name, seeds in per_variant.items():
+        experts = list(seeds[0]["all"])
+        overall = ", ".join(f"{e} {_pm([s['all'][e] for s in seeds])}" for e in experts)
+        lines.append(f"| {name} | {len(seeds)} | {overall} | " + " | ".join(_pm([s[k][experts[0]] for s in seeds])
+                                                                           for k in kinds) + " |")
+    lines += ["", "Per projection type: the share of the first expert (`full`; MoLF-E: `lora0`, r=32)."]
+    output.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+def _pm(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.0%} ± {std:.0%}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    chooser = commands.add_parser("select", help="lrs per variant from the dev runs")
+    chooser.add_argument("dirs", type=Path, nargs="+")
+    chooser.add_argument("--variants", required=True, help="comma-separated, e.g. fft,lora,molf-e-eq")
+    chooser.add_argument("--table", type=Path, required=True, help="the markdown table of every setting tried")
+    chooser.add_argument("--sets", type=Path, required=True, help="where the chosen --set arguments go")
+    shares = commands.add_parser("routing", help="routing shares per projection type")
+    shares.add_argument("dirs", type=Path, nargs="+")
+    shares.add_argument("--output", type=Path, required=True, help="the markdown table")
+    args = parser.parse_args(argv)
+    if args.command == "select":
+        return select(args.dirs, args.variants.split(","), args.table, args.sets)
+    return routing(args.dirs, args.output)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

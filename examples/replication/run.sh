@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Issue 19's replication on SmolLM2-135M: does MoLF track the better of FFT and LoRA, and does MoLF-E beat AdaLoRA?
+#   ./examples/replication/run.sh [fact] [sql]      (both tasks by default; outputs under $OUT, runs/replication)
+# Per task: (0) the base model's scores; (1) every method's lrs on the dev split (other facts / two other SQL
+# schemas), one training seed (100) that no test run uses; (2) the test comparison, 3 seeds at the chosen lrs, with
+# MoLF-E at the paper's defaults and, in a second comparison, with equal expert scaling at MoLF-E's lrs (only alpha
+# differs); (3) tables and figures.
+# `compare --reuse` skips finished runs: after an interruption, run the script again. A finished run is reused
+# whatever its settings, so delete $OUT/TASK/test* before rerunning with other dev results. Each run's merged model
+# (final/, 540 MB; 78 runs) is deleted once its comparison is written, unless KEEP_FINAL=1.
+# Pipeline smoke test: OUT=/tmp/r FIGURES=/tmp/r GRID=1e-4 RATIO4=4e-4 SEEDS=1 OVERRIDES="train.max_steps=2" run.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore::FutureWarning
+OUT=${OUT:-runs/replication}
+DATA=examples/replication/data
+FIGURES=${FIGURES:-examples/replication/figures}
+METHODS=fft,lora,lora-rest,adalora,molf,molf-e
+read -ra GRID <<< "${GRID:-5e-5 1e-4 2e-4}"      # lr = lora_lr, every method
+read -ra RATIO4 <<< "${RATIO4:-2e-4 4e-4 8e-4}"  # MoLF also with lora_lr = 4 x lr
+read -ra OVERRIDES <<< "${OVERRIDES:-}"          # key=value for every run (none for the replication)
+SEEDS=${SEEDS:-3}
+MOLF_E=(--set 'molf-e:molf.lora_ranks=[32,128]' --set 'molf-e:molf.lora_alphas=[32,32]')     # scalings 5.66, 2.83
+MOLF_E_EQ=(--set 'molf-e:molf.lora_ranks=[32,128]' --set 'molf-e:molf.lora_alphas=[32,64]')  # scalings 5.66, 5.66
+tasks=("$@")
+[ ${#tasks[@]} -gt 0 ] || tasks=(fact sql)
+
+prune() {  # the runs' merged models: their scores are in eval.jsonl already
+  [ "${KEEP_FINAL:-0}" = 1 ] || find "$1" -path '*/runs/*/final' -type d -prune -exec rm -rf {} +
+}
+
+mkdir -p "$OUT"
+{ echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with local changes)')"; date -u
+  echo "$(nproc --all) cores: $(lscpu | sed -n 's/^Model name: *//p')"; uptime
+  python -c 'from importlib.metadata import version as v
+print(*(f"{p} {v(p)}" for p in ("torch", "deepspeed", "transformers", "peft")), sep=", ")'
+} >> "$OUT/environment.txt" 2>/dev/null
+
+for task in "${tasks[@]}"; do
+  yaml=examples/replication/${task}_smollm2.yaml
+  case $task in
+    fact) dev=(data.train=$DATA/facts_smollm2_dev.json eval.data=$DATA/facts_smollm2_dev.json)
+          test_data=$DATA/facts_smollm2_test.json metrics=(efficacy paraphrase neighborhood) batch=32 ;;
+    sql)  dev=(eval.data=$DATA/sql_dev.jsonl)
+          test_data=$DATA/sql_test.jsonl metrics=(exact_match) batch=16 ;;
+    *)    echo "run.sh: unknown task $task (fact, sql)" >&2; exit 2 ;;
+  esac
+  out=$OUT/$task
+
+  # (0) the base model on the test split (2 ranks, as the runs evaluate)
+  [ -f "$out/base.json" ] || torchrun --standalone --nproc_per_node 2 -m molf_ds.cli eval smollm2-135m \
+    --task "$task" --data "$test_data" --batch-size $batch --max-new-tokens 48 --no-progress --output "$out/base.json"
+
+  # (1) lrs on the dev split
+  for i in "${!GRID[@]}"; do
+    lr=${GRID[$i]}
+    molf-ds compare "$yaml" "${OVERRIDES[@]}" "${dev[@]}" train.lr="$lr" train.lora_lr="$lr" --methods $METHODS \
+      --seeds 1 --first-seed 100 "${MOLF_E[@]}" --reuse --output-dir "$out/dev/lr$lr"
+    molf-ds compare "$yaml" "${OVERRIDES[@]}" "${dev[@]}" train.lr="$lr" train.lora_lr="${RATIO4[$i]}" \
+      --methods molf --seeds 1 --first-seed 100 --reuse --output-dir "$out/dev/lr$lr-molf-ratio4"
+  done
+  python examples/replication/report.py select "$out"/dev/lr* --variants $METHODS --table "$out/dev/selection.md" \
+    --sets "$out/dev/chosen.txt"
+  prune "$out/dev"
+  sets=$(< "$out/dev/chosen.txt")                          # --set=METHOD:train.lr=..., one a line
+  sets_e=$(grep '^--set=molf-e:' "$out/dev/chosen.txt")
+
+  # (2) the test comparison; a rerun with --metric only rewrites the report (every run is reused)
+  for metric in "${metrics[@]}"; do
+    molf-ds compare "$yaml" "${OVERRIDES[@]}" --methods $METHODS --seeds "$SEEDS" "${MOLF_E[@]}" $sets --reuse \
+      --metric "$metric" --output-dir "$out/test"
+    cp "$out/test/comparison.md" "$out/test/comparison_$metric.md"
+  done
+  molf-ds compare "$yaml" "${OVERRIDES[@]}" --methods molf-e --seeds "$SEEDS" "${MOLF_E_EQ[@]}" $sets_e --reuse \
+    --output-dir "$out/test-molf-e-eq"
+
+  prune "$out"
+
+  # (3) routing shares per projection type, and the routing figures of seed 0
+  python examples/replication/report.py routing "$out/test" "$out/test-molf-e-eq" --output "$out/routing.md"
+  mkdir -p "$FIGURES"
+  cp "$out/test/runs/molf-seed0/routing.png" "$FIGURES/${task}_molf_routing.png"
+  cp "$out/test/runs/molf-e-seed0/routing.png" "$FIGURES/${task}_molf-e_routing.png"
+  cp "$out/test-molf-e-eq/runs/molf-e-seed0/routing.png" "$FIGURES/${task}_molf-e-eq_routing.png"
+done
+echo "run.sh: results under $OUT (environment.txt, TASK/base.json, TASK/dev/selection.md, TASK/test*/comparison*.md,"
+echo "        TASK/routing.md); figures in $FIGURES"

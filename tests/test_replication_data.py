@@ -1,0 +1,104 @@
+"""The replication's shipped data (examples/replication/data): the text-to-SQL generator is deterministic, its rows
+load through the `sql` task, parse with sqlglot and run in SQLite, dev and test schemas never appear in training,
+and the shipped files are what the generator writes; the fact files are disjoint dev/test halves of known facts."""
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from pathlib import Path
+
+import pytest
+import sqlglot
+
+from molf_ds.train import sql_templates
+from molf_ds.train.config import DataSection, EvalSection, load_config
+from molf_ds.train.data import Generation, load_task
+from molf_ds.train.evaluate import sql_match
+from molf_ds.train.known_facts import RELATIONS, counterfact_records, split_dev
+
+DATA = Path(__file__).parent.parent / "examples" / "replication" / "data"
+SPLITS = ("train", "dev", "test")
+
+
+def shipped(split: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / f"sql_{split}.jsonl").read_text().splitlines()]
+
+
+def test_generator_is_deterministic_in_the_seed():
+    assert sql_templates.rows("train", 40, seed=0) == sql_templates.rows("train", 40, seed=0)
+    assert sql_templates.rows("train", 40, seed=0) != sql_templates.rows("train", 40, seed=1)
+
+
+def test_shipped_files_are_the_generators_output(tmp_path):
+    sizes = {split: len(shipped(split)) for split in SPLITS}
+    assert sizes == {"train": 600, "dev": 100, "test": 150}
+    for path in sql_templates.write(tmp_path, sizes, seed=0):
+        assert path.read_bytes() == (DATA / path.name).read_bytes(), path.name
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_rows_load_parse_and_run(split):
+    data = load_task(DataSection(task="sql", train=str(DATA / "sql_train.jsonl")),
+                     EvalSection(data=str(DATA / f"sql_{split}.jsonl")))
+    rows = shipped(split)
+    assert len(data.evals) == len(rows) and all(isinstance(item, Generation) for item in data.evals)
+    assert {row["sql_complexity"] for row in rows} == {"basic SQL", "aggregation", "single join"}
+    for row, item in zip(rows, data.evals):
+        assert item.target == row["sql"] and row["sql_context"] in item.prompt
+        sqlglot.parse_one(row["sql"], error_level=sqlglot.ErrorLevel.RAISE)
+        assert sql_match(row["sql"].lower().rstrip(";"), row["sql"])  # the metric's normalisation holds
+        database = sqlite3.connect(":memory:")
+        database.executescript(row["sql_context"])
+        database.execute(row["sql"]).fetchall()
+
+
+def test_dev_and_test_schemas_never_appear_in_training():
+    def words(rows: list[dict]) -> set[str]:
+        return {w for row in rows for w in re.findall(r"\w+", row["sql_context"] + " " + row["sql"])}
+
+    def values(rows: list[dict]) -> set[str]:
+        return {v for row in rows for v in re.findall(r"'([^']*)'", row["sql_context"] + row["sql"])}
+
+    train = shipped("train")
+    for split in ("dev", "test"):
+        rows = shipped(split)
+        tables = {sql_templates.SCHEMAS[name].table for name in sql_templates.SPLITS[split]}
+        assert tables & words(train) == set() and tables <= words(rows)
+        assert {row["domain"] for row in rows}.isdisjoint(row["domain"] for row in train)
+        assert values(rows).isdisjoint(values(train))  # category, label and parent values are the schemas' own
+    for schema in sql_templates.SCHEMAS.values():  # join aliases are the tables' initials
+        assert schema.table[0] != schema.parent[0]
+
+
+def test_fact_dev_split_takes_half_of_each_relation():
+    records = counterfact_records()
+    dev, test = split_dev(records, seed=1)
+    assert (dev, test) == split_dev(records, seed=1) and dev != split_dev(records, seed=2)[0]
+    assert {r["case_id"] for r in dev}.isdisjoint(r["case_id"] for r in test) and len(dev) + len(test) == len(records)
+    for relation in RELATIONS:
+        n = sum(r["requested_rewrite"]["relation_id"] == relation for r in records)
+        assert sum(r["requested_rewrite"]["relation_id"] == relation for r in dev) == n // 2
+
+
+def test_shipped_fact_files_are_disjoint_counterfact_rewrites():
+    halves = {split: json.loads((DATA / f"facts_smollm2_{split}.json").read_text()) for split in ("dev", "test")}
+    kept = sorted(halves["dev"] + halves["test"], key=lambda r: r["case_id"])
+    assert split_dev(kept, seed=1) == (halves["dev"], halves["test"])  # --dev-output's split, --dev-seed 1
+    by_id = {r["case_id"]: r for r in counterfact_records()}  # the probe keeps records unchanged
+    assert all(by_id[r["case_id"]] == r for rows in halves.values() for r in rows)
+    data = load_task(DataSection(task="fact", train=str(DATA / "facts_smollm2_test.json")),
+                     EvalSection(data=str(DATA / "facts_smollm2_test.json")))
+    assert len(data.train) == len(halves["test"]) and data.metrics == ("efficacy", "paraphrase", "neighborhood")
+
+
+@pytest.mark.parametrize("task", ["fact", "sql"])
+def test_configs_validate_for_every_method(task, monkeypatch):
+    from molf_ds.compare import ALL_METHODS, run_overrides
+
+    monkeypatch.chdir(DATA.parents[2])  # the configs' paths start at the repository root, as run.sh runs them
+    for method in ALL_METHODS:
+        own = ["molf.lora_ranks=[32,128]", "molf.lora_alphas=[32,32]"] if method == "molf-e" else []
+        cfg = load_config(DATA.parent / f"{task}_smollm2.yaml", run_overrides([], method, own, 0, Path("out")))
+        assert cfg.method == method and cfg.data.task == task
+        assert Path(cfg.data.train).is_file() and Path(cfg.eval.data).is_file()

@@ -1,0 +1,41 @@
+"""examples/replication/report.py: each variant's lrs chosen from the dev runs (compare output directories)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import yaml
+
+REPORT = Path(__file__).parent.parent / "examples" / "replication" / "report.py"
+
+
+def _fake_run(root: Path, method: str, lr: float, lora_lr: float, scores: dict, alphas=(32, 32)) -> None:
+    run = root / f"lr{lr}" / "runs" / f"{method}-seed100"
+    run.mkdir(parents=True)
+    config = {"method": method, "molf": {"lora_ranks": [32, 128], "lora_alphas": list(alphas)},
+              "data": {"task": "fact"}, "train": {"seed": 100, "lr": lr, "lora_lr": lora_lr}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 4, "loss": 1.0}) + "\n")
+    (run / "eval.jsonl").write_text(json.dumps({"step": 4, **scores}) + "\n")
+
+
+def test_report_selects_each_variants_best_dev_setting(tmp_path):
+    spec = importlib.util.spec_from_file_location("replication_report", REPORT)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    good, bad = {"efficacy": 1.0, "paraphrase": 0.6, "neighborhood": 0.8}, {"efficacy": 1.0, "paraphrase": 0.2,
+                                                                             "neighborhood": 0.9}
+    _fake_run(tmp_path, "fft", 1e-4, 1e-4, bad)
+    _fake_run(tmp_path, "fft", 2e-4, 2e-4, good)
+    _fake_run(tmp_path, "molf-e", 1e-4, 1e-4, good)
+    _fake_run(tmp_path, "molf-e", 2e-4, 2e-4, good, alphas=(32, 64))  # equal rsLoRA scaling: its own variant
+    dirs = sorted(tmp_path.iterdir())
+    assert report.main(["select", *map(str, dirs), "--variants", "fft,molf-e,molf-e-eq",
+                        "--table", str(tmp_path / "selection.md"), "--sets", str(tmp_path / "sets.txt")]) == 0
+    assert (tmp_path / "sets.txt").read_text().splitlines() == [
+        "--set=fft:train.lr=0.0002", "--set=fft:train.lora_lr=0.0002", "--set=molf-e:train.lr=0.0001",
+        "--set=molf-e:train.lora_lr=0.0001", "--set=molf-e:train.lr=0.0002", "--set=molf-e:train.lora_lr=0.0002"]
+    assert (tmp_path / "selection.md").read_text().count("**yes**") == 3
+    assert report.main(["select", *map(str, dirs), "--variants", "lora", "--table", str(tmp_path / "s.md"),
+                        "--sets", str(tmp_path / "s.txt")]) == 1
