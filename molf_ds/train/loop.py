@@ -22,13 +22,13 @@ import torch.distributed as dist
 import transformers
 import yaml
 
+from ..plot_routing import plot as plot_routing
 from ..pretrained import resolve
 from . import checkpoints
 from .config import ModelSection, TrainConfig
 from .data import Collator, DataError, load_task, pad_id, tokenize
 from .evaluate import evaluate
 from .methods import Trainee, build
-from ..plot_routing import plot as plot_routing
 from .outputs import ROUTING_PNG, routing_summary, save_final
 
 ROUTING, METRICS, EVAL, CONFIG = "routing.jsonl", "metrics.jsonl", "eval.jsonl", "config.yaml"
