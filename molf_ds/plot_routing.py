@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .optim.layout import projection_type
+
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -22,11 +24,6 @@ def read_log(path: Path) -> tuple[list[int], list[str], list[str], np.ndarray]:
     experts = list(next(iter(lines[0]["modules"].values()))["scores"])
     winners = np.array([[[e in line["modules"][m]["winners"] for e in experts] for m in modules] for line in lines])
     return [line["step"] for line in lines], modules, experts, winners
-
-
-def projection_type(module: str) -> str:
-    """`model.layers.3.self_attn.q_proj` -> `q_proj`."""
-    return module.rsplit(".", 1)[-1]
 
 
 def plot(path: Path, out: Path) -> Path:

@@ -71,10 +71,11 @@ def test_smollm2_merged_final_has_the_wrapped_models_logits(smollm2_run):
     states = next((out / "checkpoints").rglob("mp_rank_00_model_states.pt"))
     wrapped = molf_ds.wrap_model(AutoModelForCausalLM.from_pretrained(pretrained.prepare(SMOLLM2)),
                                  molf_ds.MoLFConfig(**MOLF))
-    base_logits = wrapped(**_prompts()).logits  # before loading the trained state: the pretrained model
+    prompts = _prompts()
+    base_logits = wrapped(**prompts).logits  # before loading the trained state: the pretrained model
     wrapped.load_state_dict(torch.load(states, map_location="cpu", weights_only=False)["module"])
     with torch.no_grad():
-        trained, merged = wrapped(**_prompts()).logits, final(**_prompts()).logits
+        trained, merged = wrapped(**prompts).logits, final(**prompts).logits
     assert torch.allclose(merged, trained, rtol=1e-4, atol=1e-3), (merged - trained).abs().max()
     assert (trained - base_logits).abs().max() > 1e-2  # training moved the model
 

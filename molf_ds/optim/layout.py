@@ -43,6 +43,11 @@ class LayoutSource(Protocol):
     def __call__(self, flat: torch.Tensor) -> Layout | None: ...
 
 
+def projection_type(module: str) -> str:
+    """`model.layers.3.self_attn.q_proj` -> `q_proj`."""
+    return module.rsplit(".", 1)[-1]
+
+
 class ExpertIndex:
     """The MoLF modules of a model, their experts, and which expert every parameter belongs to."""
 
@@ -69,7 +74,7 @@ class ExpertIndex:
         self.sizes = sizes  # N_e per (module, expert)
         self.modules_by_type: dict[str, list[int]] = {}  # projection type (q_proj, ...) -> module indices
         for m, name in enumerate(self.module_names):
-            self.modules_by_type.setdefault(name.rsplit(".", 1)[-1], []).append(m)
+            self.modules_by_type.setdefault(projection_type(name), []).append(m)
 
     @property
     def n_modules(self) -> int:
