@@ -1,4 +1,4 @@
-"""The element-wise MoLF kernels: C++ and torch backends against a plain reference."""
+"""The element-wise MoLF kernels on one tensor: C++ and torch backends against a plain reference."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 BETAS = (0.9, 0.999)
 HYPER = dict(lr=1e-3, weight_decay=0.1, eps=1e-8)
 BACKENDS = ["cpp", "torch"]
+ONE = torch.ones(1, dtype=torch.float64)  # score scale of the one kind used here
+LR = torch.tensor([HYPER["lr"]], dtype=torch.float64)
+WD = torch.tensor([HYPER["weight_decay"]], dtype=torch.float64)
 
 # name -> (numel, [(offset, length), ...]): gaps, chunk-crossing, empty and tiny segments.
 LAYOUTS = {
@@ -29,16 +32,32 @@ LAYOUTS = {
 }
 
 
-def _impl(name: str):
-    if name == "cpp" and not cpp_impl.load():
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch) -> str:
+    if request.param == "cpp" and not cpp_impl.load():
         pytest.skip("the C++ CPU kernel failed to build (see the warning): torch path only")
-    return cpp_impl if name == "cpp" else torch_impl
+    if request.param == "torch":
+        monkeypatch.setenv(kernels.ENV_VAR, "torch")
+    return request.param
 
 
-def _segments(layout: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    offsets = torch.tensor([o for o, _ in layout], dtype=torch.int64)
-    lengths = torch.tensor([n for _, n in layout], dtype=torch.int64)
-    return offsets, lengths
+def _table(numel: int, layout: list[tuple[int, int]]) -> kernels.SegmentTable:
+    """One tensor, one cell per segment, all of kind 0."""
+    return kernels.SegmentTable([(0, o, n, cell, 0) for cell, (o, n) in enumerate(layout)], [numel])
+
+
+def _scores(s: dict[str, torch.Tensor], layout, score: str) -> torch.Tensor:
+    """Moments of the whole tensor and the score sum of each segment, through the public multi-tensor kernel."""
+    sums = kernels.ScoreSums(len(layout))
+    kernels.moments_and_scores_multi([s["grad"]], [s["exp_avg"]], [s["exp_avg_sq"]],
+                                     _table(s["grad"].numel(), layout), ONE, sums, *BETAS, score)
+    return sums.totals()
+
+
+def _update(s: dict[str, torch.Tensor], layout, bc1: float, bc2: float) -> None:
+    """The AdamW update inside every segment (all winners)."""
+    kernels.update_winners_multi([s["param"]], [s["exp_avg"]], [s["exp_avg_sq"]], _table(s["param"].numel(), layout),
+                                 torch.ones(len(layout), dtype=torch.bool), LR, WD, bc1, bc2, HYPER["eps"])
 
 
 def _state(numel: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -78,34 +97,25 @@ def _assert_state_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("score", ["epd", "pfn"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_moments_and_scores(backend: str, score: str, layout: str) -> None:
-    impl = _impl(backend)
     numel, segs = LAYOUTS[layout]
     ours, ref = _state(numel), _state(numel)
-    got = impl.moments_and_scores(
-        ours["grad"], ours["exp_avg"], ours["exp_avg_sq"], *BETAS, *_segments(segs), score
-    )
+    got = _scores(ours, segs, score)
     want = _reference_scores(ref, segs, score)
     assert got.dtype == torch.float64 and got.device.type == "cpu" and got.shape == (len(segs),)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
     _assert_state_close(ours, ref)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_adamw_update_ranges(backend: str, layout: str) -> None:
-    impl = _impl(backend)
+def test_update_winners(backend: str, layout: str) -> None:
     numel, segs = LAYOUTS[layout]
     ours, ref = _state(numel), _state(numel)
     bc1, bc2 = 1 - BETAS[0] ** 3, 1 - BETAS[1] ** 3
     before = ours["param"].clone()
-    impl.adamw_update_ranges(
-        ours["param"], ours["exp_avg"], ours["exp_avg_sq"], *_segments(segs),
-        HYPER["lr"], HYPER["weight_decay"], bc1, bc2, HYPER["eps"],
-    )
+    _update(ours, segs, bc1, bc2)
     _reference_update(ref, segs, bc1, bc2)
     _assert_state_close(ours, ref)
     outside = torch.ones(numel, dtype=torch.bool)
@@ -114,9 +124,7 @@ def test_adamw_update_ranges(backend: str, layout: str) -> None:
     assert torch.equal(ours["param"][outside], before[outside])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_adamw_step_matches_torch_adamw(backend: str) -> None:
-    impl = _impl(backend)
     numel = 100_003
     param = torch.nn.Parameter(torch.randn(numel, generator=torch.Generator().manual_seed(0)))
     p, m, v = param.detach().clone(), torch.zeros(numel), torch.zeros(numel)
@@ -124,8 +132,8 @@ def test_adamw_step_matches_torch_adamw(backend: str) -> None:
     for t in range(1, 4):
         param.grad = torch.randn(numel, generator=torch.Generator().manual_seed(t)) * 1e-2
         opt.step()
-        impl.adamw_step(
-            p, param.grad, m, v, HYPER["lr"], *BETAS, HYPER["eps"], HYPER["weight_decay"],
+        kernels.adamw_step_multi(
+            [p], [param.grad], [m], [v], HYPER["lr"], *BETAS, HYPER["eps"], HYPER["weight_decay"],
             1 - BETAS[0] ** t, 1 - BETAS[1] ** t,
         )
     state = opt.state[param]
@@ -134,21 +142,14 @@ def test_adamw_step_matches_torch_adamw(backend: str) -> None:
     torch.testing.assert_close(p, param.detach(), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_multi_dim_tensors_index_flat(backend: str) -> None:
     """Without ZeRO a parameter is its own segment source: offsets index its flat elements."""
-    impl = _impl(backend)
     segs = [(5, 30), (40, 17)]
     ours, ref = _state(77), _state(77)
     shaped = {k: t.view(7, 11) for k, t in ours.items()}
-    got = impl.moments_and_scores(
-        shaped["grad"], shaped["exp_avg"], shaped["exp_avg_sq"], *BETAS, *_segments(segs), "epd"
-    )
+    got = _scores(shaped, segs, "epd")
     torch.testing.assert_close(got, _reference_scores(ref, segs, "epd"), rtol=1e-6, atol=0.0)
-    impl.adamw_update_ranges(
-        shaped["param"], shaped["exp_avg"], shaped["exp_avg_sq"], *_segments(segs),
-        HYPER["lr"], HYPER["weight_decay"], 0.1, 0.001, HYPER["eps"],
-    )
+    _update(shaped, segs, 0.1, 0.001)
     _reference_update(ref, segs, 0.1, 0.001)
     _assert_state_close(ours, ref)
 
@@ -156,25 +157,19 @@ def test_multi_dim_tensors_index_flat(backend: str) -> None:
 def test_torch_path_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
     """Segments split into pieces and pieces grouped into batches give the same sums."""
     monkeypatch.setattr(torch_impl, "CHUNK", 1_000)
+    monkeypatch.setenv(kernels.ENV_VAR, "torch")
     numel, segs = LAYOUTS["gaps"]
-    segs = segs + [(200_000, 3)]
+    segs = segs + [(200_001, 2)]
     ours, ref = _state(numel), _state(numel)
-    got = torch_impl.moments_and_scores(
-        ours["grad"], ours["exp_avg"], ours["exp_avg_sq"], *BETAS, *_segments(segs), "epd"
-    )
+    got = _scores(ours, segs, "epd")
     torch.testing.assert_close(got, _reference_scores(ref, segs, "epd"), rtol=1e-6, atol=0.0)
     bc1, bc2 = 1 - BETAS[0], 1 - BETAS[1]
-    torch_impl.adamw_update_ranges(
-        ours["param"], ours["exp_avg"], ours["exp_avg_sq"], *_segments(segs),
-        HYPER["lr"], HYPER["weight_decay"], bc1, bc2, HYPER["eps"],
-    )
+    _update(ours, segs, bc1, bc2)
     _reference_update(ref, segs, bc1, bc2)
     _assert_state_close(ours, ref)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_scores_deterministic(backend: str) -> None:
-    impl = _impl(backend)
     numel, segs = LAYOUTS["gaps"]
     threads = torch.get_num_threads()
     results = []
@@ -182,9 +177,7 @@ def test_scores_deterministic(backend: str) -> None:
         for n_threads in (1, 2, 2):
             torch.set_num_threads(n_threads)
             s = _state(numel)
-            scores = impl.moments_and_scores(
-                s["grad"], s["exp_avg"], s["exp_avg_sq"], *BETAS, *_segments(segs), "pfn"
-            )
+            scores = _scores(s, segs, "pfn")
             results.append(scores)
     finally:
         torch.set_num_threads(threads)
@@ -268,27 +261,21 @@ def test_env_var_forces_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(kernels.ENV_VAR, "torch")
     numel, segs = LAYOUTS["gaps"]
     ours, ref = _state(numel), _state(numel)
-    got = kernels.moments_and_scores(
-        ours["grad"], ours["exp_avg"], ours["exp_avg_sq"], *BETAS, *_segments(segs), "epd"
-    )
-    want = torch_impl.moments_and_scores(
-        ref["grad"], ref["exp_avg"], ref["exp_avg_sq"], *BETAS, *_segments(segs), "epd"
-    )
-    assert torch.equal(got, want)
+    assert kernels.backend(ours["grad"]) == "torch"
+    got = _scores(ours, segs, "epd")
+    rows = [(o, n) for o, n in segs if n]  # the torch path's sums, one per non-empty row
+    want = torch_impl.segment_sums_multi([ref["grad"]], [ref["exp_avg"]], [ref["exp_avg_sq"]], _table(numel, rows),
+                                         *BETAS, "epd")
+    assert torch.equal(got[[i for i, (_, n) in enumerate(segs) if n]], want)
     _assert_state_close(ours, ref)
 
 
 def test_public_functions_match_backends() -> None:
     numel, segs = LAYOUTS["gaps"]
     ours, ref = _state(numel), _state(numel)
-    got = kernels.moments_and_scores(
-        ours["grad"], ours["exp_avg"], ours["exp_avg_sq"], *BETAS, *_segments(segs), "epd"
-    )
+    got = _scores(ours, segs, "epd")
     torch.testing.assert_close(got, _reference_scores(ref, segs, "epd"), rtol=1e-6, atol=0.0)
-    kernels.adamw_update_ranges(
-        ours["param"], ours["exp_avg"], ours["exp_avg_sq"], *_segments(segs),
-        HYPER["lr"], HYPER["weight_decay"], 0.1, 0.001, HYPER["eps"],
-    )
+    _update(ours, segs, 0.1, 0.001)
     _reference_update(ref, segs, 0.1, 0.001)
     _assert_state_close(ours, ref)
 
@@ -298,9 +285,7 @@ def test_non_fp32_takes_torch_path() -> None:
     ours = {k: t.double() for k, t in _state(numel).items()}
     ref = _clone(ours)
     assert kernels.backend(ours["grad"]) == "torch"
-    got = kernels.moments_and_scores(
-        ours["grad"], ours["exp_avg"], ours["exp_avg_sq"], *BETAS, *_segments(segs), "pfn"
-    )
+    got = _scores(ours, segs, "pfn")
     torch.testing.assert_close(got, _reference_scores(ref, segs, "pfn"), rtol=1e-6, atol=0.0)
     _assert_state_close(ours, ref)
 
@@ -312,18 +297,16 @@ def test_non_fp32_takes_torch_path() -> None:
 def test_bad_segments_rejected(segs: list[tuple[int, int]]) -> None:
     s = _state(100)
     with pytest.raises(ValueError, match="segments"):
-        kernels.moments_and_scores(s["grad"], s["exp_avg"], s["exp_avg_sq"], *BETAS, *_segments(segs), "epd")
+        _scores(s, segs, "epd")
 
 
 def test_bad_arguments_rejected() -> None:
     s = _state(100)
-    segs = _segments([(0, 10)])
+    segs = [(0, 10)]
     with pytest.raises(ValueError, match="score"):
-        kernels.moments_and_scores(s["grad"], s["exp_avg"], s["exp_avg_sq"], *BETAS, *segs, "l2")
+        _scores(s, segs, "l2")
     with pytest.raises(ValueError, match="size"):
-        kernels.moments_and_scores(s["grad"][:50], s["exp_avg"], s["exp_avg_sq"], *BETAS, *segs, "epd")
+        _scores({**s, "grad": s["grad"][:50]}, segs, "epd")
     transposed = {k: t.view(10, 10).t() for k, t in s.items()}
     with pytest.raises(ValueError, match="contiguous"):
-        kernels.moments_and_scores(
-            transposed["grad"], transposed["exp_avg"], transposed["exp_avg_sq"], *BETAS, *segs, "epd"
-        )
+        _scores(transposed, segs, "epd")

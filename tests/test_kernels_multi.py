@@ -1,10 +1,12 @@
-"""Multi-tensor kernels (one call per param group and step) against the single-tensor kernels, bit for bit."""
+"""Multi-tensor kernels: one call over several tensors is, bit for bit, one call per tensor; the routing rule."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from molf_ds.optim import kernels
+from molf_ds.optim import kernels, routing
 from molf_ds.optim.kernels import cpp_impl
 
 BETAS = (0.9, 0.999)
@@ -43,6 +45,11 @@ def _clone(s):
     return {k: [t.clone() for t in ts] for k, ts in s.items()}
 
 
+def _per_tensor(t: int, rows=ROWS) -> kernels.SegmentTable:
+    """Tensor t's rows, as the table of a call on that tensor alone."""
+    return kernels.SegmentTable([(0, *r[1:]) for r in rows if r[0] == t], [NUMELS[t]])
+
+
 @pytest.mark.parametrize("score", ["epd", "pfn"])
 def test_moments_and_scores_multi_equals_per_tensor(backend, score):
     a, b = _tensors(), _tensors()
@@ -50,36 +57,28 @@ def test_moments_and_scores_multi_equals_per_tensor(backend, score):
     sums = kernels.ScoreSums(N_CELLS)
     kernels.moments_and_scores_multi(a["g"], a["m"], a["v"], kernels.SegmentTable(ROWS, NUMELS), scale, sums,
                                      *BETAS, score)
-    want = torch.zeros(N_CELLS, dtype=torch.float64)
+    want = kernels.ScoreSums(N_CELLS)
     for t in range(len(NUMELS)):
-        rows = [r for r in ROWS if r[0] == t]
-        offsets = torch.tensor([r[1] for r in rows], dtype=torch.int64)
-        lengths = torch.tensor([r[2] for r in rows], dtype=torch.int64)
-        seg = kernels.moments_and_scores(b["g"][t], b["m"][t], b["v"][t], *BETAS, offsets, lengths, score)
-        cells = torch.tensor([r[3] for r in rows], dtype=torch.int64)
-        kinds = torch.tensor([r[4] for r in rows], dtype=torch.int64)
-        want.index_add_(0, cells, seg * scale[kinds])
-    assert torch.equal(sums.totals(), want)
+        kernels.moments_and_scores_multi([b["g"][t]], [b["m"][t]], [b["v"][t]], _per_tensor(t), scale, want, *BETAS,
+                                         score)
+    assert torch.equal(sums.totals(), want.totals())
     assert sums.took_part.tolist() == [True, True, True, True, False]
     for key in "mv":
         for x, y in zip(a[key], b[key]):
             assert torch.equal(x, y)
 
 
-def test_update_winners_multi_equals_ranges(backend):
+def test_update_winners_multi_equals_per_tensor(backend):
     a, b = _tensors(), _tensors()
     winners = torch.tensor([True, False, True, True, False])
     updated = kernels.update_winners_multi(a["p"], a["m"], a["v"], kernels.SegmentTable(ROWS, NUMELS), winners,
                                            KIND_LRS, KIND_WDS, 0.19, 0.002, 1e-8)
     assert updated == sum(r[2] for r in ROWS if winners[r[3]])
     for t in range(len(NUMELS)):
-        for kind in range(3):
+        for kind in range(3):  # one call per tensor and kind, on the winning rows only
             rows = [r for r in ROWS if r[0] == t and r[4] == kind and winners[r[3]]]
-            if rows:
-                kernels.adamw_update_ranges(
-                    b["p"][t], b["m"][t], b["v"][t], torch.tensor([r[1] for r in rows]),
-                    torch.tensor([r[2] for r in rows]), KIND_LRS[kind].item(), KIND_WDS[kind].item(), 0.19, 0.002,
-                    1e-8)
+            kernels.update_winners_multi([b["p"][t]], [b["m"][t]], [b["v"][t]], _per_tensor(t, rows), winners,
+                                         KIND_LRS, KIND_WDS, 0.19, 0.002, 1e-8)
     for x, y in zip(a["p"], b["p"]):
         assert torch.equal(x, y)
     assert torch.equal(a["p"][1], _tensors()["p"][1])  # no segment: untouched
@@ -89,7 +88,8 @@ def test_adamw_step_multi_equals_per_tensor(backend):
     a, b = _tensors(), _tensors()
     kernels.adamw_step_multi(a["p"], a["g"], a["m"], a["v"], 1e-3, *BETAS, 1e-8, 0.1, 0.19, 0.002)
     for t in range(len(NUMELS)):
-        kernels.adamw_step(b["p"][t], b["g"][t], b["m"][t], b["v"][t], 1e-3, *BETAS, 1e-8, 0.1, 0.19, 0.002)
+        kernels.adamw_step_multi([b["p"][t]], [b["g"][t]], [b["m"][t]], [b["v"][t]], 1e-3, *BETAS, 1e-8, 0.1, 0.19,
+                                 0.002)
     for key in "pmv":
         for x, y in zip(a[key], b[key]):
             assert torch.equal(x, y)
@@ -130,23 +130,28 @@ def test_cpp_checks_cells_and_kinds():
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 @pytest.mark.parametrize("score", ["epd", "pfn"])
-def test_route_cpp_equals_torch(top_k, score, monkeypatch):
-    if not cpp_impl.load():
-        pytest.skip("the C++ CPU kernel failed to build")
+def test_route_ties_nan_and_absent_experts(top_k, score):
+    """routing.module_scores and top_k against a plain per-module loop: ties to the lower index, NaN ranks first (as
+    in torch.sort), no winner among experts that took no part."""
     gen = torch.Generator().manual_seed(top_k)
     modules, experts = 40, 3
     sums = torch.rand(modules * experts, generator=gen, dtype=torch.float64) * 1e-6
     sums[3:6] = 0.0  # a three-way tie: lower index first
     sums[7] = sums[8]  # a tie after division only where sizes agree
-    sums[12] = float("nan")  # ranks first, as in torch.sort
+    sums[12] = float("nan")
     sizes = torch.randint(0, 50, (modules, experts), generator=gen).double()
     sizes[2, :] = 10.0
     took = torch.rand(modules * experts, generator=gen) > 0.2
     took[15:18] = False  # a module where nobody took part: no winner
-    got = kernels.route(sums, sizes, took, experts, top_k, score)
-    monkeypatch.setenv("MOLF_DS_KERNEL", "torch")
-    want = kernels.route(sums, sizes, took, experts, top_k, score)
-    assert torch.equal(got[0].isnan(), want[0].isnan())
-    assert torch.equal(got[0].nan_to_num(), want[0].nan_to_num())
-    assert torch.equal(got[1], want[1])
-    assert not got[1][5].any() and got[1][1].tolist()[0] is True  # module 1: experts 0-2 tie at zero
+    scores = routing.module_scores(sums, sizes, took, score)
+    winners = routing.top_k(scores, took, top_k)
+    for m in range(modules):
+        row = [sums[m * experts + e].item() / max(sizes[m, e].item(), 1.0) for e in range(experts)]
+        row = [x if score == "epd" else math.sqrt(x) for x in row]
+        row = [x if took[m * experts + e] else -math.inf for e, x in enumerate(row)]
+        torch.testing.assert_close(scores[m], torch.tensor(row, dtype=torch.float64), rtol=1e-14, atol=0.0,
+                                   equal_nan=True)
+        ranked = sorted(range(experts), key=lambda e: (not math.isnan(row[e]), -row[e] if row[e] == row[e] else 0, e))
+        want = [e in ranked[:top_k] and bool(took[m * experts + e]) for e in range(experts)]
+        assert winners[m].tolist() == want, m
+    assert not winners[5].any() and winners[1].tolist()[0] is True  # module 1: experts 0-2 tie at zero

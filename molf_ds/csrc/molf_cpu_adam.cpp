@@ -1,15 +1,17 @@
 // Fused CPU kernels for the MoLF routing AdamW step (fp32, contiguous, flat tensors).
 //
-// Registered as torch ops in the `molf_cpu_adam` namespace (CPU dispatch key):
-//   moments_and_scores: m, v update over the whole tensor, fused with per-segment
-//                       sums of the routing score q (double accumulation).
-//   adamw_update_ranges: decoupled weight decay + Adam update inside segments only.
-//   adamw_step:          plain fused AdamW over the whole tensor.
-//   dropout_zero:        zero the elements a (seed, index) hash drops; kept ones unscaled (the
-//                        experts' input dropout: no stored mask, backward regenerates it).
-//   *_multi:             one call per param group and step; moments_scores_speculate_multi also
-//                        updates the rows of presumed winners in the scoring pass (old values kept in
-//                        a backup) and settle_multi restores or updates the rows routing disagreed on.
+// The element-wise passes only; what they compute (the score q, the update of the winners' rows) is defined
+// in molf_ds/optim/routing.py. Registered as torch ops in the `molf_cpu_adam` namespace (CPU dispatch key),
+// one call per param group and step:
+//   moments_and_scores_multi: m, v update of every tensor, fused with per-segment sums of the routing
+//                             score q (double accumulation) into per-cell sums.
+//   update_winners_multi:     decoupled weight decay + Adam update inside the winners' segments.
+//   moments_scores_speculate_multi / settle_multi: the same in one pass where last step's winners win
+//                             again (old values kept in a backup; settle restores or updates the rows
+//                             routing disagreed on).
+//   adamw_step_multi:         plain fused AdamW.
+//   dropout_zero:             zero the elements a (seed, index) hash drops; kept ones unscaled (the
+//                             experts' input dropout: no stored mask, backward regenerates it).
 //
 // Work is split on a fixed grid of kChunk elements, so every partial sum covers the
 // same elements in the same order whatever the thread count: results are deterministic.
@@ -86,6 +88,7 @@ struct Update {
   }
 };
 
+// q of one element: molf_ds.optim.routing.element_scores.
 template <bool kPfn>
 inline float score(float m, float v, float eps_s) {
   const float denom = std::sqrt(v) + eps_s;
@@ -108,26 +111,6 @@ struct Segments {
   std::vector<int64_t> offsets;
   std::vector<int64_t> lengths;
 };
-
-Segments read_segments(const at::Tensor& offsets, const at::Tensor& lengths, int64_t numel) {
-  TORCH_CHECK(offsets.device().is_cpu() && lengths.device().is_cpu() &&
-                  offsets.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong &&
-                  offsets.dim() == 1 && offsets.sizes() == lengths.sizes(),
-              "offsets and lengths must be 1-D int64 CPU tensors of equal size");
-  const auto off = offsets.contiguous();
-  const auto len = lengths.contiguous();
-  Segments s{{off.data_ptr<int64_t>(), off.data_ptr<int64_t>() + off.numel()},
-             {len.data_ptr<int64_t>(), len.data_ptr<int64_t>() + len.numel()}};
-  int64_t prev_end = 0;
-  for (size_t i = 0; i < s.offsets.size(); ++i) {
-    TORCH_CHECK(s.lengths[i] >= 0 && s.offsets[i] >= prev_end &&
-                    s.offsets[i] + s.lengths[i] <= numel,
-                "segment ", i, " (offset ", s.offsets[i], ", length ", s.lengths[i],
-                ") is unsorted, overlapping or out of bounds (numel ", numel, ")");
-    prev_end = s.offsets[i] + s.lengths[i];
-  }
-  return s;
-}
 
 inline int64_t next_grid(int64_t pos) { return (pos / kChunk + 1) * kChunk; }
 
@@ -256,105 +239,12 @@ void adamw_fused(float* p, const float* g, float* m, float* v, int64_t n, Moment
 
 int threads() { return std::max(1, at::get_num_threads()); }
 
-template <bool kPfn>
-void score_pieces(const std::vector<Piece>& pieces, const float* g, float* m, float* v,
-                  Moments c, float eps_s, double* partial) {
-  const int64_t np = static_cast<int64_t>(pieces.size());
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads())
-  for (int64_t k = 0; k < np; ++k) {
-    const Piece& pc = pieces[k];
-    const int64_t s = pc.start;
-    if (pc.seg < 0) {
-      update_moments(g + s, m + s, v + s, pc.len, c);
-    } else {
-      partial[k] = update_moments_scored<kPfn>(g + s, m + s, v + s, pc.len, c, eps_s);
-    }
-  }
-}
-
-at::Tensor moments_and_scores(const at::Tensor& grad, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
-                              double beta1, double beta2, const at::Tensor& offsets,
-                              const at::Tensor& lengths, bool pfn, double eps_s) {
-  check_flat(grad, grad, "grad");
-  check_flat(exp_avg, grad, "exp_avg");
-  check_flat(exp_avg_sq, grad, "exp_avg_sq");
-  const int64_t numel = grad.numel();
-  const Segments segs = read_segments(offsets, lengths, numel);
-  const std::vector<Piece> pieces = make_pieces(segs, numel, /*with_gaps=*/true);
-  std::vector<double> partial(pieces.size(), 0.0);
-
-  const Moments c(beta1, beta2);
-  const float* g = grad.data_ptr<float>();
-  float* m = exp_avg.data_ptr<float>();
-  float* v = exp_avg_sq.data_ptr<float>();
-  const float es = static_cast<float>(eps_s);
-  if (pfn) {
-    score_pieces<true>(pieces, g, m, v, c, es, partial.data());
-  } else {
-    score_pieces<false>(pieces, g, m, v, c, es, partial.data());
-  }
-
-  at::Tensor out = at::zeros({static_cast<int64_t>(segs.offsets.size())}, at::kDouble);
-  double* o = out.data_ptr<double>();
-  for (size_t k = 0; k < pieces.size(); ++k) {  // fixed combination order
-    if (pieces[k].seg >= 0) o[pieces[k].seg] += partial[k];
-  }
-  return out;
-}
-
-void adamw_update_ranges(at::Tensor& param, const at::Tensor& exp_avg,
-                         const at::Tensor& exp_avg_sq, const at::Tensor& offsets,
-                         const at::Tensor& lengths, double lr, double weight_decay,
-                         double bias_correction1, double bias_correction2, double eps) {
-  check_flat(param, param, "param");
-  check_flat(exp_avg, param, "exp_avg");
-  check_flat(exp_avg_sq, param, "exp_avg_sq");
-  const int64_t numel = param.numel();
-  const std::vector<Piece> pieces =
-      make_pieces(read_segments(offsets, lengths, numel), numel, /*with_gaps=*/false);
-
-  const Update u(lr, weight_decay, bias_correction1, bias_correction2, eps);
-  float* p = param.data_ptr<float>();
-  const float* m = exp_avg.data_ptr<float>();
-  const float* v = exp_avg_sq.data_ptr<float>();
-  const int64_t np = static_cast<int64_t>(pieces.size());
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads())
-  for (int64_t k = 0; k < np; ++k) {
-    const int64_t s = pieces[k].start;
-    update_params(p + s, m + s, v + s, pieces[k].len, u);
-  }
-}
-
-void adamw_step(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
-                at::Tensor& exp_avg_sq, double lr, double beta1, double beta2, double eps,
-                double weight_decay, double bias_correction1, double bias_correction2) {
-  check_flat(param, param, "param");
-  check_flat(grad, param, "grad");
-  check_flat(exp_avg, param, "exp_avg");
-  check_flat(exp_avg_sq, param, "exp_avg_sq");
-  const int64_t numel = param.numel();
-  const int64_t nchunks = (numel + kChunk - 1) / kChunk;
-
-  const Moments c(beta1, beta2);
-  const Update u(lr, weight_decay, bias_correction1, bias_correction2, eps);
-  float* p = param.data_ptr<float>();
-  const float* g = grad.data_ptr<float>();
-  float* m = exp_avg.data_ptr<float>();
-  float* v = exp_avg_sq.data_ptr<float>();
-#pragma omp parallel for schedule(static) num_threads(threads())
-  for (int64_t k = 0; k < nchunks; ++k) {
-    const int64_t s = k * kChunk;
-    adamw_fused(p + s, g + s, m + s, v + s, std::min(kChunk, numel - s), c, u);
-  }
-}
-
-
 // ---- multi-tensor entry points: one call per param group and step ------------------------------
 //
 // The segments of all tensors of a call come as one int64 table [S, 5] of rows
 // (tensor, offset, length, cell, kind), sorted by (tensor, offset) and non-overlapping within a
-// tensor. Each tensor is cut on the same fixed grid as the single-tensor kernels, so every
-// partial sum, and so every result, is the same as calling them tensor by tensor.
+// tensor. Each tensor is cut on the same fixed grid, so every partial sum, and so every result, is the
+// same whatever the thread count and however the tensors are grouped into calls.
 
 struct Row {
   int64_t tensor, offset, length, cell, kind;
@@ -629,57 +519,6 @@ void adamw_step_multi(at::TensorList params, at::TensorList grads, at::TensorLis
   }
 }
 
-// Routing from the global score sums: per cell score = sums / max(size, 1) (EPD) or its square root
-// (PFN), -inf where the expert took no part; per module the top_k experts win (a stable descending
-// order: ties go to the lower index, NaN ranks first as in torch.sort), never one that took no part.
-std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& sums, const at::Tensor& sizes,
-                                         const at::Tensor& took_part, int64_t n_experts,
-                                         int64_t top_k, bool pfn) {
-  TORCH_CHECK(sums.device().is_cpu() && sums.scalar_type() == at::kDouble && sums.is_contiguous() &&
-                  sizes.device().is_cpu() && sizes.scalar_type() == at::kDouble &&
-                  sizes.is_contiguous() && took_part.device().is_cpu() &&
-                  took_part.scalar_type() == at::kBool && took_part.is_contiguous(),
-              "route: sums and sizes must be contiguous float64 CPU tensors, took_part bool");
-  const int64_t cells = sums.numel();
-  TORCH_CHECK(n_experts >= 1 && cells % n_experts == 0 && sizes.numel() == cells &&
-                  took_part.numel() == cells && top_k >= 1 && top_k <= n_experts,
-              "route: sizes, took_part and n_experts do not match the sums");
-  const int64_t modules = cells / n_experts;
-  at::Tensor scores = at::empty({modules, n_experts}, at::kDouble);
-  at::Tensor winners = at::zeros({modules, n_experts}, at::kBool);
-  const double* s = sums.data_ptr<double>();
-  const double* n = sizes.data_ptr<double>();
-  const bool* took = took_part.data_ptr<bool>();
-  double* out = scores.data_ptr<double>();
-  bool* won = winners.data_ptr<bool>();
-  for (int64_t c = 0; c < cells; ++c) out[c] = s[c] / std::max(n[c], 1.0);
-  if (pfn) scores.sqrt_();  // torch's own sqrt, so that scores match the torch path bit for bit
-  for (int64_t c = 0; c < cells; ++c) {
-    if (!took[c]) out[c] = -INFINITY;
-  }
-  std::vector<char> chosen(static_cast<size_t>(n_experts));
-  for (int64_t m = 0; m < modules; ++m) {
-    const int64_t base = m * n_experts;
-    std::fill(chosen.begin(), chosen.end(), 0);
-    for (int64_t k = 0; k < top_k; ++k) {
-      int64_t best = -1;
-      for (int64_t e = 0; e < n_experts; ++e) {
-        if (chosen[e]) continue;
-        const double x = out[base + e];
-        if (best < 0) {
-          best = e;
-          continue;
-        }
-        const double b = out[base + best];
-        if ((std::isnan(x) && !std::isnan(b)) || x > b) best = e;
-      }
-      chosen[best] = 1;
-      won[base + best] = took[base + best];
-    }
-  }
-  return {scores, winners};
-}
-
 // A well-mixed 32-bit bijection ("lowbias32", Wellons); 32-bit multiplies vectorise.
 inline uint32_t mix32(uint32_t z) {
   z ^= z >> 16;
@@ -723,17 +562,6 @@ at::Tensor dropout_zero(const at::Tensor& x, int64_t seed, double keep_prob) {
 
 TORCH_LIBRARY(molf_cpu_adam, lib) {
   lib.def(
-      "moments_and_scores(Tensor grad, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, float beta1, "
-      "float beta2, Tensor offsets, Tensor lengths, bool pfn, float eps_s) -> Tensor");
-  lib.def(
-      "adamw_update_ranges(Tensor(a!) param, Tensor exp_avg, Tensor exp_avg_sq, Tensor offsets, "
-      "Tensor lengths, float lr, float weight_decay, float bias_correction1, "
-      "float bias_correction2, float eps) -> ()");
-  lib.def(
-      "adamw_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
-      "float lr, float beta1, float beta2, float eps, float weight_decay, "
-      "float bias_correction1, float bias_correction2) -> ()");
-  lib.def(
       "moments_and_scores_multi(Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
       "Tensor table, Tensor scale, Tensor(c!) sums, Tensor(d!) took_part, float beta1, float beta2, "
       "bool pfn, float eps_s) -> ()");
@@ -751,9 +579,6 @@ TORCH_LIBRARY(molf_cpu_adam, lib) {
       "Tensor presumed, Tensor winners, Tensor lrs, Tensor weight_decays, float bias_correction1, "
       "float bias_correction2, float eps) -> (int, int)");
   lib.def(
-      "route(Tensor sums, Tensor sizes, Tensor took_part, int n_experts, int top_k, bool pfn) -> "
-      "(Tensor, Tensor)");
-  lib.def(
       "adamw_step_multi(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, float weight_decay, "
       "float bias_correction1, float bias_correction2) -> ()");
@@ -761,14 +586,10 @@ TORCH_LIBRARY(molf_cpu_adam, lib) {
 }
 
 TORCH_LIBRARY_IMPL(molf_cpu_adam, CPU, lib) {
-  lib.impl("moments_and_scores", &moments_and_scores);
-  lib.impl("adamw_update_ranges", &adamw_update_ranges);
-  lib.impl("adamw_step", &adamw_step);
   lib.impl("moments_and_scores_multi", &moments_and_scores_multi);
   lib.impl("update_winners_multi", &update_winners_multi);
   lib.impl("moments_scores_speculate_multi", &moments_scores_speculate_multi);
   lib.impl("settle_multi", &settle_multi);
   lib.impl("adamw_step_multi", &adamw_step_multi);
-  lib.impl("route", &route);
   lib.impl("dropout_zero", &dropout_zero);
 }

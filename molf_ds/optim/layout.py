@@ -1,8 +1,8 @@
 """Where each expert lives: the (module, expert) cells and the segments of the flat tensors the optimizer steps.
 
 A *cell* is one expert of one MoLF module, numbered `module * n_experts + expert`. A *layout* lists the
-segments `(offset, length, cell, kind)` of one flat tensor; the kind (full weight, full bias, LoRA)
-sets the segment's lr and weight decay. Without ZeRO every parameter is its own flat tensor
+segments `(offset, length, cell, kind)` of one flat tensor; the kind (`routing.KINDS`: full weight, full
+bias, LoRA) sets the segment's lr and weight decay. Without ZeRO every parameter is its own flat tensor
 with a single segment; the ZeRO adapters build layouts of DeepSpeed's fp32 partitions instead, so the
 optimizer runs one code path for every stage.
 """
@@ -14,10 +14,7 @@ import torch
 from torch import nn
 
 from ..wrapping import _numel, molf_modules
-
-
-KINDS = ("full", "full_bias", "lora")
-FULL, FULL_BIAS, LORA = range(len(KINDS))
+from .routing import FULL, FULL_BIAS, LORA
 
 
 class Layout:
@@ -27,16 +24,6 @@ class Layout:
         self.segments = sorted(s for s in segments if s[1] > 0)
         columns = list(zip(*self.segments)) if self.segments else [(), (), (), ()]
         self.offsets, self.lengths, self.cells, self.kinds = (torch.tensor(c, dtype=torch.long) for c in columns)
-
-    def winning_ranges(self, winners: list[bool]) -> dict[int, tuple[list[int], list[int]]]:
-        """{kind: (offsets, lengths)} of the segments whose cell won (`winners` is indexed by cell)."""
-        ranges: dict[int, tuple[list[int], list[int]]] = {}
-        for offset, length, cell, kind in self.segments:
-            if winners[cell]:
-                offsets, lengths = ranges.setdefault(kind, ([], []))
-                offsets.append(offset)
-                lengths.append(length)
-        return ranges
 
 
 class LayoutSource(Protocol):

@@ -1,26 +1,19 @@
-"""MoLFAdamW: AdamW that routes each module's update to its top-k experts (../shared/DESIGN.md section 1).
+"""MoLFAdamW: AdamW that routes each module's update to its top-k experts (the rule: `routing.py`).
 
-The optimizer steps *flat tensors* (parameters, or DeepSpeed's fp32 partitions) and learns where the
-experts lie in them from a LayoutSource. Every tensor with a gradient updates its moments; MoLF tensors
-add their segments' score sums into a [modules, experts] table, which is reduced across ranks once
-(`reduce_scores`, set by the ZeRO adapters); then every rank takes the same top-k and updates only the
-winners' segments. Tensors outside MoLF modules take plain AdamW.
-
-With `speculative_update` (C++ CPU kernel only), the scoring pass also updates the rows of last step's winners,
-keeping their old values in a backup (4 bytes per MoLF element): when routing keeps its winners, as it mostly
-does, the step is one pass over memory instead of two; wrong guesses are restored from the backup. The result
-is bit for bit the two-pass step's.
+The optimizer steps *flat tensors* (parameters, or DeepSpeed's fp32 partitions) and learns from its `Router`
+where the experts lie in them. Every tensor with a gradient updates its moments; MoLF tensors add their
+segments' score sums into a [modules, experts] table, reduced across ranks once per step; then every rank
+takes the same top-k and updates only the winners' segments. Tensors outside MoLF modules take plain AdamW.
 
 All expert parameters share ONE param group (kind "molf"): DeepSpeed's ZeRO-1/2 optimizer calls the
 wrapped optimizer once per group, and routing needs every expert's score before the first update. The
-group's lr carries the schedule; each segment's lr is that lr times its kind's ratio (LoRA lr / full lr),
-and its weight decay comes from its kind.
+group's lr carries the schedule; each segment's lr is its kind's lr times the schedule's factor.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -31,26 +24,19 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from ..config import MoLFConfig
 from . import kernels
 from .layout import ExpertIndex, Layout, LayoutSource, ParamLayouts
+from .routing import ScoreReducer, StepRouting
 from .routing_log import RoutingLog
 
-SCORE_EPS = 1e-8
 STEP_PASSES = ("moments", "speculative", "update", "restore", "adamw")
-ScoreReducer = Callable[[torch.Tensor], None]
 
 
 @dataclass
-class _Routing:
-    """One step's score sums and MoLF tensors, kept until every expert's score is in."""
+class Router:
+    """What the optimizer needs to know of the engine that calls it (the ZeRO adapters build one)."""
 
-    step: int
-    scores: kernels.ScoreSums  # [modules * experts] float64 sums of this rank's part, and who took part
-    kind_lrs: torch.Tensor  # lr per segment kind (float64)
-    scale: torch.Tensor  # factor of each kind's score sums: its lr (EPD) or 1 (PFN)
-    lr_scale: float
-    presumed: torch.Tensor | None  # flat bool per cell: last step's winners, updated speculatively
-    # (tensors, exp_avgs, exp_avg_sqs, segments, backups or None) of every step() call of this step
-    batches: list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], kernels.SegmentTable,
-                        list[torch.Tensor] | None]] = field(default_factory=list)
+    layouts: LayoutSource  # where the experts lie in each flat tensor step() is given
+    reduce_scores: ScoreReducer | None = None  # the score all-reduce over data-parallel ranks, if partitioned
+    deferred: bool = False  # ZeRO-3: step() only scores; the adapter calls finish_routing() after all sub-groups
 
 
 class _Segments:
@@ -81,22 +67,23 @@ class MoLFAdamW(torch.optim.Optimizer):
         index: ExpertIndex,
         cfg: MoLFConfig,
         routing_log: RoutingLog | None = None,
+        router: Router | None = None,
     ) -> None:
+        """`router` None: the optimizer steps the model's own parameters (no DeepSpeed, or DeepSpeed without a
+        wrapper). `detach()` before handing it to DeepSpeed, which may call step() on zero grads while it sets
+        up; the ZeRO adapter then `attach`es the router of the engine."""
         check_speculative_update(cfg)
         super().__init__(list(param_groups), dict(lr=cfg.lr, weight_decay=0.0, betas=cfg.betas, eps=cfg.eps))
         self.index = index
         self.cfg = cfg
         self.routing_log = routing_log
-        self.layouts: LayoutSource = ParamLayouts(index)
-        self.reduce_scores: ScoreReducer | None = None  # in-place SUM over data-parallel ranks
+        self.router: Router | None = router or Router(ParamLayouts(index))
         self.molf_step = 0
         self.last_scores: torch.Tensor | None = None  # [modules, experts], -inf where an expert sat out
         self.last_winners: torch.Tensor | None = None  # [modules, experts] bool
         self.last_lr_scale = 0.0
-        self.paused = False  # step() does nothing while set: DeepSpeed may call it on zero grads at setup
         self._pinned_step: int | None = None
-        self.defer_routing = False  # ZeRO-3: step() only gathers scores; the adapter calls finish_routing()
-        self._routing: _Routing | None = None
+        self._routing: StepRouting | None = None
         self._segments = _Segments()
         # Elements of the last step, per pass: "moments" (MoLF tensors: moments and scores), "speculative" (of
         # those, updated in that pass, with backup), "update" (winners' update pass), "restore" (wrong guesses
@@ -104,6 +91,13 @@ class MoLFAdamW(torch.optim.Optimizer):
         self.last_step_elements = dict.fromkeys(STEP_PASSES, 0)
         self._counted_step = 0
         self._backups = WeakTensorKeyDictionary()  # param -> its old values during a speculative step
+
+    def detach(self) -> None:
+        """step() does nothing until `attach`: DeepSpeed may call it on zero grads while it builds the engine."""
+        self.router = None
+
+    def attach(self, router: Router) -> None:
+        self.router = router
 
     # ---- the step -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -118,14 +112,13 @@ class MoLFAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
-        if self.paused:
+        if self.router is None:
             return loss
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         t = self.molf_step = self._pinned_step or self.molf_step + 1
         beta1, beta2 = self.cfg.betas
-        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
         counts = self._counts(t)
         for group in self.param_groups:  # one kernel call per group: no per-parameter work in Python
             params = [p for p in group["params"] if p.grad is not None]
@@ -136,47 +129,29 @@ class MoLFAdamW(torch.optim.Optimizer):
             exp_avgs = [state["exp_avg"] for state in states]
             exp_avg_sqs = [state["exp_avg_sq"] for state in states]
             if group["kind"] != "molf":
-                kernels.adamw_step_multi(
-                    params, grads, exp_avgs, exp_avg_sqs, group["lr"], beta1, beta2, self.cfg.eps,
-                    group["weight_decay"], bc1, bc2,
-                )
+                kernels.adamw_step_multi(params, grads, exp_avgs, exp_avg_sqs, group["lr"], beta1, beta2,
+                                         self.cfg.eps, group["weight_decay"], 1 - beta1**t, 1 - beta2**t)
                 counts["adamw"] += sum(p.numel() for p in params)
                 continue
             routing = self._routing_of(t)
-            segments = self._segments([self.layouts(p) for p in params], [p.numel() for p in params])
-            backups = None
-            if routing.presumed is not None and kernels.can_speculate([*params, *grads, *exp_avgs, *exp_avg_sqs]):
-                backups = [self._backup_of(p) for p in params]
-                counts["speculative"] += kernels.moments_scores_speculate_multi(
-                    params, grads, exp_avgs, exp_avg_sqs, backups, segments, routing.scale, routing.scores,
-                    routing.presumed, routing.kind_lrs, self._kind_wds_tensor(), beta1, beta2, bc1, bc2,
-                    self.cfg.eps, self.cfg.score, SCORE_EPS,
-                )
-            else:
-                kernels.moments_and_scores_multi(
-                    grads, exp_avgs, exp_avg_sqs, segments, routing.scale, routing.scores, beta1, beta2,
-                    self.cfg.score, SCORE_EPS,
-                )
-            routing.batches.append((params, exp_avgs, exp_avg_sqs, segments, backups))
+            segments = self._segments([self.router.layouts(p) for p in params], [p.numel() for p in params])
+            speculate = routing.presumed is not None and kernels.can_speculate(
+                [*params, *grads, *exp_avgs, *exp_avg_sqs])
+            backups = [self._backup_of(p) for p in params] if speculate else None
+            counts["speculative"] += routing.score(params, grads, exp_avgs, exp_avg_sqs, segments, backups)
             counts["moments"] += sum(segments.numels)
             # Route before the plain groups step: the ranks meet at the all-reduce with less work behind them to
             # have drifted apart on.
-            if not self.defer_routing:
+            if not self.router.deferred:
                 self.finish_routing()
         return loss
 
-    def _routing_of(self, t: int) -> "_Routing":
+    def _routing_of(self, t: int) -> StepRouting:
         if self._routing is None or self._routing.step != t:
-            kind_lrs = self._kind_lrs()
-            self._routing = _Routing(
-                step=t,
-                scores=kernels.ScoreSums(self.index.n_modules * self.index.n_experts),
-                kind_lrs=kind_lrs,
-                scale=kind_lrs if self.cfg.score == "epd" else torch.ones_like(kind_lrs),
-                lr_scale=self.lr_scale,
-                presumed=(self.last_winners.reshape(-1).clone()
-                          if self.cfg.speculative_update and self.last_winners is not None else None),
-            )
+            presumed = (self.last_winners.reshape(-1).clone()
+                        if self.cfg.speculative_update and self.last_winners is not None else None)
+            self._routing = StepRouting(t, self.cfg, self.index.n_modules * self.index.n_experts, self.lr_scale,
+                                        presumed)
         return self._routing
 
     def _backup_of(self, p: torch.Tensor) -> torch.Tensor:
@@ -192,47 +167,21 @@ class MoLFAdamW(torch.optim.Optimizer):
         return self.last_step_elements
 
     def finish_routing(self) -> None:
-        """Reduce the scores gathered this step, take the top-k, update the winners and log the step.
-        Called by step() itself, or by a ZeRO-3 adapter once every sub-group has been through step()."""
+        """Route on the scores gathered this step, update the winners and log the step. Called by step() itself,
+        or, with a deferred router (ZeRO-3), by the adapter once every sub-group has been through step()."""
         routing, self._routing = self._routing, None
         if routing is None:
             return
-        winners = self._route(routing.scores.totals(), routing.scores.took_part).contiguous()
-        beta1, beta2 = self.cfg.betas
-        bc1, bc2 = 1 - beta1**routing.step, 1 - beta2**routing.step
-        wds = self._kind_wds_tensor()
+        # The one collective of the step, where it is needed: started earlier, in flight while the plain groups took
+        # their AdamW step, it made the step 5-48 ms slower on CPU (2 gloo ranks, measured).
+        self.last_scores, self.last_winners = routing.route(self.index.sizes, self.router.reduce_scores)
+        updated, restored = routing.update(self.last_winners)
         counts = self._counts(routing.step)
-        for params, exp_avgs, exp_avg_sqs, segments, backups in routing.batches:
-            if backups is None:
-                counts["update"] += kernels.update_winners_multi(
-                    params, exp_avgs, exp_avg_sqs, segments, winners, routing.kind_lrs, wds, bc1, bc2, self.cfg.eps,
-                )
-                continue
-            updated, restored = kernels.settle_multi(
-                params, exp_avgs, exp_avg_sqs, backups, segments, routing.presumed, winners, routing.kind_lrs, wds,
-                bc1, bc2, self.cfg.eps,
-            )
-            counts["update"] += updated
-            counts["restore"] += restored
+        counts["update"] += updated
+        counts["restore"] += restored
         self.last_lr_scale = routing.lr_scale
         if self.routing_log is not None and self.routing_log.wants(routing.step):
             self.routing_log.write(self.last_routing)
-
-    def _kind_lrs(self) -> torch.Tensor:
-        """Current lr of each segment kind: the full lr and LoRA lr, times the schedule factor."""
-        scale = self.lr_scale
-        lrs = [self.cfg.lr * scale] * 2 + [self.cfg.lora_lr * scale]
-        return torch.tensor(lrs, dtype=torch.float64)
-
-    def _kind_weight_decays(self) -> list[float]:
-        return [self.cfg.weight_decay, 0.0, self.cfg.lora_weight_decay]
-
-    def _kind_wds_tensor(self) -> torch.Tensor:
-        wds = self._kind_weight_decays()
-        cached = getattr(self, "_wds_cache", None)
-        if cached is None or cached[0] != wds:
-            self._wds_cache = cached = (wds, torch.tensor(wds, dtype=torch.float64))
-        return cached[1]
 
     def _state_of(self, p: torch.Tensor, t: int) -> dict[str, Any]:
         state = self.state[p]
@@ -241,18 +190,6 @@ class MoLFAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["step"] = torch.tensor(float(t))
         return state
-
-    def _route(self, sums: torch.Tensor, took_part: torch.Tensor) -> torch.Tensor:
-        """Global scores from the local sums, then the same top-k on every rank; returns the flat winner mask."""
-        if self.reduce_scores is not None:
-            # The one collective of the step, where it is needed: started earlier, in flight while the plain groups
-            # took their AdamW step, it made the step 5-48 ms slower on CPU (2 gloo ranks, measured).
-            self.reduce_scores(sums)
-            took_part = self.index.sizes.view(-1) > 0  # partitioned grads always exist
-        scores, winners = kernels.route(sums, self.index.sizes, took_part, self.index.n_experts, self.cfg.top_k,
-                                        self.cfg.score)
-        self.last_scores, self.last_winners = scores, winners
-        return winners.view(-1)
 
     # ---- reporting ------------------------------------------------------------------------------
     @property
@@ -263,7 +200,7 @@ class MoLFAdamW(torch.optim.Optimizer):
 
     @property
     def last_routing(self) -> dict[str, Any]:
-        """The routing record of the last step, in the routing-log format of DESIGN.md section 4."""
+        """The routing record of the last step, in the routing-log format (docs/design.md)."""
         names = self.index.expert_names
         modules = {}
         for name, scores, wins in zip(self.index.module_names, self.last_scores.tolist(), self.last_winners.tolist()):

@@ -1,16 +1,7 @@
-"""Element-wise hot path of the MoLF step.
+"""Element-wise passes of the MoLF step, over lists of flat tensors (one call per param group and step).
 
-All functions work in place on flat fp32 tensors of equal size. Segments are given as
-two int64 CPU tensors ``offsets`` and ``lengths`` (sorted, non-overlapping).
-
-- ``moments_and_scores``: m, v update over the whole tensor, then per segment the sum of
-  q = m^2 / (sqrt(v) + eps_s) ("epd") or (m / (sqrt(v) + eps_s))^2 ("pfn"), as a
-  float64 CPU tensor with one value per segment.
-- ``adamw_update_ranges``: decoupled weight decay and the Adam update inside the segments.
-- ``adamw_step``: plain AdamW over the whole tensor.
-
-Multi-tensor forms, one call per param group and step (what MoLFAdamW uses): segments of all tensors
-in one int64 table [S, 5] of rows (tensor, offset, length, cell, kind), see ``SegmentTable``.
+Segments of all tensors of a call are one int64 table [S, 5] of rows (tensor, offset, length, cell, kind), see
+``SegmentTable``. What the passes compute is defined in ``molf_ds.optim.routing``; here they run fast.
 
 - ``moments_and_scores_multi``: moments of every tensor; each row's score sum, times ``scale[kind]``,
   goes into a ``ScoreSums`` (float64 per cell; one host transfer per step on non-CPU devices).
@@ -19,7 +10,6 @@ in one int64 table [S, 5] of rows (tensor, offset, length, cell, kind), see ``Se
   pass where the winners are guessed right: rows of presumed winners are updated inside the scoring pass (their
   old values kept in backups); once the winners are known, wrong guesses are restored and missed winners updated.
 - ``adamw_step_multi``: plain AdamW over every tensor.
-- ``route``: scores per cell from the global sums and the top-k winners per module.
 - ``dropout_zero``: the experts' input dropout on CPU (a counter-based mask, kept elements unscaled).
 
 Backend: the fused C++ kernel for contiguous fp32 CPU tensors (JIT-built once on first
@@ -34,16 +24,16 @@ from types import ModuleType
 
 import torch
 
+from ...config import SCORES
 from . import cpp_impl, torch_impl
 
 __all__ = [
-    "ScoreSums", "SegmentTable", "adamw_step", "adamw_step_multi", "adamw_update_ranges", "backend", "can_speculate",
-    "cpp_enabled", "cpp_unavailable", "dropout_zero", "moments_and_scores", "moments_and_scores_multi",
-    "moments_scores_speculate_multi", "route", "settle_multi", "update_winners_multi",
+    "ScoreSums", "SegmentTable", "adamw_step_multi", "backend", "can_speculate", "cpp_enabled", "cpp_unavailable",
+    "dropout_zero", "moments_and_scores_multi", "moments_scores_speculate_multi", "settle_multi",
+    "update_winners_multi",
 ]
 
 ENV_VAR = "MOLF_DS_KERNEL"
-SCORES = ("epd", "pfn")
 
 
 def _forced_torch() -> bool:
@@ -66,7 +56,8 @@ def cpp_unavailable() -> str | None:
     return None if error is None else f"failed to build ({cpp_impl.cause(error)})"
 
 
-def _impl(*tensors: torch.Tensor) -> ModuleType:
+def _impl(tensors: list[torch.Tensor]) -> ModuleType:
+    """The backend for these tensors: C++ when all are contiguous fp32 on CPU and the kernel runs here."""
     cpu_fp32 = all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
     return cpp_impl if cpu_fp32 and cpp_enabled() else torch_impl
 
@@ -93,7 +84,7 @@ class _ZeroDropped(torch.autograd.Function):
 
 def backend(*tensors: torch.Tensor) -> str:
     """Name of the backend ("cpp" or "torch") that would run on these tensors."""
-    return "cpp" if _impl(*tensors) is cpp_impl else "torch"
+    return "cpp" if _impl(list(tensors)) is cpp_impl else "torch"
 
 
 def _check_score(score: str) -> None:
@@ -101,97 +92,20 @@ def _check_score(score: str) -> None:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
 
 
-def _check_sizes(tensors: tuple[torch.Tensor, ...]) -> None:
-    if any(t.numel() != tensors[0].numel() for t in tensors):
-        raise ValueError(f"tensors differ in size: {[t.numel() for t in tensors]}")
-
-
-def _check_segments(offsets: torch.Tensor, lengths: torch.Tensor, numel: int) -> None:
-    if offsets.dtype != torch.int64 or lengths.dtype != torch.int64 or offsets.shape != lengths.shape:
-        raise ValueError("offsets and lengths must be int64 tensors of the same shape")
-    ends = offsets + lengths
-    if offsets.numel() and not (
-        (lengths >= 0).all() and offsets[0] >= 0 and (offsets[1:] >= ends[:-1]).all() and ends[-1] <= numel
-    ):
-        raise ValueError(f"segments must be sorted, non-overlapping and inside [0, {numel})")
-
-
-def moments_and_scores(
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    beta1: float,
-    beta2: float,
-    offsets: torch.Tensor,
-    lengths: torch.Tensor,
-    score: str,
-    eps_s: float = 1e-8,
-) -> torch.Tensor:
-    _check_score(score)
-    tensors = (grad, exp_avg, exp_avg_sq)
-    _check_sizes(tensors)
-    _check_segments(offsets, lengths, grad.numel())
-    return _impl(*tensors).moments_and_scores(
-        grad, exp_avg, exp_avg_sq, beta1, beta2, offsets, lengths, score, eps_s
-    )
-
-
-def adamw_update_ranges(
-    param: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    offsets: torch.Tensor,
-    lengths: torch.Tensor,
-    lr: float,
-    weight_decay: float,
-    bias_correction1: float,
-    bias_correction2: float,
-    eps: float,
-) -> None:
-    tensors = (param, exp_avg, exp_avg_sq)
-    _check_sizes(tensors)
-    _check_segments(offsets, lengths, param.numel())
-    _impl(*tensors).adamw_update_ranges(
-        param, exp_avg, exp_avg_sq, offsets, lengths,
-        lr, weight_decay, bias_correction1, bias_correction2, eps,
-    )
-
-
-def adamw_step(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    bias_correction1: float,
-    bias_correction2: float,
-) -> None:
-    tensors = (param, grad, exp_avg, exp_avg_sq)
-    _check_sizes(tensors)
-    _impl(*tensors).adamw_step(
-        param, grad, exp_avg, exp_avg_sq,
-        lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2,
-    )
-
-
-# ---- multi-tensor forms ---------------------------------------------------------------------------
-
-
 class SegmentTable:
-    """The segments of a list of flat tensors: rows (tensor, offset, length, cell, kind), checked once here."""
+    """The segments of a list of flat tensors: rows (tensor, offset, length, cell, kind), sorted by (tensor, offset),
+    checked once here; empty rows are dropped."""
 
     def __init__(self, rows: list[tuple[int, int, int, int, int]], numels: list[int]) -> None:
-        rows = sorted(r for r in rows if r[2] > 0)
+        if any(r[2] < 0 for r in rows):
+            raise ValueError(f"segments must not have negative lengths: {[r for r in rows if r[2] < 0]}")
+        rows = [tuple(r) for r in rows if r[2] > 0]
         prev_tensor, prev_end = -1, 0
         for tensor, offset, length, _, _ in rows:
-            if tensor != prev_tensor:
-                prev_end = 0
-            if not 0 <= tensor < len(numels) or offset < prev_end or offset + length > numels[tensor]:
-                raise ValueError(f"segment ({tensor}, {offset}, {length}) overlaps another or lies outside its tensor")
+            in_order = tensor > prev_tensor or (tensor == prev_tensor and offset >= prev_end)
+            if not in_order or not 0 <= tensor < len(numels) or offset < 0 or offset + length > numels[tensor]:
+                raise ValueError(f"segments must be sorted by (tensor, offset), lie inside their tensors and not "
+                                 f"overlap: ({tensor}, {offset}, {length}) does not")
             prev_tensor, prev_end = tensor, offset + length
         self.rows = rows
         self.table = torch.tensor(rows, dtype=torch.int64).view(-1, 5)
@@ -223,13 +137,6 @@ class ScoreSums:
         return self.sums
 
 
-def _impl_of(tensors: list[torch.Tensor]) -> ModuleType:
-    cpu_fp32 = all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-    if cpu_fp32 and not _forced_torch() and cpp_impl.load():
-        return cpp_impl
-    return torch_impl
-
-
 def _check_lists(*lists: list[torch.Tensor]) -> None:
     for tensors in lists[1:]:
         if len(tensors) != len(lists[0]) or any(a.numel() != b.numel() for a, b in zip(tensors, lists[0])):
@@ -258,7 +165,7 @@ def moments_and_scores_multi(
     """m, v of every tensor; out.sums[cell] += (score sum of each row) * scale[kind], in row order."""
     _check_score(score)
     _check_batch(segments, grads, exp_avgs, exp_avg_sqs)
-    impl = _impl_of([*grads, *exp_avgs, *exp_avg_sqs])
+    impl = _impl([*grads, *exp_avgs, *exp_avg_sqs])
     if impl is cpp_impl:
         cpp_impl.moments_and_scores_multi(grads, exp_avgs, exp_avg_sqs, segments.table, scale, out.sums,
                                           out.took_part, beta1, beta2, score, eps_s)
@@ -282,7 +189,7 @@ def update_winners_multi(
 ) -> int:
     """AdamW update (lr and decay of the row's kind) inside every row whose cell won; returns the elements updated."""
     _check_batch(segments, params, exp_avgs, exp_avg_sqs)
-    return _impl_of([*params, *exp_avgs, *exp_avg_sqs]).update_winners_multi(
+    return _impl([*params, *exp_avgs, *exp_avg_sqs]).update_winners_multi(
         params, exp_avgs, exp_avg_sqs, segments.table, winners, lrs, weight_decays,
         bias_correction1, bias_correction2, eps,
     )
@@ -290,7 +197,7 @@ def update_winners_multi(
 
 def can_speculate(tensors: list[torch.Tensor]) -> bool:
     """Whether the one-pass speculative step runs on these tensors (the C++ kernel's: contiguous fp32 on CPU)."""
-    return _impl_of(tensors) is cpp_impl
+    return _impl(tensors) is cpp_impl
 
 
 def moments_scores_speculate_multi(
@@ -359,19 +266,7 @@ def adamw_step_multi(
     bias_correction2: float,
 ) -> None:
     _check_lists(params, grads, exp_avgs, exp_avg_sqs)
-    _impl_of([*params, *grads, *exp_avgs, *exp_avg_sqs]).adamw_step_multi(
+    _impl([*params, *grads, *exp_avgs, *exp_avg_sqs]).adamw_step_multi(
         params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2
     )
 
-
-def route(
-    sums: torch.Tensor, sizes: torch.Tensor, took_part: torch.Tensor, n_experts: int, top_k: int, score: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores [modules, experts] (float64; sums / max(N_e, 1), square-rooted for PFN, -inf where an expert took
-    no part) and the winner mask: per module the top_k scores, ties to the lower index, never a non-participant."""
-    _check_score(score)
-    sums, sizes, took_part = sums.contiguous(), sizes.double().contiguous().view(-1), took_part.contiguous()
-    if sums.numel() != sizes.numel() or sums.numel() != took_part.numel() or sums.numel() % n_experts:
-        raise ValueError("sums, sizes and took_part must hold one value per (module, expert)")
-    impl = cpp_impl if not _forced_torch() and cpp_impl.load() else torch_impl
-    return impl.route(sums, sizes, took_part, n_experts, top_k, score)

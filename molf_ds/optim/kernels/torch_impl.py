@@ -1,4 +1,4 @@
-"""Torch implementation of the MoLF element-wise kernels (any device).
+"""Torch implementation of the MoLF element-wise passes (any device; the scores are `routing.element_scores`).
 
 Segment work is cut into pieces of at most ``CHUNK`` elements and batched so that each
 batch spans at most ``CHUNK`` elements: temporaries stay bounded whatever the tensor
@@ -12,9 +12,12 @@ from collections.abc import Iterator
 
 import torch
 
+from .. import routing
+
 CHUNK = 1 << 20
 
 Piece = tuple[int, int]  # (start, length)
+
 
 
 def _split(offsets: torch.Tensor, lengths: torch.Tensor) -> tuple[list[Piece], list[int]]:
@@ -55,70 +58,14 @@ def _views(t: torch.Tensor, batch: list[Piece]) -> list[torch.Tensor]:
     return [flat[s : s + n] for s, n in batch]
 
 
-def _segment_sum(values: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    lengths = torch.tensor(counts, dtype=torch.int64, device=values.device)
-    return torch.segment_reduce(values, "sum", lengths=lengths, unsafe=True)
-
-
-def _batch_scores(
-    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, batch: list[Piece], score: str, eps_s: float
-) -> torch.Tensor:
-    """Sum of q over each piece of the batch, in float64."""
-    ms = _views(exp_avg, batch)
-    denom = torch._foreach_sqrt(_views(exp_avg_sq, batch))
-    torch._foreach_add_(denom, eps_s)
-    if score == "epd":
-        q = torch._foreach_mul(ms, ms)
-        torch._foreach_div_(q, denom)
-    else:
-        q = torch._foreach_div(ms, denom)
-        torch._foreach_mul_(q, q)
-    flat = (torch.cat(q) if len(q) > 1 else q[0]).double()
-    return _segment_sum(flat, [n for _, n in batch])
-
-
-def update_moments(
+def _update_moments(
     grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, beta1: float, beta2: float
 ) -> None:
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 
 
-def moments_and_scores(
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    beta1: float,
-    beta2: float,
-    offsets: torch.Tensor,
-    lengths: torch.Tensor,
-    score: str,
-    eps_s: float = 1e-8,
-) -> torch.Tensor:
-    return _moments_and_scores(grad, exp_avg, exp_avg_sq, beta1, beta2, offsets, lengths, score, eps_s).cpu()
-
-
-def _moments_and_scores(
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    beta1: float,
-    beta2: float,
-    offsets: torch.Tensor,
-    lengths: torch.Tensor,
-    score: str,
-    eps_s: float,
-) -> torch.Tensor:
-    """moments_and_scores, with the per-segment sums left on the tensors' device (no host sync)."""
-    update_moments(grad, exp_avg, exp_avg_sq, beta1, beta2)
-    pieces, counts = _split(offsets, lengths)
-    if not counts:
-        return exp_avg.new_zeros(0, dtype=torch.float64)
-    sums = [_batch_scores(exp_avg, exp_avg_sq, b, score, eps_s) for b in _batches(pieces)]
-    return _segment_sum(torch.cat(sums), counts)
-
-
-def adamw_update_ranges(
+def _update_ranges(
     param: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
@@ -140,7 +87,7 @@ def adamw_update_ranges(
         torch._foreach_addcdiv_(params, _views(exp_avg, batch), denom, value=-lr / bias_correction1)
 
 
-def adamw_step(
+def _adamw_step(
     param: torch.Tensor,
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
@@ -153,9 +100,9 @@ def adamw_step(
     bias_correction1: float,
     bias_correction2: float,
 ) -> None:
-    update_moments(grad, exp_avg, exp_avg_sq, beta1, beta2)
+    _update_moments(grad, exp_avg, exp_avg_sq, beta1, beta2)
     whole = torch.tensor([0]), torch.tensor([param.numel()])
-    adamw_update_ranges(
+    _update_ranges(
         param, exp_avg, exp_avg_sq, *whole, lr, weight_decay, bias_correction1, bias_correction2, eps
     )
 
@@ -181,20 +128,12 @@ class _TensorPlan:
 
 
 def _planned_scores(grad, exp_avg, exp_avg_sq, beta1, beta2, plan: _TensorPlan, score, eps_s) -> torch.Tensor:
-    update_moments(grad, exp_avg, exp_avg_sq, beta1, beta2)
+    _update_moments(grad, exp_avg, exp_avg_sq, beta1, beta2)
     if plan.empty:
         return exp_avg.new_zeros(0, dtype=torch.float64)
     sums = []
     for batch, lengths in plan.batches:
-        ms = _views(exp_avg, batch)
-        denom = torch._foreach_sqrt(_views(exp_avg_sq, batch))
-        torch._foreach_add_(denom, eps_s)
-        if score == "epd":
-            q = torch._foreach_mul(ms, ms)
-            torch._foreach_div_(q, denom)
-        else:
-            q = torch._foreach_div(ms, denom)
-            torch._foreach_mul_(q, q)
+        q = routing.element_scores(_views(exp_avg, batch), _views(exp_avg_sq, batch), score, eps_s)
         flat = (torch.cat(q) if len(q) > 1 else q[0]).double()
         sums.append(torch.segment_reduce(flat, "sum", lengths=lengths, unsafe=True))
     return torch.segment_reduce(torch.cat(sums), "sum", lengths=plan.counts, unsafe=True)
@@ -245,7 +184,7 @@ def update_winners_multi(
                 lengths.append(length)
                 updated += length
         for kind, (offsets, lengths) in by_kind.items():
-            adamw_update_ranges(p, m, v, torch.tensor(offsets), torch.tensor(lengths), lr[kind], wd[kind],
+            _update_ranges(p, m, v, torch.tensor(offsets), torch.tensor(lengths), lr[kind], wd[kind],
                                 bias_correction1, bias_correction2, eps)
     return updated
 
@@ -264,16 +203,5 @@ def adamw_step_multi(
     bias_correction2: float,
 ) -> None:
     for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
-        adamw_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2)
+        _adamw_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2)
 
-
-def route(
-    sums: torch.Tensor, sizes: torch.Tensor, took_part: torch.Tensor, n_experts: int, top_k: int, score: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (-1, n_experts)
-    per_element = sums.view(shape) / sizes.view(shape).clamp(min=1)
-    scores = per_element if score == "epd" else per_element.sqrt()
-    scores = scores.masked_fill(~took_part.view(shape), -math.inf)
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top_k]
-    winners = torch.zeros(scores.shape, dtype=torch.bool).scatter_(1, order, True) & took_part.view(shape)
-    return scores, winners

@@ -1,0 +1,143 @@
+"""The MoLF routing rule, in one place (docs/design.md, "The algorithm").
+
+Every expert of every MoLF module keeps exact Adam moments. Each step, per module:
+
+1. each expert's score comes from its updated, not bias-corrected moments m and v: the mean over its N_e elements
+   of q = m^2 / (sqrt(v) + eps_s) times the expert's lr (EPD), or the square root of the mean of
+   q = (m / (sqrt(v) + eps_s))^2 (PFN);
+2. the top_k scores win, ties to the lower expert index; an expert that took no part (no gradient) never wins;
+3. only the winners take the AdamW update (decoupled weight decay first), each segment with its kind's lr and decay.
+
+The element-wise passes of steps 1 and 3 run in `kernels` over flat tensors whose segments `layout.py` maps to
+(module, expert) cells: torch, or the fused C++ CPU kernel, whose `score()` is `element_scores` below. Everything
+else (normalisation, top-k, which rows update) is defined here, once, for both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..config import MoLFConfig
+from . import kernels
+
+SCORE_EPS = 1e-8  # eps_s
+ScoreReducer = Callable[[Tensor], None]  # in-place SUM of the score table over data-parallel ranks
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a segment of an expert is, and which MoLFConfig fields give its lr and weight decay."""
+
+    name: str
+    lr: str
+    weight_decay: str | None  # None: never decayed
+
+
+KINDS = (
+    Kind("full", lr="lr", weight_decay="weight_decay"),  # the base weight: the FFT expert
+    Kind("full_bias", lr="lr", weight_decay=None),  # its bias, part of the FFT expert
+    Kind("lora", lr="lora_lr", weight_decay="lora_weight_decay"),  # LoRA A and B
+)
+FULL, FULL_BIAS, LORA = range(len(KINDS))
+
+
+def kind_lrs(cfg: MoLFConfig, lr_scale: float) -> Tensor:
+    """Each kind's lr at this step (the schedule's factor applied), float64."""
+    return torch.tensor([getattr(cfg, kind.lr) * lr_scale for kind in KINDS], dtype=torch.float64)
+
+
+def kind_weight_decays(cfg: MoLFConfig) -> Tensor:
+    return torch.tensor([getattr(cfg, kind.weight_decay) if kind.weight_decay else 0.0 for kind in KINDS],
+                        dtype=torch.float64)
+
+
+def element_scores(ms: list[Tensor], vs: list[Tensor], score: str, eps_s: float = SCORE_EPS) -> list[Tensor]:
+    """q of every element of the tensors `ms` (m) and `vs` (v), before summing (step 1)."""
+    denom = torch._foreach_sqrt(vs)
+    torch._foreach_add_(denom, eps_s)
+    if score == "epd":
+        q = torch._foreach_mul(ms, ms)
+        torch._foreach_div_(q, denom)
+    else:
+        q = torch._foreach_div(ms, denom)
+        torch._foreach_mul_(q, q)
+    return q
+
+
+def module_scores(sums: Tensor, sizes: Tensor, took_part: Tensor, score: str) -> Tensor:
+    """Scores [modules, experts] (float64) from the score sums of the whole model (step 1's normalisation);
+    -inf where an expert took no part. For EPD the sums already carry each kind's lr."""
+    per_element = sums.view(sizes.shape) / sizes.double().clamp(min=1)
+    scores = per_element if score == "epd" else per_element.sqrt()
+    return scores.masked_fill(~took_part.view(sizes.shape), -torch.inf)
+
+
+def top_k(scores: Tensor, took_part: Tensor, k: int) -> Tensor:
+    """Winner mask [modules, experts] (step 2): per module the k highest scores, ties to the lower expert index
+    (a stable descending sort), never an expert that took no part."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.zeros(scores.shape, dtype=torch.bool).scatter_(1, order, True) & took_part.view(scores.shape)
+
+
+class StepRouting:
+    """One optimizer step's routing: `score` once per step() call that carries experts (DeepSpeed may split a step
+    into several), then `route` once every expert's sums are in, then `update` the winners.
+
+    With `presumed` winners (speculative_update: last step's), `score` also updates their rows in the same pass,
+    keeping the old values in `backups`; `update` then restores wrong guesses and updates missed winners. The
+    result is bit for bit the two-pass step's."""
+
+    def __init__(self, step: int, cfg: MoLFConfig, n_cells: int, lr_scale: float, presumed: Tensor | None) -> None:
+        self.step, self.cfg, self.lr_scale, self.presumed = step, cfg, lr_scale, presumed
+        self.lrs, self.weight_decays = kind_lrs(cfg, lr_scale), kind_weight_decays(cfg)
+        self.scale = self.lrs if cfg.score == "epd" else torch.ones_like(self.lrs)  # factor of each kind's sums
+        self.sums = kernels.ScoreSums(n_cells)
+        self.batches: list[tuple[list[Tensor], list[Tensor], list[Tensor], kernels.SegmentTable,
+                                 list[Tensor] | None]] = []
+
+    def bias_corrections(self) -> tuple[float, float]:
+        beta1, beta2 = self.cfg.betas
+        return 1 - beta1**self.step, 1 - beta2**self.step
+
+    def score(self, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+              segments: kernels.SegmentTable, backups: list[Tensor] | None) -> int:
+        """Step 1 on one call's tensors: moments of every element, score sums per cell (plus the presumed winners'
+        update when `backups` are given). Returns the elements updated speculatively."""
+        beta1, beta2 = self.cfg.betas
+        self.batches.append((params, exp_avgs, exp_avg_sqs, segments, backups))
+        if backups is None:
+            kernels.moments_and_scores_multi(grads, exp_avgs, exp_avg_sqs, segments, self.scale, self.sums, beta1,
+                                             beta2, self.cfg.score, SCORE_EPS)
+            return 0
+        return kernels.moments_scores_speculate_multi(
+            params, grads, exp_avgs, exp_avg_sqs, backups, segments, self.scale, self.sums, self.presumed, self.lrs,
+            self.weight_decays, beta1, beta2, *self.bias_corrections(), self.cfg.eps, self.cfg.score, SCORE_EPS)
+
+    def route(self, sizes: Tensor, reduce: ScoreReducer | None) -> tuple[Tensor, Tensor]:
+        """Steps 1-2 over the whole model: (scores, winners), both [modules, experts]. With `reduce`, this rank's
+        sums are summed over the data-parallel ranks first (each holds a partition of every expert), so every rank
+        takes the same decision."""
+        sums, took_part = self.sums.totals(), self.sums.took_part
+        if reduce is not None:
+            reduce(sums)
+            took_part = sizes.view(-1) > 0  # partitioned gradients always exist
+        scores = module_scores(sums, sizes, took_part, self.cfg.score)
+        return scores, top_k(scores, took_part, self.cfg.top_k)
+
+    def update(self, winners: Tensor) -> tuple[int, int]:
+        """Step 3: the AdamW update of every row whose cell won. Returns (elements updated, elements restored)."""
+        flat = winners.reshape(-1).contiguous()
+        bc1, bc2 = self.bias_corrections()
+        updated = restored = 0
+        for params, exp_avgs, exp_avg_sqs, segments, backups in self.batches:
+            if backups is None:
+                updated += kernels.update_winners_multi(params, exp_avgs, exp_avg_sqs, segments, flat, self.lrs,
+                                                        self.weight_decays, bc1, bc2, self.cfg.eps)
+                continue
+            done, undone = kernels.settle_multi(params, exp_avgs, exp_avg_sqs, backups, segments, self.presumed, flat,
+                                                self.lrs, self.weight_decays, bc1, bc2, self.cfg.eps)
+            updated, restored = updated + done, restored + undone
+        return updated, restored
