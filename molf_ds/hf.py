@@ -19,10 +19,9 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import MoLFConfig
-from .optim import MoLFAdamW, build_optimizer
-from .wrapping import molf_modules, wrap_model
+from .optim import MoLFAdamW
+from .zero import attach, prepare
 from .zero.ds_config import prepare_ds_config
-from .zero.engine import attach, zero3_construction
 
 
 class _AttachToDeepSpeed(TrainerCallback):
@@ -33,7 +32,7 @@ class _AttachToDeepSpeed(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self.trainer
-        if trainer.is_deepspeed_enabled and trainer.molf_optimizer.paused:
+        if trainer.is_deepspeed_enabled and trainer.molf_optimizer.router is None:
             attach(trainer.deepspeed.optimizer, trainer.molf_optimizer)
 
 
@@ -48,29 +47,23 @@ class MoLFTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         self.molf_config = molf_config or MoLFConfig(lr=args.learning_rate, lora_lr=args.learning_rate)
-        self.routing_log_path = routing_log
-        self.molf_optimizer: MoLFAdamW | None = None
         hf_ds = getattr(args, "hf_deepspeed_config", None)
         if hf_ds is not None:
             hf_ds.config.update(prepare_ds_config(hf_ds.config, allow_auto=True))
-        if not molf_modules(model):
-            with zero3_construction(model, hf_ds.config if hf_ds is not None else {}):
-                wrap_model(model, self.molf_config)
+        self.molf_optimizer: MoLFAdamW = prepare(model, self.molf_config, routing_log,
+                                                 hf_ds.config if hf_ds is not None else None)
         super().__init__(model=model, args=args, **kwargs)
         self.add_callback(_AttachToDeepSpeed(self))
 
     def create_optimizer(self, model: nn.Module | None = None):
         if self.optimizer is None:
-            self.molf_optimizer = build_optimizer(self.model, self.molf_config, self.routing_log_path)
-            self.molf_optimizer.paused = self.is_deepspeed_enabled  # until attached to the engine
             self.optimizer = self.molf_optimizer
         return self.optimizer
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if self.molf_optimizer is not None and self.molf_optimizer.last_winners is not None:
+        if self.molf_optimizer.last_winners is not None:
             logs.update({f"routing/{e}": s for e, s in self.molf_optimizer.routing_shares().items()})
         super().log(logs, *args, **kwargs)
-
 
 
 def accelerate_prepare(
@@ -83,11 +76,7 @@ def accelerate_prepare(
     ds = plugin.deepspeed_config if plugin is not None else None
     if ds is not None:
         ds.update(prepare_ds_config(ds, allow_auto=True))
-    if not molf_modules(model):
-        with zero3_construction(model, ds or {}):
-            wrap_model(model, molf_config)
-    optimizer = build_optimizer(model, molf_config, routing_log)
-    optimizer.paused = ds is not None
+    optimizer = prepare(model, molf_config, routing_log, ds)
     prepared = accelerator.prepare(model, optimizer, *objects)
     if ds is not None:
         attach(prepared[0].optimizer, optimizer)

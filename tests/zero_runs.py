@@ -62,8 +62,8 @@ def deepspeed_worker(rank: int, world: int, model_dir: str, molf: dict, runs: di
         engine, *_ = molf_ds.initialize(model, cfg, run["ds"], routing_log=log)
         del zero3_loading
         optimizer = engine.basic_optimizer
-        cells = sorted({c for layout in optimizer.layouts.layouts.values() for c in layout.cells.tolist()}) \
-            if hasattr(optimizer.layouts, "layouts") else None
+        cells = sorted({c for layout in optimizer.router.layouts.layouts.values() for c in layout.cells.tolist()}) \
+            if hasattr(optimizer.router.layouts, "layouts") else None
         record: dict[str, Any] = {"winners": [], "scores": [], "losses": [], "collectives": [], "cells": cells,
                                   "built_partitioned": partitioned, "step_elements": []}
         for step, ids in enumerate(batches):

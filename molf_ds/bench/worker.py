@@ -166,7 +166,7 @@ def _isolated_steppers(engine: Any, repeats: int) -> dict[str, Callable[[], None
                     basic.param_groups[g]["params"] = [flat]
                     basic.step()
                     basic.param_groups[g]["params"] = []
-                if getattr(basic, "defer_routing", False):
+                if getattr(getattr(basic, "router", None), "deferred", False):
                     basic.finish_routing()
             else:
                 basic.step()

@@ -1,5 +1,6 @@
-"""DeepSpeed integration: `initialize`, the layouts of DeepSpeed's flat tensors, checkpoints."""
+"""DeepSpeed integration: `initialize` and `prepare`, one adapter per DeepSpeed optimizer wrapper, checkpoints."""
+from .adapters import attach
 from .checkpoint import load_checkpoint, save_checkpoint
-from .engine import initialize
+from .engine import initialize, prepare
 
-__all__ = ["initialize", "load_checkpoint", "save_checkpoint"]
+__all__ = ["attach", "initialize", "load_checkpoint", "prepare", "save_checkpoint"]
