@@ -20,12 +20,12 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import deepspeed
 import torch
 
-from molf_ds.optim.kernels import cpp_impl, torch_impl
+from molf_ds.optim import kernels
+from molf_ds.optim.kernels import cpp_impl
 
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-8, 0.01
 SEGMENT = 1 << 20
@@ -69,15 +69,29 @@ def _manual(numel: int, update: Callable[..., None]) -> Step:
     return step
 
 
-def _molf(impl: ModuleType, numel: int, winners: bool) -> Step:
-    """moments_and_scores over ~1M-element segments, then the update of all (or no) segments."""
-    offsets = torch.arange(0, numel, SEGMENT, dtype=torch.int64)
-    lengths = (numel - offsets).clamp(max=SEGMENT)
-    won = slice(None) if winners else slice(0)
+def _table(numel: int) -> kernels.SegmentTable:
+    """One cell per ~1M-element segment of the parameter."""
+    offsets = range(0, numel, SEGMENT)
+    return kernels.SegmentTable([(0, o, min(SEGMENT, numel - o), cell, 0) for cell, o in enumerate(offsets)], [numel])
+
+
+LRS, WDS, SCALE = (torch.tensor([x], dtype=torch.float64) for x in (LR, WD, 1.0))
+
+
+def _on(backend: str) -> None:
+    os.environ[kernels.ENV_VAR] = backend  # read by every kernel call: "auto" (C++ here) or "torch"
+
+
+def _molf(backend: str, numel: int, winners: bool) -> Step:
+    """The two-pass step: moments and scores, then the update of all (or no) segments."""
+    table = _table(numel)
+    cells = len(table.rows)
+    won = torch.full((cells,), winners)
 
     def update(p, m, v, bc1: float, bc2: float) -> None:
-        impl.moments_and_scores(p.grad, m, v, *BETAS, offsets, lengths, "epd")
-        impl.adamw_update_ranges(p, m, v, offsets[won], lengths[won], LR, WD, bc1, bc2, EPS)
+        _on(backend)
+        kernels.moments_and_scores_multi([p.grad], [m], [v], table, SCALE, kernels.ScoreSums(cells), *BETAS, "epd")
+        kernels.update_winners_multi([p], [m], [v], table, won, LRS, WDS, bc1, bc2, EPS)
 
     return _manual(numel, update)
 
@@ -85,28 +99,25 @@ def _molf(impl: ModuleType, numel: int, winners: bool) -> Step:
 def _molf_speculative(numel: int) -> Step:
     """The one-pass step with every guess right: moments, scores and the update of every segment, old weights into
     a backup (`speculative_update`); settle_multi then has nothing to do."""
-    from molf_ds.optim import kernels
-
-    offsets = range(0, numel, SEGMENT)
-    table = kernels.SegmentTable([(0, o, min(SEGMENT, numel - o), cell, 0) for cell, o in enumerate(offsets)],
-                                 [numel])
+    table = _table(numel)
     cells = len(table.rows)
     everywhere = torch.ones(cells, dtype=torch.bool)
-    lrs, wds, scale = (torch.tensor([x], dtype=torch.float64) for x in (LR, WD, 1.0))
     backup = torch.empty(numel)
 
     def update(p, m, v, bc1: float, bc2: float) -> None:
+        _on("auto")
         sums = kernels.ScoreSums(cells)
-        kernels.moments_scores_speculate_multi([p], [p.grad], [m], [v], [backup], table, scale, sums, everywhere, lrs,
-                                               wds, *BETAS, bc1, bc2, EPS, "epd")
-        kernels.settle_multi([p], [m], [v], [backup], table, everywhere, everywhere, lrs, wds, bc1, bc2, EPS)
+        kernels.moments_scores_speculate_multi([p], [p.grad], [m], [v], [backup], table, SCALE, sums, everywhere, LRS,
+                                               WDS, *BETAS, bc1, bc2, EPS, "epd")
+        kernels.settle_multi([p], [m], [v], [backup], table, everywhere, everywhere, LRS, WDS, bc1, bc2, EPS)
 
     return _manual(numel, update)
 
 
 def _cpp_adamw_step(numel: int) -> Step:
     def update(p, m, v, bc1: float, bc2: float) -> None:
-        cpp_impl.adamw_step(p, p.grad, m, v, LR, *BETAS, EPS, WD, bc1, bc2)
+        _on("auto")
+        kernels.adamw_step_multi([p], [p.grad], [m], [v], LR, *BETAS, EPS, WD, bc1, bc2)
 
     return _manual(numel, update)
 
@@ -117,10 +128,10 @@ def _methods(numel: int) -> dict[str, tuple[Callable[[], Step], int]]:
         "deepspeed_cpu_adam": (lambda: _deepspeed(numel), BYTES_FULL),
         "torch_adamw_fused": (lambda: _torch_adamw(numel, fused=True), BYTES_FULL),
         "torch_adamw_foreach": (lambda: _torch_adamw(numel, foreach=True), BYTES_FULL),
-        "molf_cpp_all_winners": (lambda: _molf(cpp_impl, numel, True), BYTES_SCORE + BYTES_UPDATE),
-        "molf_cpp_no_winner": (lambda: _molf(cpp_impl, numel, False), BYTES_SCORE),
+        "molf_cpp_all_winners": (lambda: _molf("auto", numel, True), BYTES_SCORE + BYTES_UPDATE),
+        "molf_cpp_no_winner": (lambda: _molf("auto", numel, False), BYTES_SCORE),
         "molf_cpp_speculative": (lambda: _molf_speculative(numel), BYTES_SPECULATIVE),
-        "molf_torch_all_winners": (lambda: _molf(torch_impl, numel, True), BYTES_SCORE + BYTES_UPDATE),
+        "molf_torch_all_winners": (lambda: _molf("torch", numel, True), BYTES_SCORE + BYTES_UPDATE),
         "molf_cpp_adamw_step": (lambda: _cpp_adamw_step(numel), BYTES_FULL),
     }
 

@@ -62,7 +62,7 @@ def deepspeed_worker(rank: int, world: int, model_dir: str, molf: dict, runs: di
         engine, *_ = molf_ds.initialize(model, cfg, run["ds"], routing_log=log)
         del zero3_loading
         optimizer = engine.basic_optimizer
-        cells = sorted({c for layout in optimizer.router.layouts.layouts.values() for c in layout.cells.tolist()}) \
+        cells = sorted({s[2] for layout in optimizer.router.layouts.layouts.values() for s in layout.segments}) \
             if hasattr(optimizer.router.layouts, "layouts") else None
         record: dict[str, Any] = {"winners": [], "scores": [], "losses": [], "collectives": [], "cells": cells,
                                   "built_partitioned": partitioned, "step_elements": []}

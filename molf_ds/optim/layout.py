@@ -18,12 +18,10 @@ from .routing import FULL, FULL_BIAS, LORA
 
 
 class Layout:
-    """Segments of one flat tensor: offsets (sorted, non-overlapping), lengths, cells and kinds."""
+    """The segments (offset, length, cell, kind) of one flat tensor, sorted by offset; empty ones dropped."""
 
     def __init__(self, segments: list[tuple[int, int, int, int]]) -> None:
         self.segments = sorted(s for s in segments if s[1] > 0)
-        columns = list(zip(*self.segments)) if self.segments else [(), (), (), ()]
-        self.offsets, self.lengths, self.cells, self.kinds = (torch.tensor(c, dtype=torch.long) for c in columns)
 
 
 class LayoutSource(Protocol):

@@ -229,17 +229,11 @@ class MoLFAdamW(torch.optim.Optimizer):
                 for kind, rows in self.index.modules_by_type.items()}
 
     # ---- checkpoints ----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["molf"] = {"step": self.molf_step}
-        return state
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        molf = state_dict.pop("molf", None)
+        """The step counter comes back from the per-tensor `step` (DeepSpeed's ZeRO wrappers restore that state
+        without calling this: `molf_ds.load_checkpoint` restores the counter from the engine's client state)."""
         super().load_state_dict(state_dict)
-        steps = [int(s["step"]) for s in self.state.values() if "step" in s]
-        self.molf_step = molf["step"] if molf else max(steps, default=0)
+        self.molf_step = max((int(s["step"]) for s in self.state.values() if "step" in s), default=0)
 
 
 def check_speculative_update(cfg: MoLFConfig) -> None:
