@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from demo_runs import ZERO2, write_demo_run
+from helpers.demo_runs import ZERO2, write_demo_run
 from molf_ds.compare import RunResult, gap_percent, summarise, write_report
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from distributed import spawn
+from helpers.distributed import spawn
 from molf_ds.train.data import TASKS, open_table, rows
 from molf_ds.train.demo import build_model, build_tokenizer, counterfact_records
 from molf_ds.train.evaluate import evaluate, greedy, greedy_batch, normalise_sql, sql_match

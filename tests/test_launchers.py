@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from demo_runs import REPO, ZERO2, write_demo_run
-from distributed import free_port
+from helpers.demo_runs import REPO, ZERO2, write_demo_run
+from helpers.distributed import free_port
 
 STEPS = 3
 

@@ -8,7 +8,7 @@ import pytest
 
 import molf_ds
 from molf_ds.plot_routing import read_log
-from tiny_models import token_batches
+from helpers.tiny_models import token_batches
 
 
 @pytest.mark.parametrize("variant", ["molf", "molf-e"])

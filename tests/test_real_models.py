@@ -16,7 +16,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import molf_ds
-from demo_runs import ZERO2
+from helpers.demo_runs import ZERO2
 from molf_ds import pretrained
 from molf_ds.train.known_facts import counterfact_records
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from demo_runs import REPO, ZERO2, write_demo_run
+from helpers.demo_runs import REPO, ZERO2, write_demo_run
 from molf_ds import sources
 from molf_ds.sources import SourceError, check_dataset, check_model, check_tokenizer
 

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 import molf_ds
 from molf_ds.zero.ds_config import check_deepspeed_version, prepare_ds_config
-from distributed import spawn
-from tiny_models import token_batches
+from helpers.distributed import spawn
+from helpers.tiny_models import token_batches
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma3"])
