@@ -10,8 +10,8 @@ import torch
 import molf_ds
 from molf_ds.optim import kernels
 from molf_ds.optim.kernels import cpp_impl
+from helpers.kernel_cases import BETAS, KIND_LRS, KIND_WDS, N_CELLS, NUMELS, ROWS, _clone, _tensors
 from helpers.tiny_models import token_batches
-from test_kernels_multi import BETAS, KIND_LRS, KIND_WDS, N_CELLS, NUMELS, ROWS, _clone, _tensors
 
 EPS = 1e-8
 
