@@ -15,6 +15,8 @@ from helpers.distributed import free_port
 from helpers.tiny_models import token_batches
 from helpers.zero_runs import MOLF, reference_run
 
+pytestmark = pytest.mark.slow  # `accelerate launch`, 2 processes per preset
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 

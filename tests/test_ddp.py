@@ -18,6 +18,8 @@ import torch.multiprocessing as mp
 
 from helpers.tiny_models import token_batches
 
+pytestmark = pytest.mark.slow  # 2 processes (torch.multiprocessing)
+
 molf_ds = pytest.importorskip("molf_ds")
 
 WORLD = 2

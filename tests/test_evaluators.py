@@ -190,6 +190,7 @@ def _row(record):
     return Row("mem", 1, record)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_zero3_evaluation_with_unequal_rank_shares_does_not_hang(tmp_path, tiny):
     model, tokenizer, records = tiny

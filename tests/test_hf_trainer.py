@@ -12,6 +12,8 @@ from helpers.distributed import spawn
 from helpers.tiny_models import token_batches
 from helpers.zero_runs import MOLF, load, reference_run
 
+pytestmark = pytest.mark.slow  # the HF Trainer on 2 spawned ranks
+
 STEPS, PER_DEVICE = 3, 2
 DS_AUTO = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}

@@ -17,6 +17,8 @@ import torch
 from helpers.demo_runs import REPO, ZERO2, write_demo_run
 from helpers.distributed import free_port
 
+pytestmark = pytest.mark.slow  # torchrun, the deepspeed launcher, two nodes, mpirun
+
 STEPS = 3
 
 

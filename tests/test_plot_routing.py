@@ -10,6 +10,8 @@ import molf_ds
 from molf_ds.plot_routing import read_log
 from helpers.tiny_models import token_batches
 
+pytestmark = pytest.mark.slow  # every test runs `molf-ds plot-routing` in a subprocess
+
 
 @pytest.mark.parametrize("variant", ["molf", "molf-e"])
 def test_plot_routing_from_a_training_log(tiny, tmp_path, variant):

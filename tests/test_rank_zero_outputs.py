@@ -13,6 +13,8 @@ import pytest
 from helpers.demo_runs import REPO
 from helpers.distributed import free_port
 
+pytestmark = pytest.mark.slow  # torchrun, 2 ranks
+
 STEPS = 4
 
 

@@ -333,6 +333,7 @@ def test_last_routing_is_a_snapshot(tiny):
         assert opt.last_routing == right_after, (t, opt.last_routing["lr_scale"], right_after["lr_scale"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["molf-epd-1", "molf-e-pfn-2"])
 def test_matches_reference_torch_kernel(case):
     """The same equivalence on the torch kernel backend (`MOLF_DS_KERNEL=torch`, the GPU path), in a child

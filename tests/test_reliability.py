@@ -21,6 +21,8 @@ from helpers.demo_runs import REPO, ZERO2, write_demo_run
 from helpers.distributed import needs_fp16
 from molf_ds.train.checkpoints import COMPLETE, to_universal
 
+pytestmark = pytest.mark.slow  # torchrun, 2 ranks, faults injected
+
 FAULTS = Path(__file__).resolve().parent / "scripts" / "faults.py"
 STEPS = 8
 

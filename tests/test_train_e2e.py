@@ -20,6 +20,8 @@ from helpers.demo_runs import ZERO2, write_demo_run
 from helpers.distributed import spawn
 from molf_ds.train.checkpoints import COMPLETE
 
+pytestmark = pytest.mark.slow  # torchrun and spawned ranks on the demo task
+
 STEPS = 8
 
 

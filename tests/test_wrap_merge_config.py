@@ -168,6 +168,7 @@ def _initialize_a_pipeline_module(rank: int, world: int, out: str) -> None:
         Path(out).write_text(str(error))
 
 
+@pytest.mark.slow
 def test_pipeline_module_is_refused_at_initialize(tmp_path):
     out = tmp_path / "error.txt"
     spawn(_initialize_a_pipeline_module, 1, str(out))

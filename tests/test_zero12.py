@@ -13,6 +13,7 @@ from molf_ds.zero.ds_config import prepare_ds_config
 from helpers.tiny_models import token_batches
 from helpers.zero_runs import GLOBAL_BATCH, MOLF, SEQ, STEPS, assert_reproduces, deepspeed_worker, reference_run
 
+pytestmark = pytest.mark.slow  # DeepSpeed ZeRO-0/1/2 on 2 spawned ranks
 
 
 def ds_config(stage: int, offload: bool = False, zero_extra: dict | None = None, **extra) -> dict:

@@ -16,6 +16,8 @@ from molf_ds.zero.ds_config import prepare_ds_config
 from helpers.tiny_models import token_batches
 from helpers.zero_runs import GLOBAL_BATCH, MOLF, SEQ, STEPS, assert_reproduces, deepspeed_worker, reference_run
 
+pytestmark = pytest.mark.slow  # DeepSpeed ZeRO-3 on 2 spawned ranks
+
 CLIP = 0.05  # small enough that clipping acts at every step
 
 
