@@ -6,10 +6,10 @@ import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent))  # tests/: `helpers.*` imports whatever pytest's --import-mode
 torch.set_num_threads(1)
 
-from tiny_models import tiny_model  # noqa: E402
+from helpers.tiny_models import tiny_model  # noqa: E402
 
 
 @pytest.fixture(params=["qwen2", "llama"])

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed import free_port
-from tiny_models import token_batches
-from zero_runs import MOLF, reference_run
+from helpers.distributed import free_port
+from helpers.tiny_models import token_batches
+from helpers.zero_runs import MOLF, reference_run
+
+pytestmark = pytest.mark.slow  # `accelerate launch`, 2 processes per preset
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -21,7 +23,7 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from tiny_models import tiny_model
+    from helpers.tiny_models import tiny_model
 
     path = tmp_path_factory.mktemp("accelerate") / "model"
     tiny_model("qwen2", path, seed=1, num_hidden_layers=3)
@@ -44,8 +46,8 @@ def test_accelerate_launch_preset(model_dir, tmp_path, preset):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'tests'}:{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(preset_file),
            "--main_process_port", str(free_port()), "--gradient_accumulation_steps", "1",
-           str(ROOT / "tests" / "accelerate_script.py"), "--model", str(model_dir), "--routing-log", str(log),
-           "--steps", str(STEPS)]
+           str(ROOT / "tests" / "scripts" / "accelerate_script.py"), "--model", str(model_dir),
+           "--routing-log", str(log), "--steps", str(STEPS)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     reference = reference_run(model_dir, MOLF, token_batches(STEPS, 2, 16, seed=2), clip=ds["gradient_clipping"])

@@ -1,6 +1,6 @@
 """One MoLFLinear, two optimizer steps, everything checked against values computed
 here by hand from the formulas of DESIGN.md section 1 (float64, explicit gradients of
-L = 0.5 * sum(y^2)); independent of tests/reference_molf.py.
+L = 0.5 * sum(y^2)); independent of tests/helpers/reference_molf.py.
 
 y = W x + b + s * B A x,  dL/dy = y:
   dW = Y^T X,  db = sum_rows Y,  dB = s * Y^T (X A^T),  dA = s * (Y B)^T X

@@ -32,6 +32,7 @@ def bench_run(tmp_path_factory):
     return out, json.loads((out / "bench.json").read_text())
 
 
+@pytest.mark.slow
 def test_files_and_keys(bench_run):
     out, result = bench_run
     assert {"settings", "world", "machine", "rows", "command"} <= result.keys()
@@ -51,6 +52,7 @@ def test_files_and_keys(bench_run):
         assert (out / png).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_huge_pages(bench_run):
     """Every rank allocates its big CPU tensors on transparent huge pages (the default), where the kernel offers
     them."""
@@ -62,6 +64,7 @@ def test_huge_pages(bench_run):
     assert all(row["huge_page_mib"] > 0 for row in result["rows"])
 
 
+@pytest.mark.slow
 def test_ratios(bench_run):
     rows = {r["method"]: r for r in bench_run[1]["rows"]}
     for method, row in rows.items():
@@ -82,6 +85,7 @@ def test_ratios(bench_run):
     assert "x FFT" in text and "x best AdamW" in text
 
 
+@pytest.mark.slow
 def test_routing_recorded(bench_run):
     rows = {r["method"]: r for r in bench_run[1]["rows"]}
     assert set(rows["molf"]["routing_shares"]) == {"full", "lora0"}
@@ -90,6 +94,7 @@ def test_routing_recorded(bench_run):
     assert "routing_shares" not in rows["fft"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("molf, baseline", [("molf", "fft"), ("molf-e", "lora")])
 def test_exactly_one_more_all_reduce(bench_run, molf, baseline):
     """Same stage, same param grouping (fft takes MoLF's three groups; lora and molf-e have one): routing adds

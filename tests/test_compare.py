@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from demo_runs import ZERO2, write_demo_run
+from helpers.demo_runs import ZERO2, write_demo_run
 from molf_ds.compare import RunResult, gap_percent, summarise, write_report
 
 
@@ -54,6 +54,7 @@ def compared(tmp_path_factory):
     return root / "cmp", code, args
 
 
+@pytest.mark.slow
 def test_compare_end_to_end(compared):
     out, code, _ = compared
     assert code == 0, (out / "logs").iterdir() and [p.read_text()[-3000:] for p in (out / "logs").iterdir()]
@@ -83,6 +84,7 @@ def test_compare_end_to_end(compared):
     assert "molf: n/a" in md  # no fft / lora to compare with
 
 
+@pytest.mark.slow
 def test_reuse_reports_the_runs_wall_time_and_command(compared):
     from molf_ds.cli import main
 

@@ -138,6 +138,7 @@ def test_contradictions_and_missing_files_name_the_key(base, changes, word):
     _fails_on(raw, root, word)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,key", [("deepspeed.zero_optimization.stage=two", "stage"),
                                           ("deepspeed.zero_optimization.offload_param.device=cpu", "offload_param")])
 def test_cli_prints_one_line_and_exits_2_before_any_process_group(base, override, key):

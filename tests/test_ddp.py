@@ -16,7 +16,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tiny_models import token_batches
+from helpers.tiny_models import token_batches
+
+pytestmark = pytest.mark.slow  # 2 processes (torch.multiprocessing)
 
 molf_ds = pytest.importorskip("molf_ds")
 

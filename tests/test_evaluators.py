@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from distributed import spawn
+from helpers.distributed import spawn
 from molf_ds.train.data import TASKS, open_table, rows
 from molf_ds.train.demo import build_model, build_tokenizer, counterfact_records
 from molf_ds.train.evaluate import evaluate, greedy, greedy_batch, normalise_sql, sql_match
@@ -190,6 +190,7 @@ def _row(record):
     return Row("mem", 1, record)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_zero3_evaluation_with_unequal_rank_shares_does_not_hang(tmp_path, tiny):
     model, tokenizer, records = tiny

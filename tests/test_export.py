@@ -10,7 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import molf_ds
-from tiny_models import token_batches
+from helpers.tiny_models import token_batches
 
 
 def _trained(model, cfg, steps=3):

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed import spawn
-from tiny_models import token_batches
-from zero_runs import MOLF, load, reference_run
+from helpers.distributed import spawn
+from helpers.tiny_models import token_batches
+from helpers.zero_runs import MOLF, load, reference_run
+
+pytestmark = pytest.mark.slow  # the HF Trainer on 2 spawned ranks
 
 STEPS, PER_DEVICE = 3, 2
 DS_AUTO = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
@@ -43,7 +45,7 @@ def _trainer_worker(rank: int, world: int, model_dir: str, stage: int, samples: 
 
 @pytest.fixture(scope="module")
 def hf_runs(tmp_path_factory):
-    from tiny_models import tiny_model
+    from helpers.tiny_models import tiny_model
 
     root = tmp_path_factory.mktemp("hf")
     tiny_model("qwen2", root / "model", seed=1, num_hidden_layers=3)

@@ -214,6 +214,7 @@ def _broken_compiler_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**env, "CXX": "false", "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"), **extra}
 
 
+@pytest.mark.slow
 def test_broken_compiler_warns_once_with_cause_and_cost(tmp_path: Path) -> None:
     code = ("import torch; from molf_ds.optim import kernels; x = torch.zeros(4); "
             "print(kernels.backend(x), kernels.backend(x), kernels.cpp_enabled())")
@@ -227,6 +228,7 @@ def test_broken_compiler_warns_once_with_cause_and_cost(tmp_path: Path) -> None:
     assert "5x slower" in warned[0] and "MOLF_DS_KERNEL=torch" in warned[0]
 
 
+@pytest.mark.slow
 def test_broken_compiler_fails_the_test_command(tmp_path: Path) -> None:
     """launch/test.sh exports MOLF_DS_REQUIRE_CPP_KERNEL=1: the C++ tests then fail instead of skipping."""
     assert f"{cpp_impl.REQUIRE_ENV}=1" in (REPO / "launch" / "test.sh").read_text()

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from demo_runs import REPO, ZERO2, write_demo_run
-from distributed import free_port
+from helpers.demo_runs import REPO, ZERO2, write_demo_run
+from helpers.distributed import free_port
+
+pytestmark = pytest.mark.slow  # torchrun, the deepspeed launcher, two nodes, mpirun
 
 STEPS = 3
 

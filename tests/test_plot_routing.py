@@ -8,7 +8,9 @@ import pytest
 
 import molf_ds
 from molf_ds.plot_routing import read_log
-from tiny_models import token_batches
+from helpers.tiny_models import token_batches
+
+pytestmark = pytest.mark.slow  # every test runs `molf-ds plot-routing` in a subprocess
 
 
 @pytest.mark.parametrize("variant", ["molf", "molf-e"])

@@ -10,15 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from demo_runs import REPO
-from distributed import free_port
+from helpers.demo_runs import REPO
+from helpers.distributed import free_port
+
+pytestmark = pytest.mark.slow  # torchrun, 2 ranks
 
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from tiny_models import tiny_model
+    from helpers.tiny_models import tiny_model
 
     directory = tmp_path_factory.mktemp("readme") / "model"
     tiny_model("qwen2", directory, seed=1)
@@ -28,9 +30,10 @@ def model_dir(tmp_path_factory):
 @pytest.mark.parametrize("init_first", [False, True], ids=["group-started-by-initialize", "init-distributed-first"])
 def test_readme_snippet_logs_each_step_once(model_dir, tmp_path, init_first):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(REPO / "tests" / "readme_script.py"), "--model", str(model_dir), "--out",
-               str(tmp_path), "--steps", str(STEPS)] + (["--init-distributed-first"] if init_first else [])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+               str(free_port()), str(REPO / "tests" / "scripts" / "readme_script.py"), "--model", str(model_dir),
+               "--out", str(tmp_path), "--steps", str(STEPS)] + (["--init-distributed-first"] if init_first else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",  # tests/ for the script's helpers
+           "PYTHONPATH": f"{REPO / 'tests'}:{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     records = [json.loads(line) for line in (tmp_path / "routing.jsonl").read_text().splitlines()]

@@ -16,9 +16,11 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import molf_ds
-from demo_runs import ZERO2
+from helpers.demo_runs import ZERO2
 from molf_ds import pretrained
 from molf_ds.train.known_facts import counterfact_records
+
+pytestmark = pytest.mark.slow  # real pretrained models (SmolLM2-135M, Gemma 3 270M), torchrun
 
 SMOLLM2, STEPS = "smollm2-135m", 3
 MOLF = dict(variant="molf", lora_ranks=[16], lora_alphas=[32], lora_dropout=0.0)

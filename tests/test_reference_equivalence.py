@@ -1,4 +1,4 @@
-"""molf_ds.build_optimizer vs the plain reference (tests/reference_molf.py, from DESIGN.md section 1).
+"""molf_ds.build_optimizer vs the plain reference (tests/helpers/reference_molf.py, from DESIGN.md section 1).
 
 Two identical wrapped tiny models (deep copy), the same batches and the same LR schedule
 (cosine with warm-up from 0); one is stepped by the package, the other by the reference.
@@ -19,8 +19,8 @@ import pytest
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from reference_molf import ReferenceMoLF, is_molf_module
-from tiny_models import token_batches
+from helpers.reference_molf import ReferenceMoLF, is_molf_module
+from helpers.tiny_models import token_batches
 
 molf_ds = pytest.importorskip("molf_ds")
 
@@ -333,6 +333,7 @@ def test_last_routing_is_a_snapshot(tiny):
         assert opt.last_routing == right_after, (t, opt.last_routing["lr_scale"], right_after["lr_scale"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["molf-epd-1", "molf-e-pfn-2"])
 def test_matches_reference_torch_kernel(case):
     """The same equivalence on the torch kernel backend (`MOLF_DS_KERNEL=torch`, the GPU path), in a child

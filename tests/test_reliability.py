@@ -1,4 +1,4 @@
-"""Issue 8, reliability, end to end on the demo task with 2 CPU ranks under torchrun (tests/faults.py injects
+"""Issue 8, reliability, end to end on the demo task with 2 CPU ranks under torchrun (tests/scripts/faults.py injects
 the faults into one rank): a SIGKILLed rank fails the job fast and resume=auto reproduces the uninterrupted
 run; a rank killed while writing a checkpoint leaves a partial one that is never loaded; a full disk gives one
 clear line and keeps the previous checkpoint; a NaN loss stops the run naming step and examples; fp16 overflow
@@ -17,11 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from demo_runs import REPO, ZERO2, write_demo_run
-from distributed import needs_fp16
+from helpers.demo_runs import REPO, ZERO2, write_demo_run
+from helpers.distributed import needs_fp16
 from molf_ds.train.checkpoints import COMPLETE, to_universal
 
-FAULTS = Path(__file__).resolve().parent / "faults.py"
+pytestmark = pytest.mark.slow  # torchrun, 2 ranks, faults injected
+
+FAULTS = Path(__file__).resolve().parent / "scripts" / "faults.py"
 STEPS = 8
 
 

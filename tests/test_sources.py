@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from demo_runs import REPO, ZERO2, write_demo_run
+from helpers.demo_runs import REPO, ZERO2, write_demo_run
 from molf_ds import sources
 from molf_ds.sources import SourceError, check_dataset, check_model, check_tokenizer
 
@@ -45,6 +45,7 @@ def one_line(result: subprocess.CompletedProcess, prefix: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,words", [
     ("model.name_or_path=demo/modle", ["config key 'model.name_or_path': demo/modle does not exist",
                                        "did you mean demo/model?"]),
@@ -61,6 +62,7 @@ def test_train_names_the_key_in_one_line(demo, override, words):
         assert word in line
 
 
+@pytest.mark.slow
 def test_the_readme_sql_example_offline_is_one_line(demo):
     result = command(demo, "train", "examples/sql.yaml", "train.epochs=null", "train.max_steps=2", cwd=REPO)
     line = one_line(result, "molf-ds train:")
@@ -69,6 +71,7 @@ def test_the_readme_sql_example_offline_is_one_line(demo):
     assert "set model.name_or_path=DIR" in line
 
 
+@pytest.mark.slow
 def test_under_torchrun_the_line_comes_once(demo):
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "molf_ds.train")
     result = command(demo, "run.yaml", "model.name_or_path=demo/modle", launcher=torchrun)
@@ -80,6 +83,7 @@ def test_under_torchrun_the_line_comes_once(demo):
     assert "[rank0]" not in result.stderr and "[rank1]" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,prefix,words", [
     (["eval", "demo/modle", "--task", "fact", "--data", "demo/data/counterfact.json", "--tokenizer", "demo/tokenizer"],
      "molf-ds eval:", ["argument MODEL: demo/modle does not exist (did you mean demo/model?)"]),

@@ -10,8 +10,8 @@ import torch
 import molf_ds
 from molf_ds.optim import kernels
 from molf_ds.optim.kernels import cpp_impl
-from tiny_models import token_batches
-from test_kernels_multi import BETAS, KIND_LRS, KIND_WDS, N_CELLS, NUMELS, ROWS, _clone, _tensors
+from helpers.kernel_cases import BETAS, KIND_LRS, KIND_WDS, N_CELLS, NUMELS, ROWS, _clone, _tensors
+from helpers.tiny_models import token_batches
 
 EPS = 1e-8
 
@@ -114,7 +114,7 @@ def _train(model, cfg, batches, lora_lrs):
 
 
 def test_optimizer_is_bit_identical_across_winner_switches(tmp_path):
-    from tiny_models import tiny_model
+    from helpers.tiny_models import tiny_model
 
     base = tiny_model("qwen2", tmp_path / "model", seed=3)
     cfg = molf_ds.MoLFConfig(lora_ranks=(4,), lora_dropout=0.0, lr=1e-3)

@@ -94,6 +94,7 @@ def test_speculative_update_without_the_cpp_kernel_is_one_line(config_file, monk
         load_config(config_file, ["molf.speculative_update=true"])
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line_and_exits_2(config_file):
     result = subprocess.run([sys.executable, "-m", "molf_ds.train", str(config_file), "train.max_steps=0"],
                             capture_output=True, text=True, cwd=config_file.parent, timeout=120)

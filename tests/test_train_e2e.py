@@ -16,9 +16,11 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from demo_runs import ZERO2, write_demo_run
-from distributed import spawn
+from helpers.demo_runs import ZERO2, write_demo_run
+from helpers.distributed import spawn
 from molf_ds.train.checkpoints import COMPLETE
+
+pytestmark = pytest.mark.slow  # torchrun and spawned ranks on the demo task
 
 STEPS = 8
 

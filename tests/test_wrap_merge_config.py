@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 import molf_ds
 from molf_ds.zero.ds_config import check_deepspeed_version, prepare_ds_config
-from distributed import spawn
-from tiny_models import token_batches
+from helpers.distributed import spawn
+from helpers.tiny_models import token_batches
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma3"])
@@ -168,6 +168,7 @@ def _initialize_a_pipeline_module(rank: int, world: int, out: str) -> None:
         Path(out).write_text(str(error))
 
 
+@pytest.mark.slow
 def test_pipeline_module_is_refused_at_initialize(tmp_path):
     out = tmp_path / "error.txt"
     spawn(_initialize_a_pipeline_module, 1, str(out))

@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 
-from distributed import FP16_SUPPORTED, needs_fp16, spawn
+from helpers.distributed import FP16_SUPPORTED, needs_fp16, spawn
 from molf_ds.zero.ds_config import prepare_ds_config
-from tiny_models import token_batches
-from zero_runs import GLOBAL_BATCH, MOLF, SEQ, STEPS, assert_reproduces, deepspeed_worker, reference_run
+from helpers.tiny_models import token_batches
+from helpers.zero_runs import GLOBAL_BATCH, MOLF, SEQ, STEPS, assert_reproduces, deepspeed_worker, reference_run
 
+pytestmark = pytest.mark.slow  # DeepSpeed ZeRO-0/1/2 on 2 spawned ranks
 
 
 def ds_config(stage: int, offload: bool = False, zero_extra: dict | None = None, **extra) -> dict:
@@ -37,7 +38,7 @@ FP32_RUNS = {
 
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
 def fp32_runs(request, tmp_path_factory):
-    from tiny_models import tiny_model
+    from helpers.tiny_models import tiny_model
 
     root = tmp_path_factory.mktemp(f"zero12-{request.param}")
     tiny_model(request.param, root / "model", seed=1, num_hidden_layers=3)  # odd: the rank boundary cuts a layer
@@ -101,7 +102,7 @@ LOW_PRECISION_RUNS = {
 
 @pytest.fixture(scope="module")
 def low_precision_runs(tmp_path_factory):
-    from tiny_models import tiny_model
+    from helpers.tiny_models import tiny_model
 
     root = tmp_path_factory.mktemp("zero12-lowp")
     tiny_model("qwen2", root / "model", seed=1)

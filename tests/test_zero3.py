@@ -11,10 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distributed import spawn
+from helpers.distributed import spawn
 from molf_ds.zero.ds_config import prepare_ds_config
-from tiny_models import token_batches
-from zero_runs import GLOBAL_BATCH, MOLF, SEQ, STEPS, assert_reproduces, deepspeed_worker, reference_run
+from helpers.tiny_models import token_batches
+from helpers.zero_runs import GLOBAL_BATCH, MOLF, SEQ, STEPS, assert_reproduces, deepspeed_worker, reference_run
+
+pytestmark = pytest.mark.slow  # DeepSpeed ZeRO-3 on 2 spawned ranks
 
 CLIP = 0.05  # small enough that clipping acts at every step
 
@@ -45,7 +47,7 @@ FP32_RUNS = [name for name in RUNS if name != "zero3_molf_e"]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from tiny_models import tiny_model
+    from helpers.tiny_models import tiny_model
 
     root = tmp_path_factory.mktemp("zero3")
     tiny_model("qwen2", root / "model", seed=1, num_hidden_layers=3)

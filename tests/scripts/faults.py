@@ -1,4 +1,4 @@
-"""Entry point for the fault tests: `torchrun ... tests/faults.py CONFIG.yaml key=value...` runs `molf-ds train`
+"""Entry point for the fault tests: `torchrun ... tests/scripts/faults.py CONFIG.yaml key=value...` runs `molf-ds train`
 with the fault that MOLF_DS_FAULT names injected into one rank (the rank's own code, nothing mocked around it):
 
 - `kill_at_step:STEP:RANK`: RANK SIGKILLs itself as optimizer step STEP begins (after writing the time to

@@ -10,10 +10,10 @@ from pathlib import Path
 import deepspeed
 
 import molf_ds
-from tiny_models import token_batches
-from zero_runs import MOLF, load
+from helpers.tiny_models import token_batches
+from helpers.zero_runs import MOLF, load
 
-ZERO2 = Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json"
+ZERO2 = Path(__file__).resolve().parents[2] / "ds_configs" / "zero2.json"
 
 
 def main() -> None:

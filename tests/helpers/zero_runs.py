@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import molf_ds
-from distributed import count_collectives
+from helpers.distributed import count_collectives
 
 STEPS, GLOBAL_BATCH, SEQ = 20, 4, 16
 MOLF = dict(lora_ranks=(8,), lora_alphas=(16.0,), lora_dropout=0.0, lr=1e-3, lora_lr=6e-4)  # both experts win

@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 
 import molf_ds
 from molf_ds.hf import accelerate_prepare
-from tiny_models import token_batches
-from zero_runs import MOLF, load
+from helpers.tiny_models import token_batches
+from helpers.zero_runs import MOLF, load
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import yaml
 
 from molf_ds.train.demo import generate
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ZERO2 = str(REPO / "ds_configs" / "zero2.json")
 
 
