@@ -173,7 +173,7 @@ def _zero3_worker(rank, world, out):
     model = build_model(tokenizer, seed=5)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config={
         "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True})
-    from molf_ds.train.data import Choice, Generation
+    from molf_ds.train.data import Generation
 
     choices = [i for r in records for i in TASKS["fact"].evals(_row(r))][:5]  # rank 0: 3 items, rank 1: 2
     gens = [Generation("exact_match", c.prompt, "x") for c in choices[:3]]  # rank 0: 2 prompts, rank 1: 1
