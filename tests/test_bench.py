@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from molf_ds import bench, cli
+from molf_ds import bench
+from molf_ds.commands import cli
 from molf_ds.bench import report
 
 METHODS = ("fft", "lora", "molf", "molf-e")

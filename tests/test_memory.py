@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from molf_ds.memory import METHODS, count, deepspeed_fft_estimate, estimate, load_config
+from molf_ds.commands.memory import METHODS, count, deepspeed_fft_estimate, estimate, load_config
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .pretrained import resolve
+from .models import resolve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .distributed import end_process_group, report_before_group
+    from molf_ds.distributed import end_process_group, report_before_group
     from .sources import SourceError
     from .train.data import DataError
 

@@ -23,7 +23,7 @@ import transformers
 import yaml
 
 from ..plot_routing import plot as plot_routing
-from ..pretrained import resolve
+from ..models import resolve
 from . import checkpoints
 from .config import ModelSection, TrainConfig
 from .data import Collator, DataError, load_task, pad_id, tokenize

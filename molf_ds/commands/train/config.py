@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from ..config import DEFAULT_TARGETS, MoLFConfig
+from molf_ds.config import DEFAULT_TARGETS, MoLFConfig
 
 METHODS = ("molf", "molf-e", "fft", "lora", "lora-rest", "adalora")
 TASKS = ("sql", "med", "fact", "jsonl")
@@ -338,7 +338,7 @@ def _positive(key: str, value: int) -> None:
 
 
 def _check_molf(cfg: TrainConfig) -> None:
-    from ..optim.molf_adamw import check_speculative_update
+    from molf_ds.optim.molf_adamw import check_speculative_update
 
     own = [f.name for f in fields(MoLFConfig) if f.name not in SHARED_OPTIMIZER_FIELDS + ("variant",)]
     for name in cfg.molf:
@@ -359,7 +359,7 @@ def _check_molf(cfg: TrainConfig) -> None:
 
 def _check_deepspeed(ds: dict[str, Any], t: TrainSection) -> dict[str, Any]:
     """The YAML's batch numbers go into the DeepSpeed config; then molf_ds's DeepSpeed checks."""
-    from ..zero.ds_config import prepare_ds_config
+    from molf_ds.zero.ds_config import prepare_ds_config
 
     ds = copy.deepcopy(ds)
     for key, value in (("train_micro_batch_size_per_gpu", t.micro_batch_size),

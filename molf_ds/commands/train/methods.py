@@ -10,8 +10,8 @@ import deepspeed
 import torch
 from torch import nn
 
-from .. import zero
-from ..zero.ds_config import check_deepspeed_version, prepare_ds_config
+from molf_ds import zero
+from molf_ds.zero.ds_config import check_deepspeed_version, prepare_ds_config
 from .config import TrainConfig, key_error
 
 

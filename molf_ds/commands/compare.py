@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an override for one method only, e.g. molf-e:molf.lora_ranks=[4,8] (repeatable)")
     parser.add_argument("--nproc", type=int, default=2, help="ranks per run for the default torchrun launcher [2]")
     parser.add_argument("--launcher", help="command prefix that runs the training module, e.g. "
-                        "'deepspeed --num_gpus 8 --module molf_ds.train' "
-                        "[python -m torch.distributed.run --standalone --nproc_per_node NPROC -m molf_ds.train]")
+                        "'deepspeed --num_gpus 8 --module molf_ds.commands.train' "
+                        "[python -m torch.distributed.run --standalone --nproc_per_node NPROC -m molf_ds.commands.train]")
     parser.add_argument("--metric", help="the metric the gap and the bar plot use [the task's first]")
     parser.add_argument("--reuse", action="store_true",
                         help="skip runs whose output directory already holds a final evaluation")
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     metric = args.metric or metrics[0]
     launcher = shlex.split(args.launcher) if args.launcher else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-        "-m", "molf_ds.train"]
+        "-m", "molf_ds.commands.train"]
     (out / "logs").mkdir(parents=True, exist_ok=True)
     results = []
     for i, (method, seed, run_dir, overrides) in enumerate(plans, start=1):

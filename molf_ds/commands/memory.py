@@ -22,8 +22,8 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .config import DEFAULT_TARGETS
-from .pretrained import MODELS, resolve
+from molf_ds.config import DEFAULT_TARGETS
+from .models import MODELS, resolve
 from .sources import SourceError, check_model
 
 BUNDLED = Path(__file__).parent / "model_configs"
