@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import torch
 
+from molf_ds.distributed import init_distributed
+
 from . import models
 from .collectives import count_collectives
 from .methods import MOLF_METHODS, Settings, build_engine, optimizer_name, trainable_params
@@ -335,7 +337,7 @@ def run_interleaved(rank: int, world: int, cells: list[Cell], settings: dict[str
     which separate runs minutes apart do not ensure.
     Writes OUT/cell-K.rank-R.json with each cell's step records."""
     s = Settings(**settings)
-    _init_distributed(s, rank)
+    init_distributed(device=s.device)  # spawn's environment: this rank's LOCAL_RANK device
     trainers: dict[int, _Trainer] = {}
     for k, cell in enumerate(cells):
         try:
@@ -355,14 +357,6 @@ def run_interleaved(rank: int, world: int, cells: list[Cell], settings: dict[str
         _write(out, k, rank, {**_identity(cells[k], rank, world), **trainer.timings()})
 
 
-def _init_distributed(s: Settings, rank: int) -> None:
-    import deepspeed
-
-    if s.device == "cuda":
-        torch.cuda.set_device(rank)
-    deepspeed.init_distributed(dist_backend="nccl" if s.device == "cuda" else "gloo", auto_mpi_discovery=False)
-
-
 def _write(out: str, k: int, rank: int, result: dict[str, Any]) -> None:
     Path(out, f"cell-{k}.rank-{rank}.json").write_text(json.dumps(result))
 
@@ -370,7 +364,7 @@ def _write(out: str, k: int, rank: int, result: dict[str, Any]) -> None:
 def run_cells(rank: int, world: int, cells: list[Cell], settings: dict[str, Any], out: str, progress: bool) -> None:
     """The entry point of each spawned rank: measure `cells` one after the other, write one JSON per cell."""
     s = Settings(**settings)
-    _init_distributed(s, rank)
+    init_distributed(device=s.device)  # spawn's environment: this rank's LOCAL_RANK device
     bar = None
     if progress and rank == 0 and len(cells) > 1:
         from tqdm import tqdm
