@@ -11,8 +11,8 @@ import pytest
 from molf_ds import bench
 from molf_ds.commands import cli
 from molf_ds.bench import report
+from molf_ds.commands.methods import BENCH_METHODS as METHODS
 
-METHODS = ("fft", "lora", "molf", "molf-e")
 ROW_KEYS = {
     "cell", "stage", "offload", "method", "optimizer", "trainable_params", "step_ms", "tokens_per_s",
     "forward_backward_ms", "engine_step_ms", "optimizer_ms", "peak_rss_mib", "collectives_per_step",

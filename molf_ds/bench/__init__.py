@@ -24,7 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .methods import BASELINE_OPTIMIZERS, EXTRA_METHODS, METHODS, Settings, baseline_of, default_ranks
+from ..commands.methods import BENCH_EXTRA_METHODS, BENCH_METHODS, baseline_of
+from .methods import BASELINE_OPTIMIZERS, Settings, default_ranks
 
 __all__ = ["Settings", "add_arguments", "cells_for", "run", "run_bench"]
 
@@ -47,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stages", type=_ints, default=(0, 1, 2, 3), help="ZeRO stages, e.g. 0,1,2,3")
     parser.add_argument("--offload", type=_names, default=("none", "cpu"),
                         help="optimizer offload modes: none,cpu (cpu is skipped for stage 0)")
-    parser.add_argument("--methods", type=_names, default=METHODS, help=f"of {METHODS + EXTRA_METHODS}")
+    parser.add_argument("--methods", type=_names, default=BENCH_METHODS, help=f"of {BENCH_METHODS + BENCH_EXTRA_METHODS}")
     parser.add_argument("--world", type=int, default=2, help="ranks (default 2; on GPUs: one per GPU)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per rank (default 1)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -102,8 +103,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def cells_for(stages: Sequence[int], offloads: Sequence[str], methods: Sequence[str]) -> list[tuple[int, bool, str]]:
     """Every valid (stage, offload, method), grouped by mode so that a mode's methods run back to back."""
     for m in methods:
-        if m not in METHODS + EXTRA_METHODS:
-            raise ValueError(f"bench: unknown method {m!r}: use {METHODS + EXTRA_METHODS}")
+        if m not in BENCH_METHODS + BENCH_EXTRA_METHODS:
+            raise ValueError(f"bench: unknown method {m!r}: use {BENCH_METHODS + BENCH_EXTRA_METHODS}")
     for o in offloads:
         if o not in ("none", "cpu"):
             raise ValueError(f"bench: offload {o!r}: use none or cpu")

@@ -17,11 +17,12 @@ from typing import Any, Callable
 
 import torch
 
+from molf_ds.commands.methods import MOLF_WRAPPED
 from molf_ds.distributed import init_distributed
 
 from . import models
 from .collectives import count_collectives
-from .methods import MOLF_METHODS, Settings, build_engine, optimizer_name, trainable_params
+from .methods import Settings, build_engine, optimizer_name, trainable_params
 
 Cell = tuple[int, bool, str]  # (ZeRO stage, optimizer offload, method)
 
@@ -284,7 +285,7 @@ class _Trainer:
             "step_collectives": [list(c) for c in calls.since(in_backward)],
             "optimizer_bytes": optimizer_bytes(engine), "loss": float(loss.detach().float()),
         })
-        if self.cell[2] in MOLF_METHODS and (r := _routing_shares(engine)) is not None:
+        if self.cell[2] in MOLF_WRAPPED and (r := _routing_shares(engine)) is not None:
             self.shares.append(r)
 
     def timings(self) -> dict[str, Any]:
@@ -325,7 +326,7 @@ def measure(cell: Cell, s: Settings, rank: int, world: int) -> dict[str, Any]:
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     if s.reference_repeats > 0:  # after every training measurement: it moves the engine's weights
         result["isolated"] = isolated_optimizer_steps(engine, s.reference_repeats, s.device)
-        if cell[2] in MOLF_METHODS and (r := _routing_shares(engine)) is not None:
+        if cell[2] in MOLF_WRAPPED and (r := _routing_shares(engine)) is not None:
             result["isolated"]["routing_shares"] = r
     return result
 

@@ -20,7 +20,8 @@ import yaml
 
 from molf_ds.config import DEFAULT_TARGETS, MoLFConfig
 
-METHODS = ("molf", "molf-e", "fft", "lora", "lora-rest", "adalora")
+from ..methods import TRAIN_METHODS, is_molf
+
 TASKS = ("sql", "med", "fact", "jsonl")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -275,7 +276,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     from .data.base import is_local
 
     m, d, e, t, lo = cfg.model, cfg.data, cfg.eval, cfg.train, cfg.lora
-    _choice("method", cfg.method, METHODS)
+    _choice("method", cfg.method, TRAIN_METHODS)
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("data.task", d.task, TASKS)
     _choice("train.scheduler", t.scheduler, SCHEDULERS)
@@ -318,7 +319,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                 check_dataset(key, source)
             except SourceError as error:
                 raise ConfigError(str(error)) from None
-    if cfg.method in ("molf", "molf-e"):
+    if is_molf(cfg.method):
         _check_molf(cfg)
     elif cfg.molf:
         raise key_error("molf", f"is set but method is {cfg.method!r}: MoLF settings only apply to molf and molf-e "
