@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..commands.models import MODELS, resolve
+from molf_ds.commands.models import MODELS, resolve
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -24,7 +24,7 @@ def load_config(name: str, gguf_file: str | None = None):
     if path.is_file():
         values = json.loads(path.read_text())
         return AutoConfig.for_model(values.pop("model_type"), **values)
-    from ..commands.memory import load_config as load_architecture
+    from molf_ds.commands.memory import load_config as load_architecture
 
     return load_architecture(name, "--model", also=bundled(), gguf_file=gguf_file)
 

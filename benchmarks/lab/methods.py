@@ -18,10 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import DEFAULT_TARGETS, MoLFConfig
-from ..wrapping import decays
-
-from ..commands.methods import BENCH_EXTRA_METHODS, BENCH_METHODS, is_molf
+from molf_ds.commands.methods import BENCH_EXTRA_METHODS, BENCH_METHODS, is_molf
+from molf_ds.config import DEFAULT_TARGETS, MoLFConfig
+from molf_ds.wrapping import decays
 
 BASELINE_OPTIMIZERS = ("torch-fused", "torch", "deepspeed")
 
@@ -113,7 +112,7 @@ def _adamw_engine(model: nn.Module, groups: list[dict[str, Any]], s: Settings, s
     """deepspeed.initialize with torch AdamW as client, or (own, or offload) DeepSpeed's own AdamW."""
     import deepspeed
 
-    from ..zero.ds_config import check_deepspeed_version
+    from molf_ds.zero.ds_config import check_deepspeed_version
 
     check_deepspeed_version()
     config = ds_config(s, stage, offload)
@@ -137,7 +136,7 @@ def build_engine(method: str, model: nn.Module, s: Settings, stage: int, offload
         return engine
     if method == "ds-adamw":
         import molf_ds
-        from ..optim import ExpertIndex, param_groups
+        from molf_ds.optim import ExpertIndex, param_groups
 
         cfg = molf_config(s, "molf")
         molf_ds.wrap_model(model, cfg)

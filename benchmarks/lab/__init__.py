@@ -1,4 +1,6 @@
-"""`molf-ds bench`: MoLF's cost against FFT and LoRA under every ZeRO stage, measured side by side in one run.
+"""The benchmarking lab behind `molf-ds bench`, run from a git checkout (it is not part of the installed package).
+
+`molf-ds bench`: MoLF's cost against FFT and LoRA under every ZeRO stage, measured side by side in one run.
 
 For one model config, every (ZeRO stage, optimizer offload) mode and every method (fft, lora, molf, molf-e),
 `world` ranks are spawned (torch.multiprocessing; gloo and one thread per rank on CPU, NCCL on GPUs); each trains
@@ -10,7 +12,7 @@ in the same ranks as its baseline, in turn, step by step: FFT with MoLF, LoRA wi
 from each cell's own run). Ratios against FFT and LoRA of the same mode, a text table, JSON and markdown
 (`--out`), PNG charts (`--plot`).
 
-    python -m molf_ds.bench --model qwen2-h256 --out bench_results/bench
+    python -m benchmarks.lab --model qwen2-h256 --out bench_results/bench
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from ..commands.methods import BENCH_EXTRA_METHODS, BENCH_METHODS, baseline_of
+from molf_ds.commands.methods import BENCH_EXTRA_METHODS, BENCH_METHODS, baseline_of
+
 from .methods import BASELINE_OPTIMIZERS, Settings, default_ranks
 
 __all__ = ["Settings", "add_arguments", "cells_for", "run", "run_bench"]
@@ -215,7 +218,7 @@ def write(report_dict: dict[str, Any], out: Path, command: str | None, plot: boo
 
 
 def run(args: argparse.Namespace) -> int:
-    """`molf-ds bench` / `python -m molf_ds.bench`: measure, print the tables, write --out; 1 if a cell failed."""
+    """`molf-ds bench` / `python -m benchmarks.lab`: measure, print the tables, write --out; 1 if a cell failed."""
     from . import report
 
     if args.plot and args.out is None:
@@ -246,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m molf_ds.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.lab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
