@@ -69,9 +69,19 @@ def _add(commands, name: str, module: str, help: str) -> None:
     sub.set_defaults(func=plugin.run)
 
 
+CLI_EXTRA = ("datasets", "peft", "yaml", "matplotlib", "tqdm", "sqlglot")  # pip install "molf-ds[cli]"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    return args.func(args)
+    try:
+        args = parser().parse_args(argv)
+        return args.func(args)
+    except ModuleNotFoundError as error:  # the library is installed without the command's extra
+        missing = (error.name or "").partition(".")[0]
+        if missing not in CLI_EXTRA:
+            raise
+        print(f'molf-ds: {missing} is not installed: pip install "molf-ds[cli]"', file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
