@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-NO_CHECKOUT = ("molf-ds bench: the benchmarks run from a git checkout of molf_ds "
-               "(git clone ...; pip install -e .), not from an installed wheel")
+NO_CHECKOUT = ("molf-ds bench runs from a git checkout of molf_ds (clone the repository, then pip install -e .); "
+               "this install has no benchmarks/ beside the package")
 
 
 def checkout() -> Path | None:
@@ -32,8 +32,8 @@ def lab() -> ModuleType | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     module = lab()
-    if module is None:
-        parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    if module is None:  # whatever follows `bench` is left to run(), which says where bench runs
+        parser.set_defaults(takes_any_arguments=True)
     else:
         module.add_arguments(parser)
 

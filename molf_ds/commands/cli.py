@@ -74,7 +74,10 @@ CLI_EXTRA = ("datasets", "peft", "yaml", "matplotlib", "tqdm", "sqlglot")  # pip
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = parser().parse_args(argv)
+        root = parser()
+        args, unknown = root.parse_known_args(argv)
+        if unknown and not getattr(args, "takes_any_arguments", False):
+            root.error(f"unrecognized arguments: {' '.join(unknown)}")  # as parse_args says it
         return args.func(args)
     except ModuleNotFoundError as error:  # the library is installed without the command's extra
         missing = (error.name or "").partition(".")[0]
