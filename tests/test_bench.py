@@ -139,7 +139,6 @@ def test_without_checkout_says_where_bench_runs(monkeypatch, capsys):
     from molf_ds.commands import bench as command
 
     monkeypatch.setattr(command, "checkout", lambda: None)
-    args = cli.parser().parse_args(["bench", "--model", "qwen2-h256"])
-    assert args.func(args) == 2
+    assert cli.main(["bench", "--model", "qwen2-h256", "--stages", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "git checkout" in err and "pip install -e ." in err
