@@ -24,10 +24,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from molf_ds.bench import models
-from molf_ds.bench.methods import Settings, default_ranks, molf_config
-from molf_ds.bench.report import paired_ratio
-from molf_ds.wrapping import wrap_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout root: benchmarks.lab, molf_ds
+
+from benchmarks.lab import models  # noqa: E402
+from benchmarks.lab.methods import Settings, default_ranks, molf_config  # noqa: E402
+from benchmarks.lab.report import paired_ratio  # noqa: E402
+from molf_ds.wrapping import wrap_model  # noqa: E402
 
 
 def variants(model: str, dropout: float) -> dict[str, Settings | None]:

@@ -8,7 +8,7 @@
 #   MODEL=qwen2.5-3b SEQ=2048 benchmarks/gpu_table.sh --stages 2,3
 #   benchmarks/gpu_table.sh --dry-run            # the same command line on CPU with the tiny config
 #
-# Extra arguments go to `python -m molf_ds.bench` (see --help). A cell DeepSpeed or molf_ds does not support
+# Extra arguments go to `python -m benchmarks.lab` (see --help). A cell DeepSpeed or molf_ds does not support
 # (e.g. ZeRO-0 with bf16 for MoLF) is reported as an error row and the others still run. Step times come from
 # runs that hold a method and its baseline at once (FFT and MoLF: two full fine-tunes' weights, gradients and
 # Adam states, about 50 GB per GPU for qwen2.5-1.5b at ZeRO-0 on one GPU); on smaller GPUs add --no-interleave
@@ -25,7 +25,7 @@ OUT=${OUT:-bench_results/gpu}
 if [[ "${1:-}" == "--dry-run" ]]; then
     shift
     # CPU, 2 gloo ranks, the tiny bundled config, one measured step: checks the script and the bench end to end.
-    exec python -m molf_ds.bench --device cpu --world 2 --model qwen2-h256 --dtype fp32 --seq 32 --micro-batch 1 \
+    exec python -m benchmarks.lab --device cpu --world 2 --model qwen2-h256 --dtype fp32 --seq 32 --micro-batch 1 \
         --warmup 1 --steps 1 --stages 2 --offload none,cpu --methods fft,lora,molf,molf-e --reference-repeats 1 \
         --shared-process --out "${OUT}-dry-run" --plot "$@"
 fi
@@ -35,6 +35,6 @@ if [[ "$GPUS" -lt 1 ]]; then
     echo "gpu_table.sh: no CUDA device here; run with --dry-run for the CPU path" >&2
     exit 2
 fi
-exec python -m molf_ds.bench --device cuda --world "$GPUS" --model "$MODEL" --dtype bf16 --seq "$SEQ" \
+exec python -m benchmarks.lab --device cuda --world "$GPUS" --model "$MODEL" --dtype bf16 --seq "$SEQ" \
     --micro-batch "$MICRO_BATCH" --warmup 3 --steps "$STEPS" --stages 0,1,2,3 --offload none,cpu \
     --methods fft,lora,molf,molf-e --activation-checkpointing --out "$OUT" --plot "$@"

@@ -25,9 +25,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from molf_ds.bench import cells_for, run_bench
-from molf_ds.bench.methods import Settings, default_ranks
-from molf_ds.bench.models import hidden_size
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout root: benchmarks.lab, molf_ds
+
+from benchmarks.lab import cells_for, run_bench  # noqa: E402
+from benchmarks.lab.methods import Settings, default_ranks  # noqa: E402
+from benchmarks.lab.models import hidden_size  # noqa: E402
 
 TARGETS = {"full": "<= 1.3", "lora": "< 1.0"}
 ROUTINGS = {"full": 1e-3, "lora": 1e3}  # lora_lr / lr

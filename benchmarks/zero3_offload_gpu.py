@@ -40,7 +40,7 @@ def measure(method: str, dry_run: bool, cap_gib: float | None, steps: int, seq: 
     from transformers.integrations import HfDeepSpeedConfig
 
     import molf_ds
-    from molf_ds.memory import load_config
+    from molf_ds.commands.memory import load_config
 
     cuda = torch.cuda.is_available() and not dry_run
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")

@@ -4,4 +4,4 @@
 set -euo pipefail
 procs=${NUM_PROCS:-$(nvidia-smi -L 2>/dev/null | wc -l || true)}
 [ "${procs:-0}" -gt 0 ] || procs=2
-exec deepspeed --num_gpus "$procs" --master_port "${MASTER_PORT:-29500}" --module molf_ds.train "$@"
+exec deepspeed --num_gpus "$procs" --master_port "${MASTER_PORT:-29500}" --module molf_ds.commands.train "$@"

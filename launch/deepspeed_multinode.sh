@@ -4,4 +4,4 @@
 #   HOSTFILE=hostfile MASTER_ADDR=node1 ./launch/deepspeed_multinode.sh CONFIG.yaml [key=value ...]
 set -euo pipefail
 exec deepspeed --hostfile "${HOSTFILE:?set HOSTFILE}" --master_addr "${MASTER_ADDR:?set MASTER_ADDR}" \
-  --master_port "${MASTER_PORT:-29500}" --module molf_ds.train "$@"
+  --master_port "${MASTER_PORT:-29500}" --module molf_ds.commands.train "$@"

@@ -4,4 +4,4 @@
 set -euo pipefail
 exec deepspeed --hostfile "${HOSTFILE:?set HOSTFILE}" --no_ssh --node_rank "${NODE_RANK:?set NODE_RANK}" \
   --master_addr "${MASTER_ADDR:?set MASTER_ADDR}" --master_port "${MASTER_PORT:-29500}" \
-  --module molf_ds.train "$@"
+  --module molf_ds.commands.train "$@"

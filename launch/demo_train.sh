@@ -10,5 +10,5 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   ranks=$(nvidia-smi -L | wc -l)
 fi
 rm -rf "$out"
-torchrun --standalone --nproc_per_node "$ranks" -m molf_ds.train "$config" "$@"
+torchrun --standalone --nproc_per_node "$ranks" -m molf_ds.commands.train "$config" "$@"
 python "$(dirname "$0")/demo_report.py" "$out"

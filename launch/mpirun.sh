@@ -4,4 +4,4 @@
 set -euo pipefail
 export MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} MASTER_PORT=${MASTER_PORT:-29500}
 # shellcheck disable=SC2086
-exec mpirun -np "${NP:-2}" ${MPIRUN_ARGS:-} python -m molf_ds.train "$@"
+exec mpirun -np "${NP:-2}" ${MPIRUN_ARGS:-} python -m molf_ds.commands.train "$@"

@@ -78,7 +78,11 @@ def save_merged(engine_or_model: Any, out_dir: str | Path, tokenizer: Any = None
 def peft_adapter(model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
     """(LoraConfig, adapter weights) equal to the LoRA experts of a MoLF-E model: one adapter of rank
     sum(r_i) whose A stacks the A_i and whose B concatenates the s_i B_i (PEFT scaling 1)."""
-    from peft import LoraConfig
+    try:
+        from peft import LoraConfig
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError('export_peft needs peft: pip install peft (or "molf-ds[cli]")',
+                                  name=error.name) from None
 
     layers = molf_modules(model)
     if not layers:

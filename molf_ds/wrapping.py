@@ -23,6 +23,12 @@ class WrapSummary:
         return f"MoLF wrapped {len(self.modules)} linear layers; trainable parameters: {counts}"
 
 
+def decays(param: torch.Tensor) -> bool:
+    """Whether weight decay applies to `param`: matrices (and higher) do, vectors (biases, norms) do not. The shape
+    is the parameter's whole one, also under ZeRO-3 where the local tensor is a flat partition (`ds_shape`)."""
+    return len(getattr(param, "ds_shape", param.shape)) >= 2
+
+
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from molf_ds import bench, cli
-from molf_ds.bench import report
+from benchmarks import lab as bench
+from benchmarks.lab import report
+from molf_ds.commands import cli
+from molf_ds.commands.methods import BENCH_METHODS as METHODS
 
-METHODS = ("fft", "lora", "molf", "molf-e")
 ROW_KEYS = {
     "cell", "stage", "offload", "method", "optimizer", "trainable_params", "step_ms", "tokens_per_s",
     "forward_backward_ms", "engine_step_ms", "optimizer_ms", "peak_rss_mib", "collectives_per_step",
@@ -136,3 +137,13 @@ def test_cells_and_arguments():
                      (2, True, "fft"), (2, True, "molf")]  # no offload at stage 0
     with pytest.raises(ValueError, match="unknown method"):
         bench.cells_for([2], ["none"], ["adam"])
+
+
+def test_without_checkout_says_where_bench_runs(monkeypatch, capsys):
+    """An installed wheel has no benchmarks/ beside molf_ds: `molf-ds bench` says, in one line, where it runs."""
+    from molf_ds.commands import bench as command
+
+    monkeypatch.setattr(command, "checkout", lambda: None)
+    assert cli.main(["bench", "--model", "qwen2-h256", "--stages", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "git checkout" in err and "pip install -e ." in err

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from helpers.demo_runs import ZERO2, write_demo_run
-from molf_ds.compare import RunResult, gap_percent, summarise, write_report
+from molf_ds.commands.compare import RunResult, gap_percent, summarise, write_report
 
 
 
@@ -42,7 +42,7 @@ def test_report_arithmetic(tmp_path):
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
-    from molf_ds.cli import main
+    from molf_ds.commands.cli import main
 
     root = tmp_path_factory.mktemp("compare")
     write_demo_run(root, eval_samples=8, deepspeed=ZERO2,
@@ -86,7 +86,7 @@ def test_compare_end_to_end(compared):
 
 @pytest.mark.slow
 def test_reuse_reports_the_runs_wall_time_and_command(compared):
-    from molf_ds.cli import main
+    from molf_ds.commands.cli import main
 
     out, _, args = compared
     first = list(csv.DictReader(open(out / "comparison.csv")))

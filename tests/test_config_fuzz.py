@@ -14,7 +14,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from molf_ds.train import ConfigError, from_dict
+from molf_ds.commands.train import ConfigError, from_dict
 
 WRONG = st.sampled_from(["abc", [1, 2], {"a": 1}, True, -3, 2.5, None, ""])
 # (dotted key, values that are wrong for it, a word the error line must hold)
@@ -144,7 +144,7 @@ def test_contradictions_and_missing_files_name_the_key(base, changes, word):
 def test_cli_prints_one_line_and_exits_2_before_any_process_group(base, override, key):
     root, raw = base
     (root / "run.yaml").write_text(yaml.safe_dump(raw))
-    result = subprocess.run([sys.executable, "-m", "molf_ds.train", str(root / "run.yaml"), override],
+    result = subprocess.run([sys.executable, "-m", "molf_ds.commands.train", str(root / "run.yaml"), override],
                             cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("molf-ds train:")]

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from helpers.distributed import spawn
-from molf_ds.train.data import TASKS, open_table, rows
-from molf_ds.train.demo import build_model, build_tokenizer, counterfact_records
-from molf_ds.train.evaluate import evaluate, greedy, greedy_batch, normalise_sql, sql_match
+from molf_ds.commands.train.data import TASKS, open_table, rows
+from molf_ds.commands.train.demo import build_model, build_tokenizer, counterfact_records
+from molf_ds.commands.train.evaluate import evaluate, greedy, greedy_batch, normalise_sql, sql_match
 
 
 def word_tokenizer(texts):
@@ -146,7 +146,7 @@ def test_batched_greedy_equals_one_at_a_time(tiny):
 
 
 def test_eval_cli_on_a_saved_model(tiny, tmp_path, capsys):
-    from molf_ds.cli import main
+    from molf_ds.commands.cli import main
 
     model, tokenizer, records = tiny
     model.save_pretrained(tmp_path / "model")
@@ -173,7 +173,7 @@ def _zero3_worker(rank, world, out):
     model = build_model(tokenizer, seed=5)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config={
         "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True})
-    from molf_ds.train.data import Generation
+    from molf_ds.commands.train.data import Generation
 
     choices = [i for r in records for i in TASKS["fact"].evals(_row(r))][:5]  # rank 0: 3 items, rank 1: 2
     gens = [Generation("exact_match", c.prompt, "x") for c in choices[:3]]  # rank 0: 2 prompts, rank 1: 1
@@ -185,7 +185,7 @@ def _zero3_worker(rank, world, out):
 
 
 def _row(record):
-    from molf_ds.train.data.base import Row
+    from molf_ds.commands.train.data.base import Row
 
     return Row("mem", 1, record)
 
@@ -196,7 +196,7 @@ def test_zero3_evaluation_with_unequal_rank_shares_does_not_hang(tmp_path, tiny)
     model, tokenizer, records = tiny
     spawn(_zero3_worker, 2, str(tmp_path / "scores.json"))
     choices = [i for r in records for i in TASKS["fact"].evals(_row(r))][:5]
-    from molf_ds.train.data import Generation
+    from molf_ds.commands.train.data import Generation
 
     gens = [Generation("exact_match", c.prompt, "x") for c in choices[:3]]
     want = evaluate(model, tokenizer, choices + gens, ("efficacy", "paraphrase", "neighborhood", "exact_match"), 2, 3, "cpu")
@@ -207,7 +207,7 @@ def test_zero3_evaluation_with_unequal_rank_shares_does_not_hang(tmp_path, tiny)
 def test_lora_rest_trains_the_parameters_outside_the_wrapped_layers(tiny):
     from peft import LoraConfig, get_peft_model
 
-    from molf_ds.train.methods import _rest_groups
+    from molf_ds.commands.train.methods import _rest_groups
 
     model, tokenizer, _ = tiny
     fresh = build_model(tokenizer, seed=5)

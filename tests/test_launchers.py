@@ -56,7 +56,7 @@ def _routing(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def reference(run_config):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "molf_ds.train"]
+               "-m", "molf_ds.commands.train"]
     return _routing(_run(run_config, "torchrun", command))
 
 
@@ -95,5 +95,5 @@ def test_mpirun(run_config, reference):
 def test_accelerate_launch_presets(run_config, reference, preset):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "launch" / "accelerate" / f"{preset}.yaml"), "--main_process_port", str(free_port()),
-               "-m", "molf_ds.train"]
+               "-m", "molf_ds.commands.train"]
     _assert_same(reference, _run(run_config, f"accelerate_{preset}", command))

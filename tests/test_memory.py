@@ -5,7 +5,8 @@ import itertools
 
 import pytest
 
-from molf_ds.memory import METHODS, count, deepspeed_fft_estimate, estimate, load_config
+from molf_ds.commands.memory import count, deepspeed_fft_estimate, estimate, load_config
+from molf_ds.commands.methods import MEMORY_METHODS as METHODS
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import molf_ds
-from molf_ds.plot_routing import read_log
+from molf_ds.commands.plot_routing import read_log
 from helpers.tiny_models import token_batches
 
 pytestmark = pytest.mark.slow  # every test runs `molf-ds plot-routing` in a subprocess
@@ -27,7 +27,7 @@ def test_plot_routing_from_a_training_log(tiny, tmp_path, variant):
     steps, modules, experts, winners = read_log(tmp_path / "routing.jsonl")
     assert steps == list(range(1, 7)) and len(modules) == 14 and winners.sum(axis=2).min() == 1
     out = tmp_path / "plots" / "routing.png"
-    done = subprocess.run([sys.executable, "-m", "molf_ds.cli", "plot-routing", str(tmp_path / "routing.jsonl"),
+    done = subprocess.run([sys.executable, "-m", "molf_ds.commands", "plot-routing", str(tmp_path / "routing.jsonl"),
                            "-o", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
@@ -35,6 +35,6 @@ def test_plot_routing_from_a_training_log(tiny, tmp_path, variant):
 
 def test_plot_routing_names_the_problem(tmp_path):
     (tmp_path / "empty.jsonl").write_text('{"step": 1, "skipped": true, "modules": {}}\n')
-    done = subprocess.run([sys.executable, "-m", "molf_ds.cli", "plot-routing", str(tmp_path / "empty.jsonl")],
+    done = subprocess.run([sys.executable, "-m", "molf_ds.commands", "plot-routing", str(tmp_path / "empty.jsonl")],
                           capture_output=True, text=True)
     assert done.returncode != 0 and "no routed steps" in done.stderr

@@ -1,4 +1,4 @@
-"""Real pretrained LMs from the package registry (molf_ds.pretrained): SmolLM2-135M-Instruct trained with MoLF by
+"""Real pretrained LMs from the package registry (molf_ds.commands.models): SmolLM2-135M-Instruct trained with MoLF by
 `molf-ds train` on 2 ranks under ZeRO-2 (registry name resolved by the ranks), Gemma 3 270M loaded, wrapped and
 stepped once. Conversions land in the molf_ds cache ($MOLF_DS_CACHE, else ~/.cache/molf_ds) once and are reused
 by every later test and run."""
@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import molf_ds
 from helpers.demo_runs import ZERO2
-from molf_ds import pretrained
-from molf_ds.train.known_facts import counterfact_records
+from molf_ds.commands import models as pretrained
+from molf_ds.commands.train.known_facts import counterfact_records
 
 pytestmark = pytest.mark.slow  # real pretrained models (SmolLM2-135M, Gemma 3 270M), torchrun
 
@@ -47,7 +47,7 @@ def smollm2_run(tmp_path_factory):
     }
     (root / "run.yaml").write_text(yaml.safe_dump(config))
     done = run_command(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                       "-m", "molf_ds.train", str(root / "run.yaml"), cwd=root)
+                       "-m", "molf_ds.commands.train", str(root / "run.yaml"), cwd=root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return root / "out", done.stdout
 
@@ -114,7 +114,7 @@ def test_gemma3_270m_loads_wraps_and_takes_one_molf_step():
 
 
 def test_estimate_memory_reads_a_registry_model():
-    done = run_command(sys.executable, "-m", "molf_ds.cli", "estimate-memory", SMOLLM2, "--stage", "2", "--json")
+    done = run_command(sys.executable, "-m", "molf_ds.commands", "estimate-memory", SMOLLM2, "--stage", "2", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout[done.stdout.index("{"):])  # after DeepSpeed's accelerator line
     rows = {row["method"]: row for row in report["estimates"]}
@@ -122,7 +122,7 @@ def test_estimate_memory_reads_a_registry_model():
 
 
 def test_models_list_and_a_missing_package_named_with_its_install_command(monkeypatch, tmp_path):
-    done = run_command(sys.executable, "-m", "molf_ds.cli", "models", "list")
+    done = run_command(sys.executable, "-m", "molf_ds.commands", "models", "list")
     assert done.returncode == 0 and "smollm2-135m" in done.stdout and "gemma3-270m" in done.stdout
     absent = pretrained.Pretrained(
         "absent", "no such model", "pip install no-such-package", "none", ("no_such_package",),

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from helpers.demo_runs import REPO, ZERO2, write_demo_run
 from helpers.distributed import needs_fp16
-from molf_ds.train.checkpoints import COMPLETE, to_universal
+from molf_ds.commands.train.checkpoints import COMPLETE, to_universal
 
 pytestmark = pytest.mark.slow  # torchrun, 2 ranks, faults injected
 
@@ -221,7 +221,7 @@ TRAIN_THEN_REPORT_GROUP = """
 import os
 import sys
 import torch.distributed as dist
-from molf_ds.cli import main
+from molf_ds.commands.cli import main
 
 config, out, callers_group = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 if callers_group:  # as a script under torchrun may

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import sqlglot
 
-from molf_ds.train import sql_templates
-from molf_ds.train.config import DataSection, EvalSection, load_config
-from molf_ds.train.data import Generation, load_task
-from molf_ds.train.evaluate import sql_match
-from molf_ds.train.known_facts import RELATIONS, counterfact_records, split_dev
+from molf_ds.commands.train import sql_templates
+from molf_ds.commands.train.config import DataSection, EvalSection, load_config
+from molf_ds.commands.train.data import Generation, load_task
+from molf_ds.commands.train.evaluate import sql_match
+from molf_ds.commands.train.known_facts import RELATIONS, counterfact_records, split_dev
 
 DATA = Path(__file__).parent.parent / "examples" / "replication" / "data"
 SPLITS = ("train", "dev", "test")
@@ -94,10 +94,11 @@ def test_shipped_fact_files_are_disjoint_counterfact_rewrites():
 
 @pytest.mark.parametrize("task", ["fact", "sql"])
 def test_configs_validate_for_every_method(task, monkeypatch):
-    from molf_ds.compare import ALL_METHODS, run_overrides
+    from molf_ds.commands.compare import run_overrides
+    from molf_ds.commands.methods import COMPARE_METHODS
 
     monkeypatch.chdir(DATA.parents[2])  # the configs' paths start at the repository root, as run.sh runs them
-    for method in ALL_METHODS:
+    for method in COMPARE_METHODS:
         own = ["molf.lora_ranks=[32,128]", "molf.lora_alphas=[32,32]"] if method == "molf-e" else []
         cfg = load_config(DATA.parent / f"{task}_smollm2.yaml", run_overrides([], method, own, 0, Path("out")))
         assert cfg.method == method and cfg.data.task == task

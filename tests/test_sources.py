@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 
 from helpers.demo_runs import REPO, ZERO2, write_demo_run
-from molf_ds import sources
-from molf_ds.sources import SourceError, check_dataset, check_model, check_tokenizer
+from molf_ds.commands import sources
+from molf_ds.commands.sources import SourceError, check_dataset, check_model, check_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def demo(tmp_path_factory):
     return root
 
 
-def command(root: Path, *argv: str, launcher: tuple[str, ...] = ("-m", "molf_ds.cli"),
+def command(root: Path, *argv: str, launcher: tuple[str, ...] = ("-m", "molf_ds.commands"),
             cwd: Path | None = None) -> subprocess.CompletedProcess:
     """A molf-ds command in `cwd` [root], offline, with empty Hugging Face caches under root."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
@@ -73,7 +73,7 @@ def test_the_readme_sql_example_offline_is_one_line(demo):
 
 @pytest.mark.slow
 def test_under_torchrun_the_line_comes_once(demo):
-    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "molf_ds.train")
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "molf_ds.commands.train")
     result = command(demo, "run.yaml", "model.name_or_path=demo/modle", launcher=torchrun)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if "molf-ds train:" in line]
@@ -224,7 +224,7 @@ def test_gguf(caches, monkeypatch):
 
 
 def test_eval_checks_an_adapters_base_model(caches):
-    from molf_ds.evaluate_cli import check_sources
+    from molf_ds.commands.evaluate import check_sources
 
     (caches / "adapter").mkdir()
     (caches / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "base/model"}))

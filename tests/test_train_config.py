@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from molf_ds.train import ConfigError, load_config
-from molf_ds.train.checkpoints import COMPLETE, find_resume
-from molf_ds.train.loop import RoutingWatch
+from molf_ds.commands.train import ConfigError, load_config
+from molf_ds.commands.train.checkpoints import COMPLETE, find_resume
+from molf_ds.commands.train.loop import RoutingWatch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def test_speculative_update_without_the_cpp_kernel_is_one_line(config_file, monk
 
 @pytest.mark.slow
 def test_cli_prints_one_line_and_exits_2(config_file):
-    result = subprocess.run([sys.executable, "-m", "molf_ds.train", str(config_file), "train.max_steps=0"],
+    result = subprocess.run([sys.executable, "-m", "molf_ds.commands.train", str(config_file), "train.max_steps=0"],
                             capture_output=True, text=True, cwd=config_file.parent, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == \

@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from molf_ds.train.config import DataSection, EvalSection
-from molf_ds.train.data import IGNORE_INDEX, Choice, Collator, DataError, Example, Generation, load_task, tokenize
-from molf_ds.train.demo import build_tokenizer, counterfact_records
+from molf_ds.commands.train.config import DataSection, EvalSection
+from molf_ds.commands.train.data import IGNORE_INDEX, Choice, Collator, DataError, Example, Generation, load_task, tokenize
+from molf_ds.commands.train.demo import build_tokenizer, counterfact_records
 
 
 def sql_rows(n: int = 4) -> list[dict]:

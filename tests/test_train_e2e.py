@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers.demo_runs import ZERO2, write_demo_run
 from helpers.distributed import spawn
-from molf_ds.train.checkpoints import COMPLETE
+from molf_ds.commands.train.checkpoints import COMPLETE
 
 pytestmark = pytest.mark.slow  # torchrun and spawned ranks on the demo task
 
@@ -39,7 +39,7 @@ def demo(tmp_path_factory):
 
 def torchrun(root: Path, *overrides: str) -> str:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "molf_ds.train", str(root / "run.yaml"), *overrides]
+               "-m", "molf_ds.commands.train", str(root / "run.yaml"), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -107,7 +107,7 @@ def test_resume_auto_reproduces_the_uninterrupted_run(demo, full_run):
 
 
 def _methods_worker(rank: int, world: int, runs: list[dict]) -> None:
-    from molf_ds.train import from_dict, run
+    from molf_ds.commands.train import from_dict, run
 
     for raw in runs:
         run(from_dict(raw))

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from molf_ds.train.data import Choice, DataError, Generation
-from molf_ds.train.demo import build_model, build_tokenizer, counterfact_records
-from molf_ds.train.evaluate import evaluate, greedy, mean_logliks
-from molf_ds.train.loop import Order
+from molf_ds.commands.train.data import Choice, DataError, Generation
+from molf_ds.commands.train.demo import build_model, build_tokenizer, counterfact_records
+from molf_ds.commands.train.evaluate import evaluate, greedy, mean_logliks
+from molf_ds.commands.train.loop import Order
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from molf_ds.compare import RunResult, collect
-from molf_ds.train.data import TASKS
+from molf_ds.commands.compare import RunResult, collect
+from molf_ds.commands.train.data import TASKS
 
 
 def variant(config: dict[str, Any]) -> str:

@@ -48,7 +48,7 @@ for task in "${tasks[@]}"; do
   out=$OUT/$task
 
   # (0) the base model on the test split (2 ranks, as the runs evaluate)
-  [ -f "$out/base.json" ] || torchrun --standalone --nproc_per_node 2 -m molf_ds.cli eval smollm2-135m \
+  [ -f "$out/base.json" ] || torchrun --standalone --nproc_per_node 2 -m molf_ds.commands eval smollm2-135m \
     --task "$task" --data "$test_data" --batch-size $batch --max-new-tokens 48 --no-progress --output "$out/base.json"
 
   # (1) lrs on the dev split

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..config import MoLFConfig
+from ..wrapping import decays
 from . import kernels
 from .layout import ExpertIndex, Layout, LayoutSource, ParamLayouts
 from .routing import ScoreReducer, StepRouting
@@ -255,7 +256,7 @@ def param_groups(model: nn.Module, index: ExpertIndex, cfg: MoLFConfig) -> list[
         if id(p) in index.cell_of:
             kinds["molf"].append(p)
         else:
-            kinds["decay" if len(getattr(p, "ds_shape", p.shape)) >= 2 else "no_decay"].append(p)
+            kinds["decay" if decays(p) else "no_decay"].append(p)
     base_lr = cfg.lr if cfg.trains_base else cfg.lora_lr
     settings = {"molf": (base_lr, cfg.weight_decay), "decay": (cfg.lr, cfg.weight_decay), "no_decay": (cfg.lr, 0.0)}
     return [

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from molf_ds.train.demo import generate
+from molf_ds.commands.train.demo import generate
 
 REPO = Path(__file__).resolve().parents[2]
 ZERO2 = str(REPO / "ds_configs" / "zero2.json")

@@ -1,11 +1,11 @@
-"""Real multi-process runs for tests: spawn ranks on CPU (gloo), count collectives (helpers live in molf_ds.bench)."""
+"""Real multi-process runs for tests: spawn ranks on CPU (gloo), count collectives (helpers live in benchmarks.lab)."""
 from __future__ import annotations
 
 import pytest
 from deepspeed.accelerator import get_accelerator
 
-from molf_ds.bench.collectives import COLLECTIVES, count_collectives
-from molf_ds.bench.procs import free_port, spawn
+from benchmarks.lab.collectives import COLLECTIVES, count_collectives
+from benchmarks.lab.procs import free_port, spawn
 
 # DeepSpeed refuses fp16 on a CPU whose oneDNN has no fp16 kernels (no AVX512-FP16 / AMX-FP16): nothing to test there
 FP16_SUPPORTED = bool(get_accelerator().is_fp16_supported())

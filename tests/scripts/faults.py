@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from molf_ds.cli import main
+from molf_ds.commands.cli import main
 
 kind, _, args = os.environ.get("MOLF_DS_FAULT", "").partition(":")
 rank = int(os.environ.get("RANK", "0"))
@@ -32,7 +32,7 @@ def _die() -> None:
 
 
 if kind == "kill_at_step" and rank == victim:
-    from molf_ds.train import loop
+    from molf_ds.commands.train import loop
 
     step = loop.Loop.step
 
@@ -43,7 +43,7 @@ if kind == "kill_at_step" and rank == victim:
 
     loop.Loop.step = killed_step
 elif kind == "kill_in_save" and rank == victim:
-    from molf_ds.train import methods
+    from molf_ds.commands.train import methods
 
     save = methods.Trainee.save_checkpoint
 
@@ -54,7 +54,7 @@ elif kind == "kill_in_save" and rank == victim:
 
     methods.Trainee.save_checkpoint = killed_save
 elif kind == "nan_batch" and rank == victim:
-    from molf_ds.train import loop
+    from molf_ds.commands.train import loop
 
     class BadCollator(loop.Collator):
         calls = 0

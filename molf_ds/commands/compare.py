@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MOLF_METHODS = ("molf", "molf-e")
-ALL_METHODS = ("fft", "lora", "lora-rest", "adalora", "molf", "molf-e")
+from .methods import COMPARE_METHODS, MOLF_METHODS
+
 DEGENERATE = 0.99
 CSV_NAME, MD_NAME = "comparison.csv", "comparison.md"
 RUN_RECORD = "compare_run.json"  # in each run directory: the command compare launched and its wall time
@@ -35,8 +35,8 @@ PLOTS = {"metric": "metric_per_method.png", "loss": "loss_curves.png", "routing"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="the training YAML shared by every run (it must configure eval.*)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides for every run")
-    parser.add_argument("--methods", default=",".join(ALL_METHODS),
-                        help=f"comma-separated methods [{','.join(ALL_METHODS)}]")
+    parser.add_argument("--methods", default=",".join(COMPARE_METHODS),
+                        help=f"comma-separated methods [{','.join(COMPARE_METHODS)}]")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method: 0..N-1 (+ --first-seed) [3]")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--output-dir", default="runs/compare", help="runs/, logs/, table and plots [runs/compare]")
@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an override for one method only, e.g. molf-e:molf.lora_ranks=[4,8] (repeatable)")
     parser.add_argument("--nproc", type=int, default=2, help="ranks per run for the default torchrun launcher [2]")
     parser.add_argument("--launcher", help="command prefix that runs the training module, e.g. "
-                        "'deepspeed --num_gpus 8 --module molf_ds.train' "
-                        "[python -m torch.distributed.run --standalone --nproc_per_node NPROC -m molf_ds.train]")
+                        "'deepspeed --num_gpus 8 --module molf_ds.commands.train' "
+                        "[python -m torch.distributed.run --standalone --nproc_per_node NPROC -m molf_ds.commands.train]")
     parser.add_argument("--metric", help="the metric the gap and the bar plot use [the task's first]")
     parser.add_argument("--reuse", action="store_true",
                         help="skip runs whose output directory already holds a final evaluation")
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     metric = args.metric or metrics[0]
     launcher = shlex.split(args.launcher) if args.launcher else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-        "-m", "molf_ds.train"]
+        "-m", "molf_ds.commands.train"]
     (out / "logs").mkdir(parents=True, exist_ok=True)
     results = []
     for i, (method, seed, run_dir, overrides) in enumerate(plans, start=1):

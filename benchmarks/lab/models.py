@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..pretrained import MODELS, resolve
+from molf_ds.commands.models import MODELS, resolve
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -19,12 +19,12 @@ def bundled() -> list[str]:
 
 
 def load_config(name: str, gguf_file: str | None = None):
-    """A bench config (qwen2-h256, qwen2-h512), else what `molf_ds.memory.load_config` accepts."""
+    """A bench config (qwen2-h256, qwen2-h512), else what `molf_ds.commands.memory.load_config` accepts."""
     path = CONFIGS / f"{name}.json"
     if path.is_file():
         values = json.loads(path.read_text())
         return AutoConfig.for_model(values.pop("model_type"), **values)
-    from ..memory import load_config as load_architecture
+    from molf_ds.commands.memory import load_config as load_architecture
 
     return load_architecture(name, "--model", also=bundled(), gguf_file=gguf_file)
 

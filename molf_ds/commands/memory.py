@@ -22,12 +22,12 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .config import DEFAULT_TARGETS
-from .pretrained import MODELS, resolve
+from molf_ds.config import DEFAULT_TARGETS
+from .methods import MEMORY_METHODS, is_molf, trains_base
+from .models import MODELS, resolve
 from .sources import SourceError, check_model
 
 BUNDLED = Path(__file__).parent / "model_configs"
-METHODS = ("fft", "lora", "molf", "molf-e")
 DEFAULT_RANKS = {"lora": (128,), "molf": (128,), "molf-e": (32, 128)}
 GRAD16, STATES32 = 2, 16  # bytes per trainable parameter: 16-bit grad; fp32 grad + master + m + v
 BACKUP32 = 4  # bytes per MoLF trainable parameter with speculative_update (CPU optimizer)
@@ -105,8 +105,8 @@ def estimate(
     n = gpus_per_node * nodes
     lora = counts.lora_per_rank * sum(ranks) if method != "fft" else 0
     trainable = {"fft": counts.params, "lora": lora, "molf": counts.params + lora, "molf-e": lora}[method]
-    frozen = counts.params if method in ("lora", "molf-e") else 0
-    resident = lora if stage == 3 and method in ("molf", "molf-e") else 0
+    frozen = 0 if trains_base(method) else counts.params
+    resident = lora if stage == 3 and is_molf(method) else 0
     weights = 2 * (trainable + frozen)
     if stage == 3:
         weights = 2 * (trainable + frozen - resident) / n + 2 * resident + 4 * counts.largest
@@ -115,7 +115,7 @@ def estimate(
     gpu, cpu = weights + grads + states, 0.0
     if offload_optimizer:  # grads stream to the CPU's fp32 buffers as they are reduced
         gpu, cpu = gpu - states - grads, cpu + states * gpus_per_node
-        if speculative_update and method in ("molf", "molf-e"):
+        if speculative_update and is_molf(method):
             cpu += BACKUP32 * trainable / (n if stage >= 1 else 1) * gpus_per_node
     if offload_param:
         moved = 2 * (trainable + frozen - resident) / n
@@ -143,7 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="gemma-3-1b, qwen2.5-1.5b, qwen2.5-3b, a `molf-ds models` name (smollm2-135m, "
                                       "gemma3-270m), a config.json or a model folder")
     parser.add_argument("--gguf-file", help="a GGUF checkpoint inside the model folder: read its architecture")
-    parser.add_argument("--method", choices=("all",) + METHODS, default="all")
+    parser.add_argument("--method", choices=("all",) + MEMORY_METHODS, default="all")
     parser.add_argument("--ranks", default=None, help="LoRA ranks, comma-separated (default: 128; 32,128 for molf-e)")
     parser.add_argument("--stage", type=int, choices=(0, 1, 2, 3), default=3)
     parser.add_argument("--offload-optimizer", action="store_true", help="offload_optimizer: cpu")
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"molf-ds estimate-memory: {error}", file=sys.stderr)
         return 2
     counts = count(config)
-    methods = METHODS if args.method == "all" else (args.method,)
+    methods = MEMORY_METHODS if args.method == "all" else (args.method,)
     ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else None
     setup = (args.stage, args.offload_optimizer, args.offload_param, args.gpus_per_node, args.nodes)
     rows = [estimate(counts, m, ranks or DEFAULT_RANKS.get(m, (0,)), *setup, speculative_update=args.speculative_update)

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import datetime
 import json
 import logging
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,8 +20,10 @@ import torch.distributed as dist
 import transformers
 import yaml
 
+from molf_ds.distributed import init_distributed
+
+from ..models import resolve
 from ..plot_routing import plot as plot_routing
-from ..pretrained import resolve
 from . import checkpoints
 from .config import ModelSection, TrainConfig
 from .data import Collator, DataError, load_task, pad_id, tokenize
@@ -33,13 +33,12 @@ from .outputs import ROUTING_PNG, routing_summary, save_final
 
 ROUTING, METRICS, EVAL, CONFIG = "routing.jsonl", "metrics.jsonl", "eval.jsonl", "config.yaml"
 WATCH_STEPS, WATCH_SHARE = 100, 0.99
-MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
 
 def run(cfg: TrainConfig) -> Path:
     """Train as `cfg` says; returns the output directory. The process group (started here unless there is one)
     stays for the caller: DeepSpeed keeps its groups for the rest of the process."""
-    _init_distributed(cfg.train.collective_timeout)
+    init_distributed(cfg.train.collective_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines drown the progress bar
     transformers.utils.logging.disable_progress_bar()
@@ -275,26 +274,6 @@ def _rank_zero_first(rank: int) -> Iterator[None]:
     yield
     if rank == 0:
         dist.barrier()
-
-
-def _init_distributed(timeout_s: float = 600) -> None:
-    """Process group from the launcher's environment (MPI included); one process when there is none.
-    A collective that waits longer than `timeout_s` (a rank died, a node hangs) raises instead of hanging."""
-    import deepspeed
-
-    if dist.is_initialized():
-        return
-    if "RANK" not in os.environ and not any(name in os.environ for name in MPI_ENV):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    accelerator = deepspeed.get_accelerator()
-    cpu = accelerator.device_name() == "cpu"
-    deepspeed.init_distributed(dist_backend="gloo" if cpu else None, auto_mpi_discovery=True,
-                               timeout=datetime.timedelta(seconds=timeout_s))
-    if not cpu:  # before the first collective, so that each rank uses its own device
-        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _load_tokenizer(m: ModelSection) -> Any:

@@ -137,7 +137,7 @@ def _is_path(key: str, value: str, cached: Callable[[str], bool]) -> bool:
 
 def _registry(key: str, value: str) -> bool:
     """Whether `value` is a `molf-ds models` name (not shadowed by a local path) that can be prepared."""
-    from .pretrained import MODELS, is_prepared
+    from .models import MODELS, is_prepared
 
     if value not in MODELS or Path(value).exists():
         return False

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .pretrained import resolve
+from .models import resolve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .distributed import end_process_group, report_before_group
+    from molf_ds.distributed import end_process_group, report_before_group
     from .sources import SourceError
     from .train.data import DataError
 
@@ -69,13 +69,15 @@ def evaluate_model(
 ) -> dict[str, Any]:
     import torch
 
+    from molf_ds.distributed import init_distributed
+
     from .train.data import TASKS, DataError, open_table, rows
     from .train.evaluate import evaluate
 
     if batch_size < 1 or skip < 0 or (max_samples is not None and max_samples < 1):
         raise ValueError("--batch-size and --max-samples must be >= 1, --skip >= 0")
     check_sources(model, data, tokenizer, gguf_file)
-    _init_distributed()
+    init_distributed(device="cuda" if torch.cuda.is_available() else "cpu", alone=False)  # one process: no group
     module = TASKS[task]
     where, table = open_table(data, split)
     stop = len(table) if max_samples is None else min(len(table), skip + max_samples)
@@ -170,13 +172,3 @@ def _rank() -> int | None:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
-
-
-def _init_distributed() -> None:
-    """A process group when launched with several ranks (torchrun etc.); otherwise one process."""
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

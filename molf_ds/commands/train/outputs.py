@@ -1,6 +1,6 @@
 """What a training run leaves in its output directory besides the logs and checkpoints:
 `final/` (merged vanilla transformers model + tokenizer), `final_peft/` (molf-e, lora, adalora), and for
-molf and molf-e `routing.png` (molf_ds.plot_routing) and a one-line summary of the routing."""
+molf and molf-e `routing.png` (molf_ds.commands.plot_routing) and a one-line summary of the routing."""
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +10,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ..export import export_peft, gathered, save_merged
-from ..optim.routing_log import is_rank_zero
+from molf_ds.export import export_peft, gathered, save_merged
+from molf_ds.optim.routing_log import is_rank_zero
 from .methods import Trainee
 
 FINAL, FINAL_PEFT, ROUTING_PNG = "final", "final_peft", "routing.png"

@@ -1,4 +1,4 @@
-"""`python -m molf_ds.train.universal OUT/checkpoints/step4 NEW/step4`: a complete molf_ds checkpoint as a
+"""`python -m molf_ds.commands.train.universal OUT/checkpoints/step4 NEW/step4`: a complete molf_ds checkpoint as a
 DeepSpeed universal checkpoint, which `train.resume=NEW/step4` loads on any world size and ZeRO stage."""
 import sys
 from pathlib import Path

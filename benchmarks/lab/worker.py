@@ -17,9 +17,12 @@ from typing import Any, Callable
 
 import torch
 
+from molf_ds.commands.methods import MOLF_WRAPPED
+from molf_ds.distributed import init_distributed
+
 from . import models
 from .collectives import count_collectives
-from .methods import MOLF_METHODS, Settings, build_engine, optimizer_name, trainable_params
+from .methods import Settings, build_engine, optimizer_name, trainable_params
 
 Cell = tuple[int, bool, str]  # (ZeRO stage, optimizer offload, method)
 
@@ -282,7 +285,7 @@ class _Trainer:
             "step_collectives": [list(c) for c in calls.since(in_backward)],
             "optimizer_bytes": optimizer_bytes(engine), "loss": float(loss.detach().float()),
         })
-        if self.cell[2] in MOLF_METHODS and (r := _routing_shares(engine)) is not None:
+        if self.cell[2] in MOLF_WRAPPED and (r := _routing_shares(engine)) is not None:
             self.shares.append(r)
 
     def timings(self) -> dict[str, Any]:
@@ -323,7 +326,7 @@ def measure(cell: Cell, s: Settings, rank: int, world: int) -> dict[str, Any]:
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     if s.reference_repeats > 0:  # after every training measurement: it moves the engine's weights
         result["isolated"] = isolated_optimizer_steps(engine, s.reference_repeats, s.device)
-        if cell[2] in MOLF_METHODS and (r := _routing_shares(engine)) is not None:
+        if cell[2] in MOLF_WRAPPED and (r := _routing_shares(engine)) is not None:
             result["isolated"]["routing_shares"] = r
     return result
 
@@ -335,7 +338,7 @@ def run_interleaved(rank: int, world: int, cells: list[Cell], settings: dict[str
     which separate runs minutes apart do not ensure.
     Writes OUT/cell-K.rank-R.json with each cell's step records."""
     s = Settings(**settings)
-    _init_distributed(s, rank)
+    init_distributed(device=s.device)  # spawn's environment: this rank's LOCAL_RANK device
     trainers: dict[int, _Trainer] = {}
     for k, cell in enumerate(cells):
         try:
@@ -355,14 +358,6 @@ def run_interleaved(rank: int, world: int, cells: list[Cell], settings: dict[str
         _write(out, k, rank, {**_identity(cells[k], rank, world), **trainer.timings()})
 
 
-def _init_distributed(s: Settings, rank: int) -> None:
-    import deepspeed
-
-    if s.device == "cuda":
-        torch.cuda.set_device(rank)
-    deepspeed.init_distributed(dist_backend="nccl" if s.device == "cuda" else "gloo", auto_mpi_discovery=False)
-
-
 def _write(out: str, k: int, rank: int, result: dict[str, Any]) -> None:
     Path(out, f"cell-{k}.rank-{rank}.json").write_text(json.dumps(result))
 
@@ -370,7 +365,7 @@ def _write(out: str, k: int, rank: int, result: dict[str, Any]) -> None:
 def run_cells(rank: int, world: int, cells: list[Cell], settings: dict[str, Any], out: str, progress: bool) -> None:
     """The entry point of each spawned rank: measure `cells` one after the other, write one JSON per cell."""
     s = Settings(**settings)
-    _init_distributed(s, rank)
+    init_distributed(device=s.device)  # spawn's environment: this rank's LOCAL_RANK device
     bar = None
     if progress and rank == 0 and len(cells) > 1:
         from tqdm import tqdm

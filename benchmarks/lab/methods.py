@@ -18,17 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import DEFAULT_TARGETS, MoLFConfig
+from molf_ds.commands.methods import BENCH_EXTRA_METHODS, BENCH_METHODS, is_molf
+from molf_ds.config import DEFAULT_TARGETS, MoLFConfig
+from molf_ds.wrapping import decays
 
-METHODS = ("fft", "lora", "molf", "molf-e")
-EXTRA_METHODS = ("ds-adamw",)
 BASELINE_OPTIMIZERS = ("torch-fused", "torch", "deepspeed")
-MOLF_METHODS = ("molf", "molf-e", "ds-adamw")  # MoLF-wrapped models
-
-
-def baseline_of(method: str) -> str:
-    """The method a method's target is measured against (MoLF-E against LoRA, every other against FFT)."""
-    return "lora" if method in ("lora", "molf-e") else "fft"
 
 
 @dataclass
@@ -103,7 +97,7 @@ def fft_groups(model: nn.Module, s: Settings) -> list[dict[str, Any]]:
     groups: dict[str, list[nn.Parameter]] = {"targets": [], "decay": [], "no_decay": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups["targets" if _is_target(name) else "decay" if p.dim() >= 2 else "no_decay"].append(p)
+            groups["targets" if _is_target(name) else "decay" if decays(p) else "no_decay"].append(p)
     decay = {"targets": 0.1, "decay": 0.1, "no_decay": 0.0}
     return [{"params": ps, "weight_decay": decay[k]} for k, ps in groups.items() if ps]
 
@@ -118,7 +112,7 @@ def _adamw_engine(model: nn.Module, groups: list[dict[str, Any]], s: Settings, s
     """deepspeed.initialize with torch AdamW as client, or (own, or offload) DeepSpeed's own AdamW."""
     import deepspeed
 
-    from ..zero.ds_config import check_deepspeed_version
+    from molf_ds.zero.ds_config import check_deepspeed_version
 
     check_deepspeed_version()
     config = ds_config(s, stage, offload)
@@ -135,14 +129,14 @@ def _adamw_engine(model: nn.Module, groups: list[dict[str, Any]], s: Settings, s
 
 def build_engine(method: str, model: nn.Module, s: Settings, stage: int, offload: bool) -> Any:
     """The DeepSpeed engine of `method` over `model` (a plain transformers model, modified in place)."""
-    if method in ("molf", "molf-e"):
+    if is_molf(method):
         import molf_ds
 
         engine, *_ = molf_ds.initialize(model, molf_config(s, method), ds_config(s, stage, offload))
         return engine
     if method == "ds-adamw":
         import molf_ds
-        from ..optim import ExpertIndex, param_groups
+        from molf_ds.optim import ExpertIndex, param_groups
 
         cfg = molf_config(s, "molf")
         molf_ds.wrap_model(model, cfg)
@@ -158,7 +152,7 @@ def build_engine(method: str, model: nn.Module, s: Settings, stage: int, offload
                           target_modules=list(DEFAULT_TARGETS), task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
         return _adamw_engine(model, lora_groups(model), s, stage, offload, own=False)
-    raise ValueError(f"bench: unknown method {method!r}: use {METHODS + EXTRA_METHODS}")
+    raise ValueError(f"bench: unknown method {method!r}: use {BENCH_METHODS + BENCH_EXTRA_METHODS}")
 
 
 def optimizer_name(engine: Any) -> str:

@@ -18,9 +18,10 @@ from typing import Any
 
 import yaml
 
-from ..config import DEFAULT_TARGETS, MoLFConfig
+from molf_ds.config import DEFAULT_TARGETS, MoLFConfig
 
-METHODS = ("molf", "molf-e", "fft", "lora", "lora-rest", "adalora")
+from ..methods import TRAIN_METHODS, is_molf
+
 TASKS = ("sql", "med", "fact", "jsonl")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -275,7 +276,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     from .data.base import is_local
 
     m, d, e, t, lo = cfg.model, cfg.data, cfg.eval, cfg.train, cfg.lora
-    _choice("method", cfg.method, METHODS)
+    _choice("method", cfg.method, TRAIN_METHODS)
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("data.task", d.task, TASKS)
     _choice("train.scheduler", t.scheduler, SCHEDULERS)
@@ -318,7 +319,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                 check_dataset(key, source)
             except SourceError as error:
                 raise ConfigError(str(error)) from None
-    if cfg.method in ("molf", "molf-e"):
+    if is_molf(cfg.method):
         _check_molf(cfg)
     elif cfg.molf:
         raise key_error("molf", f"is set but method is {cfg.method!r}: MoLF settings only apply to molf and molf-e "
@@ -338,7 +339,7 @@ def _positive(key: str, value: int) -> None:
 
 
 def _check_molf(cfg: TrainConfig) -> None:
-    from ..optim.molf_adamw import check_speculative_update
+    from molf_ds.optim.molf_adamw import check_speculative_update
 
     own = [f.name for f in fields(MoLFConfig) if f.name not in SHARED_OPTIMIZER_FIELDS + ("variant",)]
     for name in cfg.molf:
@@ -359,7 +360,7 @@ def _check_molf(cfg: TrainConfig) -> None:
 
 def _check_deepspeed(ds: dict[str, Any], t: TrainSection) -> dict[str, Any]:
     """The YAML's batch numbers go into the DeepSpeed config; then molf_ds's DeepSpeed checks."""
-    from ..zero.ds_config import prepare_ds_config
+    from molf_ds.zero.ds_config import prepare_ds_config
 
     ds = copy.deepcopy(ds)
     for key, value in (("train_micro_batch_size_per_gpu", t.micro_batch_size),

@@ -10,8 +10,11 @@ import deepspeed
 import torch
 from torch import nn
 
-from .. import zero
-from ..zero.ds_config import check_deepspeed_version, prepare_ds_config
+from molf_ds import zero
+from molf_ds.wrapping import decays
+from molf_ds.zero.ds_config import check_deepspeed_version, prepare_ds_config
+
+from ..methods import is_molf
 from .config import TrainConfig, key_error
 
 
@@ -24,7 +27,7 @@ class Trainee:
 
     @property
     def is_molf(self) -> bool:
-        return self.method in ("molf", "molf-e")
+        return is_molf(self.method)
 
     def routing_shares(self) -> dict[str, Any] | None:
         """{"routing": share of MoLF modules each expert won at the last optimizer step, "routing_by_type": the
@@ -84,7 +87,7 @@ class AdaLoraTrainee(Trainee):
 def build(cfg: TrainConfig, model: nn.Module, total_steps: int, routing_log: Path) -> Trainee:
     """The engine for `cfg.method` over `model` (a transformers model, not yet wrapped)."""
     schedule = _scheduler(cfg, total_steps)
-    if cfg.method in ("molf", "molf-e"):
+    if is_molf(cfg.method):
         engine, *_ = zero.initialize(model, cfg.molf_config(), cfg.deepspeed, lr_scheduler=schedule,
                                      routing_log=routing_log)
         return Trainee(engine, cfg.method)
@@ -95,8 +98,8 @@ def build(cfg: TrainConfig, model: nn.Module, total_steps: int, routing_log: Pat
         model = _peft(cfg, model, total_steps)
         lr, weight_decay = t.lora_lr, t.lora_weight_decay
     check_deepspeed_version()
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # biases, norms
+    decay = [p for p in model.parameters() if p.requires_grad and decays(p)]
+    no_decay = [p for p in model.parameters() if p.requires_grad and not decays(p)]  # biases, norms
     groups = [{"params": ps, "weight_decay": wd} for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
     if cfg.method == "lora-rest":
         groups += _rest_groups(model, t.lr, t.weight_decay)
@@ -132,8 +135,8 @@ def _rest_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[
     rest = [p for p in model.parameters() if id(p) not in wrapped]
     for p in rest:
         p.requires_grad_(True)
-    decay = [p for p in rest if p.dim() >= 2]
-    no_decay = [p for p in rest if p.dim() < 2]
+    decay = [p for p in rest if decays(p)]
+    no_decay = [p for p in rest if not decays(p)]
     return [{"params": ps, "weight_decay": wd, "lr": lr} for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
 
 

@@ -1,7 +1,7 @@
 """Well-known facts as counterfactual rewrites in CounterFact's schema, and a probe that keeps the ones a
 pretrained model already knows (CounterFact's premise: the model must hold the fact that the rewrite replaces).
 
-    python -m molf_ds.train.known_facts runs/demo/counterfact.json --model smollm2-135m [--dev-output dev.json]
+    python -m molf_ds.commands.train.known_facts runs/demo/counterfact.json --model smollm2-135m [--dev-output dev.json]
 
 Each subject's rewrite moves it to another object of the same relation; its paraphrase prompts ask the same
 question in other words, its neighborhood prompts ask about subjects that share the true object (they must
@@ -120,9 +120,9 @@ def _write(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..evaluate_cli import load_model
+    from ..evaluate import load_model
 
-    parser = argparse.ArgumentParser(prog="python -m molf_ds.train.known_facts", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m molf_ds.commands.train.known_facts", description=__doc__.split("\n")[0])
     parser.add_argument("output", type=Path, help="the CounterFact JSON to write")
     parser.add_argument("--model", required=True, help="a registry name, a model directory or a run directory")
     parser.add_argument("--max-cases", type=int, help="keep at most this many (a seeded sample across relations)")

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
-from ..distributed import end_process_group
+from molf_ds.distributed import end_process_group
 
 
 def free_port() -> int:

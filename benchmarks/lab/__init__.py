@@ -1,4 +1,6 @@
-"""`molf-ds bench`: MoLF's cost against FFT and LoRA under every ZeRO stage, measured side by side in one run.
+"""The benchmarking lab behind `molf-ds bench`, run from a git checkout (it is not part of the installed package).
+
+`molf-ds bench`: MoLF's cost against FFT and LoRA under every ZeRO stage, measured side by side in one run.
 
 For one model config, every (ZeRO stage, optimizer offload) mode and every method (fft, lora, molf, molf-e),
 `world` ranks are spawned (torch.multiprocessing; gloo and one thread per rank on CPU, NCCL on GPUs); each trains
@@ -10,7 +12,7 @@ in the same ranks as its baseline, in turn, step by step: FFT with MoLF, LoRA wi
 from each cell's own run). Ratios against FFT and LoRA of the same mode, a text table, JSON and markdown
 (`--out`), PNG charts (`--plot`).
 
-    python -m molf_ds.bench --model qwen2-h256 --out bench_results/bench
+    python -m benchmarks.lab --model qwen2-h256 --out bench_results/bench
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .methods import BASELINE_OPTIMIZERS, EXTRA_METHODS, METHODS, Settings, baseline_of, default_ranks
+from molf_ds.commands.methods import BENCH_EXTRA_METHODS, BENCH_METHODS, baseline_of
+
+from .methods import BASELINE_OPTIMIZERS, Settings, default_ranks
 
 __all__ = ["Settings", "add_arguments", "cells_for", "run", "run_bench"]
 
@@ -47,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stages", type=_ints, default=(0, 1, 2, 3), help="ZeRO stages, e.g. 0,1,2,3")
     parser.add_argument("--offload", type=_names, default=("none", "cpu"),
                         help="optimizer offload modes: none,cpu (cpu is skipped for stage 0)")
-    parser.add_argument("--methods", type=_names, default=METHODS, help=f"of {METHODS + EXTRA_METHODS}")
+    parser.add_argument("--methods", type=_names, default=BENCH_METHODS, help=f"of {BENCH_METHODS + BENCH_EXTRA_METHODS}")
     parser.add_argument("--world", type=int, default=2, help="ranks (default 2; on GPUs: one per GPU)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per rank (default 1)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -102,8 +106,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def cells_for(stages: Sequence[int], offloads: Sequence[str], methods: Sequence[str]) -> list[tuple[int, bool, str]]:
     """Every valid (stage, offload, method), grouped by mode so that a mode's methods run back to back."""
     for m in methods:
-        if m not in METHODS + EXTRA_METHODS:
-            raise ValueError(f"bench: unknown method {m!r}: use {METHODS + EXTRA_METHODS}")
+        if m not in BENCH_METHODS + BENCH_EXTRA_METHODS:
+            raise ValueError(f"bench: unknown method {m!r}: use {BENCH_METHODS + BENCH_EXTRA_METHODS}")
     for o in offloads:
         if o not in ("none", "cpu"):
             raise ValueError(f"bench: offload {o!r}: use none or cpu")
@@ -214,7 +218,7 @@ def write(report_dict: dict[str, Any], out: Path, command: str | None, plot: boo
 
 
 def run(args: argparse.Namespace) -> int:
-    """`molf-ds bench` / `python -m molf_ds.bench`: measure, print the tables, write --out; 1 if a cell failed."""
+    """`molf-ds bench` / `python -m benchmarks.lab`: measure, print the tables, write --out; 1 if a cell failed."""
     from . import report
 
     if args.plot and args.out is None:
@@ -245,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m molf_ds.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.lab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))

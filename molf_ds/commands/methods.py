@@ -1,0 +1,54 @@
+"""The methods the commands know, in one registry: what each one is (MoLF's optimizer routing or not, a
+MoLF-wrapped model or not, training the base weights W of the target linears or not, a PEFT baseline or not) and
+which command runs which. `molf-ds train` builds them (train/methods.py), `molf-ds compare` runs several,
+`molf-ds estimate-memory` sizes them, `molf-ds bench` times them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    molf: bool  # molf_ds.initialize: MoLFAdamW routes each module between its full weight and LoRA experts
+    wrapped: bool  # the model's target linears are MoLFLinear (every `molf` method, and the bench's ds-adamw)
+    trains_base: bool  # the target linears' own weights W train (frozen under LoRA-only methods)
+    peft: bool  # a PEFT baseline (LoRA / AdaLoRA adapters from the peft package)
+    about: str
+
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("fft", molf=False, wrapped=False, trains_base=True, peft=False, about="full fine-tuning, torch AdamW"),
+    Method("lora", molf=False, wrapped=False, trains_base=False, peft=True, about="PEFT LoRA on the target linears"),
+    Method("lora-rest", molf=False, wrapped=False, trains_base=False, peft=True,
+           about="PEFT LoRA on the target linears, every other weight trained in full"),
+    Method("adalora", molf=False, wrapped=False, trains_base=False, peft=True, about="PEFT AdaLoRA"),
+    Method("molf", molf=True, wrapped=True, trains_base=True, peft=False,
+           about="MoLF: per module and step, the full weight or one of the LoRA experts"),
+    Method("molf-e", molf=True, wrapped=True, trains_base=False, peft=False,
+           about="MoLF-E: LoRA experts only, W frozen"),
+    Method("ds-adamw", molf=False, wrapped=True, trains_base=True, peft=False,
+           about="bench only: the molf-wrapped model with DeepSpeed's own AdamW (optimizer-step baseline)"),
+)}
+
+MOLF_METHODS = tuple(n for n, m in REGISTRY.items() if m.molf)  # ("molf", "molf-e")
+MOLF_WRAPPED = tuple(n for n, m in REGISTRY.items() if m.wrapped)  # ("molf", "molf-e", "ds-adamw")
+TRAIN_METHODS = ("molf", "molf-e", "fft", "lora", "lora-rest", "adalora")  # molf-ds train's `method:`
+COMPARE_METHODS = ("fft", "lora", "lora-rest", "adalora", "molf", "molf-e")  # molf-ds compare's default order
+MEMORY_METHODS = ("fft", "lora", "molf", "molf-e")  # molf-ds estimate-memory
+BENCH_METHODS = ("fft", "lora", "molf", "molf-e")  # molf-ds bench's default
+BENCH_EXTRA_METHODS = ("ds-adamw",)  # molf-ds bench, on request
+
+
+def is_molf(method: str) -> bool:
+    """Whether `method` is one of MoLF's (molf, molf-e): built by molf_ds.initialize, with a routing log."""
+    return REGISTRY[method].molf if method in REGISTRY else False
+
+
+def trains_base(method: str) -> bool:
+    return REGISTRY[method].trains_base
+
+
+def baseline_of(method: str) -> str:
+    """The method a method is measured against: LoRA for those that leave W frozen, FFT for the others."""
+    return "fft" if REGISTRY[method].trains_base else "lora"
