@@ -1,5 +1,5 @@
 """One MoLFLinear, two optimizer steps, everything checked against values computed
-here by hand from the formulas of DESIGN.md section 1 (float64, explicit gradients of
+here by hand from the formulas of docs/design.md ("The algorithm") (float64, explicit gradients of
 L = 0.5 * sum(y^2)); independent of tests/helpers/reference_molf.py.
 
 y = W x + b + s * B A x,  dL/dy = y:

@@ -18,7 +18,7 @@ def test_qwen3b_counts_by_hand(qwen3b):
     hidden, inter, layers, kv = 2048, 11008, 36, 2 * 128
     per_layer = 2 * (hidden + hidden) + 2 * (hidden + kv) + 3 * (hidden + inter)  # q,o; k,v; gate,up,down
     assert qwen3b.lora_per_rank == layers * per_layer
-    assert qwen3b.lora_per_rank * 128 == 239_468_544  # "about 239M" (DESIGN.md section 5)
+    assert qwen3b.lora_per_rank * 128 == 239_468_544  # "about 239M" LoRA parameters per rank at r=128
     assert qwen3b.largest == 151_936 * hidden  # the (tied) embedding
     assert 3.0e9 < qwen3b.params < 3.2e9
 

@@ -1,4 +1,4 @@
-"""molf_ds.build_optimizer vs the plain reference (tests/helpers/reference_molf.py, from DESIGN.md section 1).
+"""molf_ds.build_optimizer vs the plain reference (tests/helpers/reference_molf.py, from docs/design.md).
 
 Two identical wrapped tiny models (deep copy), the same batches and the same LR schedule
 (cosine with warm-up from 0); one is stepped by the package, the other by the reference.
@@ -65,7 +65,7 @@ def assert_records_match(rec, ref_rec, t, ctx=""):
     assert set(rec["modules"]) == set(ref_rec["modules"]), f"{ctx} step {t}: module names differ"
     for name, r in ref_rec["modules"].items():
         p = rec["modules"][name]
-        # winners: order inside the list is not specified by DESIGN.md, compare as sets
+        # winners: the order inside the list is not specified, compare as sets
         assert sorted(p["winners"]) == sorted(r["winners"]), (
             f"{ctx} step {t} {name}: winners {p['winners']} vs reference {r['winners']}; "
             f"scores {p['scores']} vs reference {r['scores']}"

@@ -1,4 +1,4 @@
-"""Reference MoLF AdamW: the test oracle, written from DESIGN.md section 1 only.
+"""Reference MoLF AdamW: the test oracle, written from docs/design.md ("The algorithm") only.
 
 A deliberately plain per-parameter implementation (per-tensor torch ops, no flat
 layouts, no foreach, no fused kernels) of one MoLF optimizer step:
@@ -10,7 +10,7 @@ layouts, no foreach, no fused kernels) of one MoLF optimizer step:
    (EPD or PFN, eps_s = 1e-8, N_e elements; `full` includes the base bias),
 4. top_k winners, ties to the lower expert index,
 5. AdamW update (decoupled decay first) for the winners only,
-6. the routing record in the routing-log format of DESIGN.md section 4.
+6. the routing record in the routing-log format of docs/design.md ("The routing log").
 
 Scores are computed in float64 from the fp32 moments.
 
