@@ -90,6 +90,13 @@ def test_chat_labels_with_smollm2_template(tmp_path):
     assert [smol.decode(r) for r in runs] == ["Hello! How can I help?<|im_end|>\n", "4<|im_end|>\n"]
 
 
+def test_tokenizer_without_offsets_cuts_the_text_at_the_turns(tmp_path, records, tokenizer, monkeypatch):
+    data = load("chat", write_jsonl(records, tmp_path / "chat.jsonl"))
+    want = tokenize(data.train, tokenizer, 512)
+    monkeypatch.setattr(type(tokenizer), "is_fast", property(lambda self: False))  # a slow tokenizer's path
+    assert tokenize(data.train, tokenizer, 512) == want
+
+
 def test_sharegpt_rows_render_as_messages_rows(tmp_path, records, tokenizer):
     messages = load("chat", write_jsonl(records, tmp_path / "messages.jsonl"))
     converted = load("chat", write_jsonl([sharegpt(r) for r in records], tmp_path / "sharegpt.jsonl"))
@@ -141,6 +148,18 @@ def test_tokenizer_without_chat_template(tmp_path, records, tokenizer):
         check_chat_template("model.tokenizer", str(tmp_path / "plain"))
     tokenizer.save_pretrained(tmp_path / "templated")
     check_chat_template("model.tokenizer", str(tmp_path / "templated"))
+
+
+def test_config_check_names_a_tokenizer_without_chat_template(tmp_path, records):
+    from molf_ds.commands.sources import check_config
+    from molf_ds.commands.train import from_dict
+
+    raw = write_chat_run(tmp_path, n=4, train={"output_dir": str(tmp_path / "out"), "max_steps": 1})
+    chat_tokenizer(records, template=None).save_pretrained(tmp_path / "plain")
+    check_config(from_dict(raw))
+    with pytest.raises(SourceError, match="config key 'model.tokenizer': data.task is chat but the tokenizer"):
+        check_config(from_dict(raw, [f"model.tokenizer={tmp_path / 'plain'}"]))
+    check_config(from_dict(raw, [f"model.tokenizer={tmp_path / 'plain'}", "data.task=jsonl"]))
 
 
 def test_template_that_rewrites_earlier_turns_is_named(tmp_path, records):
