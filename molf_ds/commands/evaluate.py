@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model directory, run output directory (uses final/), PEFT adapter, or a "
                                       "`molf-ds models` name")
     parser.add_argument("--gguf-file", help="a GGUF checkpoint inside the model directory")
-    parser.add_argument("--task", required=True, choices=("sql", "med", "fact", "jsonl"))
+    parser.add_argument("--task", required=True, choices=("sql", "med", "fact", "jsonl", "chat", "alpaca"))
     parser.add_argument("--data", required=True, help="local .json/.jsonl/.parquet/.csv file or hub dataset id")
     parser.add_argument("--split", default="validation", help="hub split [validation]")
     parser.add_argument("--tokenizer", help="tokenizer directory or id [the model's]")

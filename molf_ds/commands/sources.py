@@ -38,6 +38,8 @@ def check_config(cfg: TrainConfig) -> None:
         check_tokenizer("model.tokenizer", m.tokenizer)
     elif m.gguf_file is None:  # a GGUF file carries its tokenizer
         check_tokenizer("model.tokenizer", m.name_or_path, default_of="model.name_or_path")
+    if cfg.data.task == "chat" and (m.tokenizer is not None or m.gguf_file is None):
+        check_chat_template("model.tokenizer", m.tokenizer or m.name_or_path)
     check_dataset("data.train", cfg.data.train)
     if cfg.eval.data is not None:
         check_dataset("eval.data", cfg.eval.data)
@@ -94,6 +96,41 @@ def check_tokenizer(key: str, name_or_path: str, default_of: str | None = None) 
         raise SourceError(key, f"{name_or_path} is a file, not a tokenizer directory")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise SourceError(key, f"{name_or_path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+
+
+def check_chat_template(key: str, name_or_path: str) -> None:
+    """The tokenizer (`data.task: chat`) has a chat template, where that shows without loading it: a local or
+    prepared `molf-ds models` directory, or a hub tokenizer whose files are cached; otherwise loading checks."""
+    import json
+
+    from huggingface_hub import try_to_load_from_cache
+
+    from .models import MODELS, is_prepared, model_dir
+
+    names = ("chat_template.jinja", "chat_template.json")
+    if name_or_path in MODELS and not Path(name_or_path).exists():
+        if not is_prepared(name_or_path):
+            return
+        directory = model_dir(name_or_path)
+    elif Path(name_or_path).is_dir():
+        directory = Path(name_or_path)
+    else:  # a hub id: cached files only
+        found = [try_to_load_from_cache(name_or_path, name) for name in ("tokenizer_config.json", *names)]
+        if any(isinstance(f, str) for f in found[1:]):
+            return
+        if not isinstance(found[0], str) or any(f is None for f in found[1:]):  # unknown: the loader checks
+            return
+        directory = Path(found[0]).parent
+    if any((directory / name).is_file() for name in names) or (directory / "additional_chat_templates").is_dir():
+        return
+    config = directory / "tokenizer_config.json"
+    try:
+        if config.is_file() and json.loads(config.read_text()).get("chat_template"):
+            return
+    except (ValueError, AttributeError):
+        return  # unreadable: the loader reports it
+    raise SourceError(key, f"data.task is chat but the tokenizer {name_or_path} has no chat template: "
+                           f"{_point(key, 'DIR')} (a tokenizer that has one, e.g. the instruct model's)")
 
 
 def check_dataset(key: str, source: str) -> None:

@@ -22,7 +22,7 @@ from molf_ds.config import DEFAULT_TARGETS, MoLFConfig
 
 from ..methods import TRAIN_METHODS, is_molf
 
-TASKS = ("sql", "med", "fact", "jsonl")
+TASKS = ("sql", "med", "fact", "jsonl", "chat", "alpaca")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")  # transformers.get_scheduler names that need no extra arguments

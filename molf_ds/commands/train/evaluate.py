@@ -4,7 +4,10 @@
   highest mean log-likelihood per token wins; option scoring is batched;
 - generations (sql, jsonl exact match): greedy decoding, batched with left padding; sql compares the
   queries after normalisation (`normalise_sql`: sqlglot's canonical form where both parse, then case,
-  whitespace and quotes), other tasks after whitespace normalisation.
+  whitespace and quotes), other tasks after whitespace normalisation;
+- teacher-forced likelihoods (chat and alpaca): `token_accuracy`, the share of the loss tokens (assistant
+  turns, outputs) that are the model's argmax prediction, and `loss`, their mean cross-entropy (perplexity is
+  exp(loss)); both per token over all items, not per item.
 
 Every rank runs the same number of forward passes and `generate` calls (the per-rank lists are padded
 with dummy work whose results are dropped, and `generate` runs with `synced_gpus` under ZeRO-3), so that
@@ -20,15 +23,17 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .data import IGNORE_INDEX, Choice, Collator, Generation, encode, pad_id
+from .data import IGNORE_INDEX, Choice, Collator, Generation, Likelihood, encode, pad_id
+from .data.tokenize import sequences
 
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, tokenizer: Any, items: Sequence[Choice | Generation], metrics: Sequence[str],
+    model: torch.nn.Module, tokenizer: Any, items: Sequence[Choice | Generation | Likelihood], metrics: Sequence[str],
     batch_size: int, max_new_tokens: int, device: torch.device | str, progress: bool = True,
 ) -> dict[str, float]:
-    """{metric: share of items correct} over all ranks; each rank scores items[rank::world]."""
+    """{metric: share of items correct (Likelihood items: of tokens; `loss`: mean per token)} over all ranks;
+    each rank scores items[rank::world]."""
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     mine = list(items[rank::world])
@@ -39,10 +44,12 @@ def evaluate(
     generations = [item for item in mine if isinstance(item, Generation)]
     pairs = [(c.prompt, o) for c in choices for o in c.options]
     prompts = [g.prompt for g in generations]
+    likelihoods = [item for item in mine if isinstance(item, Likelihood)]
     # the same number of batches on every rank, whatever each rank's share of items
-    n_score, n_generate = _same_everywhere([math.ceil(len(pairs) / batch_size),
-                                            math.ceil(len(prompts) / batch_size)], device, distributed)
-    bar = _bar(n_score + n_generate, rank == 0 and progress)
+    n_score, n_generate, n_teacher = _same_everywhere([math.ceil(len(pairs) / batch_size),
+                                                       math.ceil(len(prompts) / batch_size),
+                                                       math.ceil(len(likelihoods) / batch_size)], device, distributed)
+    bar = _bar(n_score + n_generate + n_teacher, rank == 0 and progress)
     dummy_choice = next((i for i in items if isinstance(i, Choice)), None)
     dummy_prompt = next((i.prompt for i in items if isinstance(i, Generation)), None)
     if n_score:
@@ -58,6 +65,13 @@ def evaluate(
                              synced=distributed and world > 1 and is_zero3(model), bar=bar)[:len(prompts)]
         for item, text in zip(generations, texts):
             counts[:, metrics.index(item.metric)] += torch.tensor([float(matches(item, text)), 1.0])
+    if n_teacher:
+        dummy = next(i for i in items if isinstance(i, Likelihood))
+        padded = likelihoods + [dummy] * (n_teacher * batch_size - len(likelihoods))
+        for loss, correct, tokens in token_scores(model, tokenizer, padded, batch_size, device, bar)[:len(likelihoods)]:
+            for metric, value in (("token_accuracy", correct), ("loss", loss)):
+                if metric in metrics:
+                    counts[:, metrics.index(metric)] += torch.tensor([value, tokens])
     bar.close()
     model.train(was_training)
     if distributed:
@@ -86,6 +100,31 @@ def mean_logliks(
         if bar is not None:
             bar.update(1)
     return out
+
+
+def token_scores(
+    model: torch.nn.Module, tokenizer: Any, items: Sequence[Likelihood], batch_size: int, device: torch.device | str,
+    bar: Any = None,
+) -> list[tuple[float, float, float]]:
+    """(summed cross-entropy, tokens predicted exactly, tokens) over each item's loss tokens, teacher-forced."""
+    collate = Collator(pad_id(tokenizer))
+    features = []
+    for item in items:
+        ids, labels = sequences([item.example], tokenizer)[0]
+        features.append({"input_ids": ids[:item.max_length], "labels": labels[:item.max_length]})
+    out: list[tuple[float, float, float]] = []
+    for start in range(0, len(features), batch_size):
+        batch = {k: v.to(device) for k, v in collate(features[start:start + batch_size]).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                                                reduction="none")
+        correct = (logits.argmax(-1) == labels) & mask
+        out += zip(nll.sum(-1).tolist(), correct.sum(-1).tolist(), mask.sum(-1).tolist())
+        if bar is not None:
+            bar.update(1)
+    return [(float(a), float(b), float(c)) for a, b, c in out]
 
 
 def greedy(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, device: torch.device | str) -> str:

@@ -1,22 +1,23 @@
-"""Tasks: one module per dataset schema (sql, med, fact, jsonl), each with `example(row)` (training pair),
-`evals(row)` (evaluation items) and METRICS."""
+"""Tasks: one module per dataset schema (sql, med, fact, jsonl, chat, alpaca), each with `example(row)` (training
+pair or conversation), `evals(row)` (evaluation items) and METRICS."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 
 from ..config import DataSection, EvalSection
-from . import fact, jsonl, med, sql
-from .base import Choice, DataError, Example, Generation, open_table, rows
+from . import alpaca, chat, fact, jsonl, med, sql
+from .base import Choice, Conversation, DataError, Example, Generation, Likelihood, open_table, rows
 from .tokenize import IGNORE_INDEX, Collator, encode, pad_id, tokenize
 
-TASKS: dict[str, ModuleType] = {"sql": sql, "med": med, "fact": fact, "jsonl": jsonl}
+TASKS: dict[str, ModuleType] = {"sql": sql, "med": med, "fact": fact, "jsonl": jsonl, "chat": chat,
+                                 "alpaca": alpaca}
 
 
 @dataclass
 class TaskData:
-    train: list[Example]
-    evals: list[Choice | Generation]
+    train: list[Example | Conversation]
+    evals: list[Choice | Generation | Likelihood]
     metrics: tuple[str, ...]
 
 
@@ -37,9 +38,10 @@ def load_task(data: DataSection, evaluation: EvalSection) -> TaskData:
     elif evaluation.data is not None:
         eval_where, eval_table = open_table(evaluation.data, evaluation.split)
         eval_rows = rows(eval_where, eval_table, range(min(len(eval_table), evaluation.max_samples or len(eval_table))))
-    evals = [item for row in eval_rows for item in task.evals(row)]
+    evals = [replace(item, max_length=data.max_length) if isinstance(item, Likelihood) else item  # the training cut
+             for row in eval_rows for item in task.evals(row)]
     return TaskData(train, evals, task.METRICS)
 
 
-__all__ = ["TASKS", "TaskData", "load_task", "Choice", "Generation", "Example", "DataError", "IGNORE_INDEX",
-           "Collator", "encode", "pad_id", "tokenize"]
+__all__ = ["TASKS", "TaskData", "load_task", "Choice", "Generation", "Likelihood", "Example", "Conversation",
+           "DataError", "IGNORE_INDEX", "Collator", "encode", "pad_id", "tokenize"]

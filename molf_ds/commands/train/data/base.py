@@ -26,6 +26,15 @@ class Example:
 
 
 @dataclass(frozen=True)
+class Conversation:
+    """A chat (`messages`: (role, content) pairs, roles system / user / assistant) rendered with the tokenizer's
+    chat template; the loss covers every assistant turn. `where`: the file and row, for errors at rendering."""
+
+    messages: tuple[tuple[str, str], ...]
+    where: str
+
+
+@dataclass(frozen=True)
 class Choice:
     """Correct when option `answer` has the highest mean log-likelihood as a completion of `prompt`."""
 
@@ -44,6 +53,16 @@ class Generation:
     prompt: str
     target: str
     normalise: str = "whitespace"
+
+
+@dataclass(frozen=True)
+class Likelihood:
+    """Teacher-forced scoring of a training pair or conversation: `token_accuracy` (share of the loss tokens that
+    are the argmax prediction) and `loss` (mean cross-entropy per loss token), both over all items' tokens;
+    `max_length`: the training cut (data.max_length), None: no cut."""
+
+    example: "Example | Conversation"
+    max_length: int | None = None
 
 
 class Row:
@@ -90,6 +109,16 @@ class Row:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise self.fail(name, f"must be a list of strings, got {value!r}")
         return list(value)
+
+    def records(self, name: str) -> list["Row"]:
+        """The objects of list field `name`, each a Row whose fields are named `name[i].field`."""
+        value = self._get(name)
+        if not isinstance(value, (list, tuple)) or not value:
+            raise self.fail(name, f"must be a non-empty list of objects, got {value!r}")
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise self.fail(f"{name}[{i}]", f"must be an object, got {item!r}")
+        return [Row(self.where, self.number, item, f"{self.prefix}{name}[{i}].") for i, item in enumerate(value)]
 
     def mapping(self, name: str) -> "Row":
         value = self._get(name)
