@@ -65,8 +65,8 @@ def test_the_section_s_own_key_comes_first():
 
 
 @pytest.mark.parametrize("override,want", [
-    ("gradient_accumulation_steps=4", "config key 'gradient_accumulation_steps': is not a known key (did you mean "
-                                      "'train.gradient_accumulation_steps'?)"),
+    ("gradient_accumulation_steps=4", ("config key 'gradient_accumulation_steps': is not a known key (did you mean "
+                                       "'train.gradient_accumulation_steps'?)")),
     ("train.learning_rate=1e-4", "config key 'train.learning_rate': is not a known key (did you mean 'train.lr'"),
     ("train.output_dir=o", None),  # ours: accepted
     ("train.max_step=3", "config key 'train.max_step': is not a known key (did you mean 'train.max_steps'?)"),

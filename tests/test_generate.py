@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -51,9 +50,10 @@ def test_cli_prints_the_greedy_text_of_final_and_answers_stdin(run_dir):
     model, tokenizer = load_model(str(run_dir / "final"))
     want = [Generator(model, tokenizer, max_new_tokens=6)(prompt) for prompt in PROMPTS + PROMPTS[:1]]
     assert any(want), "the model generates nothing: the test would prove little"
-    done = subprocess.run([sys.executable, "-m", "molf_ds.commands", "generate", str(run_dir / "final"), PROMPTS[0], "--interactive",
-                           "--max-new-tokens", "6"], input=f"{PROMPTS[1]}\n{PROMPTS[0]}\n\nnot read\n",
-                          env=environment(), capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "molf_ds.commands", "generate", str(run_dir / "final"), PROMPTS[0],
+               "--interactive", "--max-new-tokens", "6"]
+    done = subprocess.run(command, input=f"{PROMPTS[1]}\n{PROMPTS[0]}\n\nnot read\n", env=environment(),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     printed = [line for line in done.stdout.splitlines() if not DEEPSPEED_LINE.match(line)]  # DeepSpeed's import
     assert printed == want  # only the generated text: one line per prompt, the empty line ends the loop

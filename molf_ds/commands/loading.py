@@ -138,9 +138,13 @@ def _checkpoint_weights(path: Path, stage: int) -> dict[str, Any]:
     full = path / MODEL_STATES
     if full.is_file() and (stage < 3 or (path / "zero").is_dir()):
         return torch.load(full, map_location="cpu", weights_only=False)["module"]
+    import contextlib
+    import sys
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    with contextlib.redirect_stdout(sys.stderr):  # its progress lines: stdout is generate's text
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
 
 
 def _run_dir(checkpoint: Path) -> Path:
