@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="the prompts, each answered in turn")
     parser.add_argument("--interactive", action="store_true",
                         help="then read prompts from stdin, one a line, until end of input or an empty line")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="at most this many tokens per answer [128]")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer, at most [128]")
     parser.add_argument("--temperature", type=float, help="sample at this temperature (> 0) [greedy]")
     parser.add_argument("--top-p", type=float, help="sample from the top-p nucleus, 0 < p <= 1 (temperature 1 "
                                                     "unless given) [greedy]")
