@@ -15,8 +15,9 @@ from typing import Any, TextIO
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="model directory, run output directory (uses final/), PEFT adapter, run "
-                                      "checkpoint (OUT/checkpoints/stepN), `molf-ds models` name or hub id")
+    parser.add_argument("model", metavar="MODEL",
+                        help="model directory, run output directory (uses final/), PEFT adapter, run checkpoint "
+                             "(OUT/checkpoints/stepN), `molf-ds models` name or hub id")
     parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="the prompts, each answered in turn")
     parser.add_argument("--interactive", action="store_true",
                         help="then read prompts from stdin, one a line, until end of input or an empty line")
