@@ -1,2 +1,3 @@
 """The applications built on the molf_ds library: the `molf-ds` command (`cli`) and its subcommands (train, eval,
-compare, estimate-memory, plot-routing, models, bench). Their dependencies come with `pip install "molf-ds[cli]"`."""
+generate, compare, estimate-memory, plot-routing, models, bench). Their dependencies come with
+`pip install "molf-ds[cli]"`."""

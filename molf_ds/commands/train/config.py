@@ -21,6 +21,7 @@ import yaml
 from molf_ds.config import DEFAULT_TARGETS, MoLFConfig
 
 from ..methods import TRAIN_METHODS, is_molf
+from .aliases import alias_hint
 
 TASKS = ("sql", "med", "fact", "jsonl", "chat", "alpaca")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -228,7 +229,8 @@ def _reject_unknown(values: dict[str, Any], known: typing.Iterable[str], prefix:
     for key in values:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(known)}"
+            hint = alias_hint(key, prefix) or (f" (did you mean '{prefix}{close[0]}'?)" if close else
+                                           f"; known keys: {', '.join(known)}")
             raise key_error(f"{prefix}{key}", f"is not a known key{hint}")
 
 

@@ -120,7 +120,7 @@ def _write(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..evaluate import load_model
+    from ..loading import load_model
 
     parser = argparse.ArgumentParser(prog="python -m molf_ds.commands.train.known_facts", description=__doc__.split("\n")[0])
     parser.add_argument("output", type=Path, help="the CounterFact JSON to write")
