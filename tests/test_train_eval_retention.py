@@ -82,9 +82,11 @@ def test_retain_keeps_the_newest_complete_and_the_best(tmp_path):
         _checkpoint(tmp_path, step)
     _checkpoint(tmp_path, 3, done=False)  # a partial one, older than the newest complete: never loadable
     _checkpoint(tmp_path, 10, done=False)  # being written (or cut short): not counted, not deleted
-    assert retain(tmp_path, 2, keep=4) == ["step2", "step3"]
+    assert retain(tmp_path, 1, upto=4) == ["step2", "step3"]  # resumed from step 4 after a run that went further
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step10", "step4", "step6", "step8"]
-    assert retain(tmp_path, 1) == ["step4", "step6"]
+    assert retain(tmp_path, 1, keep=4) == ["step6"]  # the newest, and the best
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step10", "step4", "step8"]
+    assert retain(tmp_path, 1) == ["step4"]
     assert [c.tag for c in complete(tmp_path)] == ["step8"] and (tmp_path / "step10").is_dir()
     (tmp_path / "step8" / COMPLETE).unlink()  # no complete checkpoint: nothing is deleted
     assert retain(tmp_path, 1) == [] and len(list(tmp_path.iterdir())) == 2

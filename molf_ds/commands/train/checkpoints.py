@@ -178,14 +178,15 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def retain(directory: Path, limit: int, keep: int | None = None) -> list[str]:
-    """Rank 0, after a checkpoint was marked complete: delete all but the newest `limit` complete checkpoints
-    (and step `keep`, the best one), and the partial ones older than the newest complete one (never loadable).
-    A checkpoint loses its marker before its files, so an interrupted deletion leaves nothing that resume would
+def retain(directory: Path, limit: int, keep: int | None = None, upto: int | None = None) -> list[str]:
+    """Rank 0, right after checkpoint `upto` was marked complete: delete all but the newest `limit` complete
+    checkpoints (and step `keep`, the best one), and the partial ones older than the newest complete one (never
+    loadable). Checkpoints after step `upto` (left by a run resumed from an earlier one) are not touched. A
+    checkpoint loses its marker before its files, so an interrupted deletion leaves nothing that resume would
     load. Returns the tags deleted."""
     import shutil
 
-    found = complete(directory)
+    found = [c for c in complete(directory) if upto is None or c.step <= upto]
     if not found:
         return []
     kept = {c.tag for c in found[-limit:]} | ({tag_of(keep)} if keep is not None else set())

@@ -226,7 +226,7 @@ class Loop:
             checkpoints.mark(checkpoint)
             if self.cfg.train.save_total_limit:  # only now that a newer one is complete
                 keep = self.best.step if self.best is not None else None
-                checkpoints.retain(checkpoint.directory, self.cfg.train.save_total_limit, keep)
+                checkpoints.retain(checkpoint.directory, self.cfg.train.save_total_limit, keep, step)
 
     @staticmethod
     def _postfix(record: dict[str, Any]) -> dict[str, str]:
