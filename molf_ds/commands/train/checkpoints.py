@@ -157,3 +157,68 @@ def trim_jsonl(path: Path, step: int) -> None:
     lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in lines))
 
+
+
+# ---- best model and retention (train.load_best_model_at_end, train.save_total_limit) ------------------
+def best_step(records: list[dict], metric: str, candidates: set[int] | None = None) -> tuple[int, float] | None:
+    """(step, value) of the best evaluation at `metric` (higher is better) among the records of steps >= 1 (the
+    evaluation before training is a reference, not a candidate) and, if given, in `candidates`; the earliest
+    wins a tie. None when there is none."""
+    best = None
+    for record in sorted(records, key=lambda r: r["step"]):
+        step, value = record["step"], record.get(metric)
+        if step < 1 or value is None or (candidates is not None and step not in candidates):
+            continue
+        if best is None or value > best[1]:
+            best = (step, value)
+    return best
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def retain(directory: Path, limit: int, keep: int | None = None, upto: int | None = None) -> list[str]:
+    """Rank 0, right after checkpoint `upto` was marked complete: delete all but the newest `limit` complete
+    checkpoints (and step `keep`, the best one), and the partial ones older than the newest complete one (never
+    loadable). Checkpoints after step `upto` (left by a run resumed from an earlier one) are not touched. A
+    checkpoint loses its marker before its files, so an interrupted deletion leaves nothing that resume would
+    load. Returns the tags deleted."""
+    import shutil
+
+    found = [c for c in complete(directory) if upto is None or c.step <= upto]
+    if not found:
+        return []
+    kept = {c.tag for c in found[-limit:]} | ({tag_of(keep)} if keep is not None else set())
+    newest = found[-1].step
+    doomed = [c.tag for c in found if c.tag not in kept]
+    for path in directory.glob("step*"):
+        match = _TAG.fullmatch(path.name)
+        if match and path.is_dir() and not (path / COMPLETE).is_file() and int(match.group(1)) < newest:
+            doomed.append(path.name)
+    for tag in doomed:
+        (directory / tag / COMPLETE).unlink(missing_ok=True)
+        shutil.rmtree(directory / tag, ignore_errors=True)
+    return sorted(doomed, key=lambda tag: int(tag[4:]))
+
+
+class Best:
+    """The best evaluated step so far (train.load_best_model_at_end): every rank holds the same one, since the
+    scores are reduced over the ranks; on resume it is read back from the trimmed eval.jsonl, among the steps
+    whose checkpoint is complete."""
+
+    def __init__(self, metric: str, step: int | None = None, value: float | None = None) -> None:
+        self.metric, self.step, self.value = metric, step, value
+
+    @classmethod
+    def resumed(cls, metric: str, eval_jsonl: Path, directory: Path) -> Best:
+        found = best_step(read_jsonl(eval_jsonl), metric, {c.step for c in complete(directory)})
+        return cls(metric, *found) if found else cls(metric)
+
+    def offer(self, step: int, scores: dict[str, float] | None) -> bool:
+        """Whether step `step` is the new best (strictly higher: the earliest of equals stays)."""
+        value = (scores or {}).get(self.metric)
+        if step < 1 or value is None or (self.value is not None and value <= self.value):
+            return False
+        self.step, self.value = step, value
+        return True

@@ -84,6 +84,8 @@ class EvalSection:
     batch_size: int = 16
     before_training: bool = True
     max_new_tokens: int = 128  # exact-match tasks (sql, jsonl) generate greedily
+    steps: int = 0  # also evaluate every N optimizer steps; 0: before and after training only
+    metric: str | None = None  # the one train.load_best_model_at_end compares (higher is better); default: the task's first
 
     @property
     def enabled(self) -> bool:
@@ -109,6 +111,8 @@ class TrainSection:
     seed: int = 0
     save_steps: int = 0  # 0: no intermediate checkpoints
     resume: str | None = None  # "auto" or a checkpoint directory
+    save_total_limit: int | None = None  # keep the newest N complete checkpoints (and the best one); None: all
+    load_best_model_at_end: bool = False  # final/ is the model of the evaluated step best at eval.metric
     collective_timeout: float = 600.0  # seconds a collective may wait (a dead rank) before the run fails
 
 
@@ -326,8 +330,35 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     elif cfg.molf:
         raise key_error("molf", f"is set but method is {cfg.method!r}: MoLF settings only apply to molf and molf-e "
                         "(override molf=null to drop them)")
+    _check_eval_and_retention(cfg)
     cfg.deepspeed = _check_deepspeed(cfg.deepspeed, t)
     return cfg
+
+
+def _check_eval_and_retention(cfg: TrainConfig) -> None:
+    """eval.steps, eval.metric, train.save_total_limit, train.load_best_model_at_end."""
+    from .data import TASKS as TASK_MODULES
+
+    e, t = cfg.eval, cfg.train
+    if e.steps < 0:
+        raise key_error("eval.steps", f"must be >= 0, got {e.steps}")
+    if e.steps and not e.enabled:
+        raise key_error("eval.steps", "evaluates during training but there is no evaluation data: set eval.data or "
+                        "eval.holdout")
+    metrics = TASK_MODULES[cfg.data.task].METRICS
+    if e.metric is not None and e.metric not in metrics:
+        raise key_error("eval.metric", f"{e.metric!r} is not a metric of task {cfg.data.task!r}: "
+                        f"{', '.join(metrics)}")
+    if t.save_total_limit is not None:
+        _positive("train.save_total_limit", t.save_total_limit)
+        if not t.save_steps and not t.load_best_model_at_end:
+            raise key_error("train.save_total_limit", "limits checkpoints but none are saved: set train.save_steps")
+    if t.load_best_model_at_end:
+        if not e.enabled:
+            raise key_error("train.load_best_model_at_end", "needs evaluation data: set eval.data or eval.holdout")
+        if not e.steps:
+            raise key_error("train.load_best_model_at_end", "needs eval.steps: without evaluations during "
+                            "training the best model is the final one")
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -73,8 +73,12 @@ def run(cfg: TrainConfig) -> Path:
     evaluator = Evaluator(cfg, trainee, tokenizer, task, out / EVAL)
     if cfg.eval.before_training and start == 0:
         evaluator(0, "before training")
-    Loop(cfg, trainee, features, order, pad_id(tokenizer), out).train(start, total)
-    evaluator(total, "after training")
+    best = _best(cfg, task.metrics, out, rank) if t.load_best_model_at_end else None
+    Loop(cfg, trainee, features, order, pad_id(tokenizer), out, evaluator, best).train(start, total)
+    scores = evaluator(total, "after training")
+    if best is not None and not best.offer(total, scores) and best.step is not None:
+        trainee.load_checkpoint(out / "checkpoints", checkpoints.tag_of(best.step))
+        _say(f"final/ is the best evaluated model: step {best.step} ({best.metric} {best.value:.3f})")
     written = save_final(trainee, tokenizer, out)
     trainee.close()
     if rank == 0 and trainee.is_molf:
@@ -115,8 +119,9 @@ class Order:
 
 class Loop:
     def __init__(self, cfg: TrainConfig, trainee: Trainee, features: list[dict], order: Order, pad: int,
-                 out: Path) -> None:
+                 out: Path, evaluator: Evaluator | None = None, best: checkpoints.Best | None = None) -> None:
         self.cfg, self.trainee, self.features, self.order, self.out = cfg, trainee, features, order, out
+        self.evaluator, self.best = evaluator, best  # eval.steps; train.load_best_model_at_end
         self.collate = Collator(pad)
         self.engine = trainee.engine
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -142,8 +147,7 @@ class Loop:
                 warning = self.watch.add(record.get("routing"))
                 if warning and self.rank == 0:
                     bar.write(warning)
-                if self.cfg.train.save_steps and step % self.cfg.train.save_steps == 0:
-                    self.save(step)
+                self.evaluate_and_save(step, total)
         finally:
             bar.close()
             if metrics is not None:
@@ -197,6 +201,17 @@ class Loop:
                             f"{k}), {where} (indices into the tokenized training set); not trained on: the run "
                             "stops here, the last complete checkpoint is intact")
 
+    def evaluate_and_save(self, step: int, total: int) -> None:
+        """Every eval.steps steps (the last step's evaluation is run()'s), evaluate; save every train.save_steps
+        steps and, under train.load_best_model_at_end, at each new best."""
+        t, every = self.cfg.train, self.cfg.eval.steps
+        new_best = False
+        if every and step % every == 0 and step < total and self.evaluator is not None:
+            scores = self.evaluator(step, "during training")
+            new_best = self.best is not None and self.best.offer(step, scores)
+        if new_best or (t.save_steps and step % t.save_steps == 0):
+            self.save(step)
+
     def save(self, step: int) -> None:
         checkpoint = checkpoints.Checkpoint(self.out / "checkpoints", checkpoints.tag_of(step), step)
         if self.rank == 0:
@@ -209,6 +224,9 @@ class Loop:
         dist.barrier()  # every rank's files are written
         if self.rank == 0:
             checkpoints.mark(checkpoint)
+            if self.cfg.train.save_total_limit:  # only now that a newer one is complete
+                keep = self.best.step if self.best is not None else None
+                checkpoints.retain(checkpoint.directory, self.cfg.train.save_total_limit, keep, step)
 
     @staticmethod
     def _postfix(record: dict[str, Any]) -> dict[str, str]:
@@ -245,9 +263,9 @@ class Evaluator:
     def __init__(self, cfg: TrainConfig, trainee: Trainee, tokenizer: Any, task: Any, path: Path) -> None:
         self.cfg, self.trainee, self.tokenizer, self.task, self.path = cfg, trainee, tokenizer, task, path
 
-    def __call__(self, step: int, when: str) -> None:
+    def __call__(self, step: int, when: str) -> dict[str, float] | None:
         if not self.task.evals:
-            return
+            return None
         e = self.cfg.eval
         engine = self.trainee.engine
         scores = evaluate(engine.module, self.tokenizer, self.task.evals, self.task.metrics, e.batch_size,
@@ -256,6 +274,15 @@ class Evaluator:
             with open(self.path, "a", encoding="utf-8") as file:
                 file.write(json.dumps({"step": step, **scores}) + "\n")
         _say(f"eval {when} (step {step}): " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        return scores
+
+
+def _best(cfg: TrainConfig, metrics: tuple[str, ...], out: Path, rank: int) -> checkpoints.Best:
+    """The best-model tracker, on resume from rank 0's eval.jsonl (the same on every rank)."""
+    metric = cfg.eval.metric or metrics[0]
+    state = [checkpoints.Best.resumed(metric, out / EVAL, out / "checkpoints") if rank == 0 else None]
+    dist.broadcast_object_list(state, src=0)
+    return state[0]
 
 
 def _zero_stage(ds: dict[str, Any]) -> int:
