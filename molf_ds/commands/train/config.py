@@ -109,6 +109,8 @@ class TrainSection:
     save_steps: int = 0  # 0: no intermediate checkpoints
     resume: str | None = None  # "auto" or a checkpoint directory
     collective_timeout: float = 600.0  # seconds a collective may wait (a dead rank) before the run fails
+    report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, wandb, mlflow, csv
+    logging_steps: int = 1  # trackers get every Nth optimizer step (metrics.jsonl gets every step)
 
 
 @dataclass
@@ -324,6 +326,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     elif cfg.molf:
         raise key_error("molf", f"is set but method is {cfg.method!r}: MoLF settings only apply to molf and molf-e "
                         "(override molf=null to drop them)")
+    _check_tracking(t)
     cfg.deepspeed = _check_deepspeed(cfg.deepspeed, t)
     return cfg
 
@@ -336,6 +339,17 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 def _positive(key: str, value: int) -> None:
     if value < 1:
         raise key_error(key, f"must be >= 1, got {value}")
+
+
+def _check_tracking(t: TrainSection) -> None:
+    """train.report_to and train.logging_steps; whether the backends are installed: sources.check_config."""
+    from .tracking import BACKENDS
+
+    for i, name in enumerate(t.report_to):
+        _choice(f"train.report_to[{i}]", name, BACKENDS)
+        if name in t.report_to[:i]:
+            raise key_error(f"train.report_to[{i}]", f"{name!r} is listed twice")
+    _positive("train.logging_steps", t.logging_steps)
 
 
 def _check_molf(cfg: TrainConfig) -> None:
