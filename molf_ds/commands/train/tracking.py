@@ -15,10 +15,12 @@ import csv
 import importlib.util
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from molf_ds.optim.routing_log import is_rank_zero
+from .config import key_error
 
 # backend -> (module that must be importable, pip package); the extras in pyproject carry the same names
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
@@ -159,6 +161,8 @@ class Trackers:
 
     def __init__(self, report_to: list[str], logging_steps: int, out: Path, config: dict[str, Any],
                  start: int = 0) -> None:
+        if problem := missing(report_to):  # `molf-ds train` said so before the process group; run() says it here
+            raise key_error("train.report_to", problem)
         self.report_to, self.logging_steps, self.out, self.config, self.start = (
             report_to, logging_steps, out, config, start)
         self.backends: list[Tracker] | None = None  # None: not opened yet
@@ -190,9 +194,6 @@ class Trackers:
             backend.log(step, values)
 
     def _open(self, name: str) -> Tracker:
-        problem = missing([name])
-        if problem:  # `molf-ds train` checks this before the process group; run() called directly does not
-            raise ModuleNotFoundError(f"train.report_to: {problem}")
         self.out.mkdir(parents=True, exist_ok=True)
         if name == "csv":
             return Csv(self.out / CSV, self.start)
