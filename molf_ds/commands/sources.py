@@ -31,7 +31,8 @@ class SourceError(ValueError):
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """Every source a `molf-ds train` config loads: model, tokenizer, training and evaluation data."""
+    """Every source a `molf-ds train` config loads: model, tokenizer, training and evaluation data; and the
+    experiment trackers it reports to."""
     m = cfg.model
     check_model("model.name_or_path", m.name_or_path, m.gguf_file, gguf_key="model.gguf_file")
     if m.tokenizer is not None:
@@ -43,6 +44,15 @@ def check_config(cfg: TrainConfig) -> None:
     check_dataset("data.train", cfg.data.train)
     if cfg.eval.data is not None:
         check_dataset("eval.data", cfg.eval.data)
+    check_trackers("train.report_to", cfg.train.report_to)
+
+
+def check_trackers(key: str, report_to: list[str]) -> None:
+    """The experiment trackers named in `report_to` are installed (molf_ds.commands.train.tracking)."""
+    from .train.tracking import missing
+
+    if problem := missing(report_to):
+        raise SourceError(key, problem)
 
 
 def check_model(key: str, name_or_path: str, gguf_file: str | None = None, *,

@@ -114,6 +114,8 @@ class TrainSection:
     save_total_limit: int | None = None  # keep the newest N complete checkpoints (and the best one); None: all
     load_best_model_at_end: bool = False  # final/ is the model of the evaluated step best at eval.metric
     collective_timeout: float = 600.0  # seconds a collective may wait (a dead rank) before the run fails
+    report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, wandb, mlflow, csv
+    logging_steps: int = 1  # trackers get every Nth optimizer step (metrics.jsonl gets every step)
 
 
 @dataclass
@@ -331,6 +333,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise key_error("molf", f"is set but method is {cfg.method!r}: MoLF settings only apply to molf and molf-e "
                         "(override molf=null to drop them)")
     _check_eval_and_retention(cfg)
+    _check_tracking(t)
     cfg.deepspeed = _check_deepspeed(cfg.deepspeed, t)
     return cfg
 
@@ -369,6 +372,17 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 def _positive(key: str, value: int) -> None:
     if value < 1:
         raise key_error(key, f"must be >= 1, got {value}")
+
+
+def _check_tracking(t: TrainSection) -> None:
+    """train.report_to and train.logging_steps; whether the backends are installed: sources.check_config."""
+    from .tracking import BACKENDS
+
+    for i, name in enumerate(t.report_to):
+        _choice(f"train.report_to[{i}]", name, BACKENDS)
+        if name in t.report_to[:i]:
+            raise key_error(f"train.report_to[{i}]", f"{name!r} is listed twice")
+    _positive("train.logging_steps", t.logging_steps)
 
 
 def _check_molf(cfg: TrainConfig) -> None:

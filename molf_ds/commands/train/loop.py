@@ -30,6 +30,7 @@ from .data import Collator, DataError, load_task, pad_id, tokenize
 from .evaluate import evaluate
 from .methods import Trainee, build
 from .outputs import ROUTING_PNG, routing_summary, save_final
+from .tracking import Trackers
 
 ROUTING, METRICS, EVAL, CONFIG = "routing.jsonl", "metrics.jsonl", "eval.jsonl", "config.yaml"
 WATCH_STEPS, WATCH_SHARE = 100, 0.99
@@ -70,12 +71,14 @@ def run(cfg: TrainConfig) -> Path:
     if resume:
         trainee.load_checkpoint(resume.directory, resume.tag)
         _say(f"resumed from {resume.directory / resume.tag} at step {start}")
-    evaluator = Evaluator(cfg, trainee, tokenizer, task, out / EVAL)
+    trackers = Trackers(t.report_to, t.logging_steps, out, cfg.to_dict(), start)  # rank 0 opens them when it writes
+    evaluator = Evaluator(cfg, trainee, tokenizer, task, out / EVAL, trackers)
     if cfg.eval.before_training and start == 0:
         evaluator(0, "before training")
     best = _best(cfg, task.metrics, out, rank) if t.load_best_model_at_end else None
-    Loop(cfg, trainee, features, order, pad_id(tokenizer), out, evaluator, best).train(start, total)
+    Loop(cfg, trainee, features, order, pad_id(tokenizer), out, evaluator, best, trackers).train(start, total)
     scores = evaluator(total, "after training")
+    trackers.close()
     if best is not None and not best.offer(total, scores) and best.step is not None:
         trainee.load_checkpoint(out / "checkpoints", checkpoints.tag_of(best.step))
         _say(f"final/ is the best evaluated model: step {best.step} ({best.metric} {best.value:.3f})")
@@ -119,9 +122,11 @@ class Order:
 
 class Loop:
     def __init__(self, cfg: TrainConfig, trainee: Trainee, features: list[dict], order: Order, pad: int,
-                 out: Path, evaluator: Evaluator | None = None, best: checkpoints.Best | None = None) -> None:
+                 out: Path, evaluator: Evaluator | None = None, best: checkpoints.Best | None = None,
+                 trackers: Trackers | None = None) -> None:
         self.cfg, self.trainee, self.features, self.order, self.out = cfg, trainee, features, order, out
         self.evaluator, self.best = evaluator, best  # eval.steps; train.load_best_model_at_end
+        self.trackers = trackers
         self.collate = Collator(pad)
         self.engine = trainee.engine
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -142,6 +147,8 @@ class Loop:
                 if metrics is not None:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
+                if self.trackers:
+                    self.trackers.step(step, record, self.engine.get_global_grad_norm())
                 bar.update(1)
                 bar.set_postfix(self._postfix(record), refresh=False)
                 warning = self.watch.add(record.get("routing"))
@@ -260,8 +267,10 @@ class RoutingWatch:
 
 
 class Evaluator:
-    def __init__(self, cfg: TrainConfig, trainee: Trainee, tokenizer: Any, task: Any, path: Path) -> None:
+    def __init__(self, cfg: TrainConfig, trainee: Trainee, tokenizer: Any, task: Any, path: Path,
+                 trackers: Trackers | None = None) -> None:
         self.cfg, self.trainee, self.tokenizer, self.task, self.path = cfg, trainee, tokenizer, task, path
+        self.trackers = trackers
 
     def __call__(self, step: int, when: str) -> dict[str, float] | None:
         if not self.task.evals:
@@ -273,6 +282,8 @@ class Evaluator:
         if dist.get_rank() == 0:
             with open(self.path, "a", encoding="utf-8") as file:
                 file.write(json.dumps({"step": step, **scores}) + "\n")
+        if self.trackers:
+            self.trackers.eval(step, scores)
         _say(f"eval {when} (step {step}): " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         return scores
 
