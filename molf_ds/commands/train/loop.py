@@ -10,7 +10,6 @@ import collections
 import contextlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
