@@ -3,7 +3,6 @@ MoLF through molf_ds.hf.accelerate_prepare writes the single-process reference's
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.demo_runs import scripts_env
 from helpers.distributed import free_port
 from helpers.tiny_models import token_batches
 from helpers.zero_runs import MOLF, reference_run
@@ -43,12 +43,11 @@ def test_accelerate_launch_preset(model_dir, tmp_path, preset):
         preset_file = ROOT / "launch" / "accelerate" / f"{preset}.yaml"
     ds = {**ds, "gradient_accumulation_steps": 1}
     log = tmp_path / "routing.jsonl"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'tests'}:{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(preset_file),
            "--main_process_port", str(free_port()), "--gradient_accumulation_steps", "1",
            str(ROOT / "tests" / "scripts" / "accelerate_script.py"), "--model", str(model_dir),
            "--routing-log", str(log), "--steps", str(STEPS)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=ROOT, env=scripts_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     reference = reference_run(model_dir, MOLF, token_batches(STEPS, 2, 16, seed=2), clip=ds["gradient_clipping"])
     lines = [json.loads(line) for line in log.read_text().splitlines()]

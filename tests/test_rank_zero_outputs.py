@@ -3,13 +3,12 @@ torchrun on 2 ranks, with the process group started inside `molf_ds.initialize` 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from helpers.demo_runs import REPO
+from helpers.demo_runs import REPO, scripts_env
 from helpers.distributed import free_port
 
 pytestmark = pytest.mark.slow  # torchrun, 2 ranks
@@ -31,9 +30,7 @@ def test_readme_snippet_logs_each_step_once(model_dir, tmp_path, init_first):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), str(REPO / "tests" / "scripts" / "readme_script.py"), "--model", str(model_dir),
                "--out", str(tmp_path), "--steps", str(STEPS)] + (["--init-distributed-first"] if init_first else [])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",  # tests/ for the script's helpers
-           "PYTHONPATH": f"{REPO / 'tests'}:{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=tmp_path, env=scripts_env(TOKENIZERS_PARALLELISM="false"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     records = [json.loads(line) for line in (tmp_path / "routing.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))

@@ -2,6 +2,7 @@
 MoLF r=4 on ZeRO-2 unless a test says otherwise."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,13 @@ import yaml
 from molf_ds.commands.train.demo import generate
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def scripts_env(**extra: str) -> dict[str, str]:
+    """The environment of tests/scripts/*: the repository root (benchmarks.lab) and tests/ (helpers) importable,
+    one thread per rank."""
+    path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
 ZERO2 = str(REPO / "ds_configs" / "zero2.json")
 
 
