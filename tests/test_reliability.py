@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers.demo_runs import REPO, ZERO2, write_demo_run
+from helpers.demo_runs import REPO, ZERO2, jsonl, write_demo_run
 from helpers.distributed import needs_fp16
 from molf_ds.commands.train.checkpoints import COMPLETE, to_universal
 
@@ -51,10 +51,6 @@ def launch(root: Path, *overrides: str, fault: str = "", stamp: Path | None = No
 def ok(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def assert_same_run(out: Path, want: Path) -> None:

@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers.demo_runs import ZERO2, write_demo_run
+from helpers.demo_runs import ZERO2, jsonl, train_on_two_ranks, write_demo_run
 from helpers.distributed import spawn
 from molf_ds.commands.train.checkpoints import COMPLETE
 
@@ -37,23 +33,10 @@ def demo(tmp_path_factory):
     return root, raw
 
 
-def torchrun(root: Path, *overrides: str) -> str:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "molf_ds.commands.train", str(root / "run.yaml"), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def full_run(demo):
     root, _ = demo
-    stdout = torchrun(root, f"train.output_dir={root / 'full'}")
+    stdout = train_on_two_ranks(root, f"train.output_dir={root / 'full'}")
     return root / "full", stdout
 
 
@@ -88,12 +71,12 @@ def test_resume_auto_reproduces_the_uninterrupted_run(demo, full_run):
     root, _ = demo
     full, _ = full_run
     out = root / "resumed"
-    torchrun(root, f"train.output_dir={out}", f"train.max_steps={STEPS // 2}")
+    train_on_two_ranks(root, f"train.output_dir={out}", f"train.max_steps={STEPS // 2}")
     (out / "checkpoints" / "step6").mkdir()  # a checkpoint whose writing was interrupted: no marker
     (out / "checkpoints" / "step6" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
     with open(out / "metrics.jsonl", "a") as file:  # a step logged after the last checkpoint
         file.write(json.dumps({"step": 5, "loss": 0.0}) + "\n")
-    stdout = torchrun(root, f"train.output_dir={out}", "train.resume=auto")
+    stdout = train_on_two_ranks(root, f"train.output_dir={out}", "train.resume=auto")
     assert f"resumed from {out / 'checkpoints' / 'step4'} at step 4" in stdout
     assert jsonl(out / "routing.jsonl") == jsonl(full / "routing.jsonl")  # winners and scores, every step
     keep = ("step", "epoch", "loss", "lr", "routing")

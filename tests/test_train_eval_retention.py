@@ -4,16 +4,13 @@ retention rule as fast single-process tests; then 2 CPU ranks under torchrun on 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers.demo_runs import ZERO2, write_demo_run
+from helpers.demo_runs import ZERO2, jsonl, train_on_two_ranks, write_demo_run
 from molf_ds.commands.train import ConfigError, from_dict
 from molf_ds.commands.train.checkpoints import COMPLETE, Best, best_step, complete, retain
 
@@ -118,19 +115,6 @@ def demo(tmp_path_factory):
     return root
 
 
-def torchrun(root: Path, *overrides: str) -> str:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "molf_ds.commands.train", str(root / "run.yaml"), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def steps(out: Path) -> list[int]:
     return [c.step for c in complete(out / "checkpoints")]
 
@@ -147,7 +131,7 @@ def test_eval_steps_best_model_and_save_total_limit_with_resume(demo):
     """One uninterrupted run; one cut after step 2 (as max_steps=2 ends it: the lr schedule does not depend on
     max_steps), whose final/ is the step-2 model, then resumed with resume=auto."""
     full = demo / "full"
-    stdout = torchrun(demo, f"train.output_dir={full}")
+    stdout = train_on_two_ranks(demo, f"train.output_dir={full}")
     evals = jsonl(full / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 2, 4, 6, 8] and "eval during training (step 2)" in stdout
     # the demo's neighborhood score falls as the edits are learned: the best evaluated step is the first one
@@ -157,10 +141,10 @@ def test_eval_steps_best_model_and_save_total_limit_with_resume(demo):
     assert sorted(p.name for p in (full / "checkpoints").glob("step*")) == ["step2", f"step{STEPS}"]
     assert steps(full) == [2, STEPS]
     out = demo / "resumed"
-    torchrun(demo, f"train.output_dir={out}", "train.max_steps=2")
+    train_on_two_ranks(demo, f"train.output_dir={out}", "train.max_steps=2")
     assert steps(out) == [2]
     assert_same_weights(out, full)  # final/ of the full run: the best (step 2) model
-    stdout = torchrun(demo, f"train.output_dir={out}", "train.resume=auto")
+    stdout = train_on_two_ranks(demo, f"train.output_dir={out}", "train.resume=auto")
     assert f"resumed from {out / 'checkpoints' / 'step2'} at step 2" in stdout
     assert jsonl(out / "routing.jsonl") == jsonl(full / "routing.jsonl")  # winners and scores, every step
     assert jsonl(out / "eval.jsonl") == evals

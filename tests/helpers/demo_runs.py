@@ -2,7 +2,10 @@
 MoLF r=4 on ZeRO-2 unless a test says otherwise."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,23 @@ def scripts_env(**extra: str) -> dict[str, str]:
     one thread per rank."""
     path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
+
+
 ZERO2 = str(REPO / "ds_configs" / "zero2.json")
+
+
+def train_on_two_ranks(root: Path, *overrides: str) -> str:
+    """`molf-ds train root/run.yaml` under torchrun on 2 CPU ranks; its stdout (the run must succeed)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "molf_ds.commands.train", str(root / "run.yaml"), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def write_demo_run(root: Path, *, n_cases: int = 32, seed: int = 3, lora_dropout: float = 0.0,
