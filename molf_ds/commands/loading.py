@@ -10,7 +10,6 @@ from typing import Any
 
 from .models import resolve
 
-RUN_CONFIG = "config.yaml"  # what `molf-ds train` writes in its output directory (train.loop.CONFIG)
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's module weights (ZeRO-0/1/2: full tensors)
 
 
@@ -43,7 +42,7 @@ def check_model_sources(model: str, tokenizer: str | None = None, gguf_file: str
         saved = _run_config(Path(model))
         base = saved["model"]["name_or_path"]
         check_model("MODEL's base model", base, saved["model"].get("gguf_file"), gguf_key="model.gguf_file",
-                    point=f"set model.name_or_path in {_run_dir(Path(model)) / RUN_CONFIG}")
+                    point=f"set model.name_or_path in {_run_config_file(Path(model))}")
         own = saved["model"].get("tokenizer") or (None if saved["model"].get("gguf_file") else base)
     else:
         directory = model_directory(model)
@@ -147,8 +146,11 @@ def _checkpoint_weights(path: Path, stage: int) -> dict[str, Any]:
         return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
 
 
-def _run_dir(checkpoint: Path) -> Path:
-    return checkpoint.resolve().parent.parent  # OUT/checkpoints/stepN
+def _run_config_file(checkpoint: Path) -> Path:
+    """OUT/config.yaml of the checkpoint OUT/checkpoints/stepN: the config `molf-ds train` saved."""
+    from .train.loop import CONFIG
+
+    return checkpoint.resolve().parent.parent / CONFIG
 
 
 def _run_config(checkpoint: Path) -> dict[str, Any]:
@@ -156,7 +158,7 @@ def _run_config(checkpoint: Path) -> dict[str, Any]:
 
     from .sources import SourceError
 
-    config = _run_dir(checkpoint) / RUN_CONFIG
+    config = _run_config_file(checkpoint)
     if not config.is_file():
         raise SourceError("MODEL", f"{checkpoint} is a checkpoint, but {config} (the run's config, which says how "
                                    "to rebuild its model) does not exist: give MODEL as OUT/checkpoints/stepN")
