@@ -33,10 +33,8 @@ def init_distributed(timeout_s: float | None = None, *, device: str | None = Non
     if not alone and (not launched or _launched_world_size() <= 1):
         return False
     if not launched:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
     accelerator = deepspeed.get_accelerator()
     device = device or accelerator.device_name()
     backend = {"cuda": "nccl", "cpu": "gloo"}.get(device)  # None: DeepSpeed asks the accelerator
@@ -48,6 +46,13 @@ def init_distributed(timeout_s: float | None = None, *, device: str | None = Non
     kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, **kwargs)
     return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _launched_world_size() -> int:

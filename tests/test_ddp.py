@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from helpers.tiny_models import token_batches
+from molf_ds.distributed import free_port
 
 pytestmark = pytest.mark.slow  # 2 processes (torch.multiprocessing)
 
@@ -27,12 +27,6 @@ STEPS = 10
 BATCH, SEQ = 4, 16
 CFG = dict(variant="molf", lora_ranks=(8,), lora_alphas=(16.0,), lora_dropout=0.0, score="epd", top_k=1,
            lr=1e-3, lora_lr=6e-4)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _build(model_dir, state_path):
@@ -109,7 +103,7 @@ def test_ddp_two_ranks_match_single_process(tiny, tmp_path):
 
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    mp.spawn(_worker, args=(_free_port(), str(model_dir), str(state_path), str(out_dir)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(model_dir), str(state_path), str(out_dir)), nprocs=WORLD, join=True)
 
     # only rank 0 writes the routing log, one line per step, equal to rank 0's records
     assert not (out_dir / "routing_rank1.jsonl").exists() or (out_dir / "routing_rank1.jsonl").read_text() == ""

@@ -4,19 +4,12 @@ import torch; the process group fn starts is ended when it returns."""
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
 
-from molf_ds.distributed import end_process_group
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from molf_ds.distributed import end_process_group, free_port
 
 
 def _enter(rank: int, world: int, port: int, threads: int, fn: Callable[..., None], args: tuple) -> None:
