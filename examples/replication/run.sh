@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # Issue 19's replication on SmolLM2-135M: does MoLF track the better of FFT and LoRA, and does MoLF-E beat AdaLoRA?
-#   ./examples/replication/run.sh [fact] [sql]      (both tasks by default; outputs under $OUT, runs/replication)
+#   ./examples/replication/run.sh [fact] [sql]      (both tasks by default; outputs under $OUT)
 # Per task: (0) the base model's scores; (1) every method's lrs on the dev split (other facts / two other SQL
 # schemas), one training seed (100) that no test run uses; (2) the test comparison, 3 seeds at the chosen lrs, with
 # MoLF-E at the paper's defaults and, in a second comparison, with equal expert scaling at MoLF-E's lrs (only alpha
 # differs); (3) tables and figures.
 # `compare --reuse` skips finished runs: after an interruption, run the script again. A finished run is reused
-# whatever its settings, so delete $OUT/TASK/test* before rerunning with other dev results. Each run's merged model
-# (final/, 540 MB; 78 runs) is deleted once its comparison is written, unless KEEP_FINAL=1.
-# Pipeline smoke test: OUT=/tmp/r FIGURES=/tmp/r GRID=1e-4 RATIO4=4e-4 SEEDS=1 OVERRIDES="train.max_steps=2" run.sh
+# whatever its settings, so delete $OUT/TASK/test* before rerunning with other dev results. $OUT defaults to
+# examples/replication/runs, where the runs' small records (config, evaluations, metrics, routing figure) are
+# committed so that the work spans sessions and machines; its .gitignore keeps out the models, checkpoints and
+# logs. Each run's merged model (final/, 540 MB) is deleted once its comparison is written, unless KEEP_FINAL=1.
+# Pipeline smoke test: OUT=/tmp/r FIGURES=/tmp/r GRID=1e-4 RATIO4=4e-4 ADALORA_GRID= SEEDS=1 OVERRIDES="train.max_steps=2" run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore::FutureWarning
-OUT=${OUT:-runs/replication}
+OUT=${OUT:-examples/replication/runs}
 DATA=examples/replication/data
 FIGURES=${FIGURES:-examples/replication/figures}
 METHODS=fft,lora,lora-rest,adalora,molf,molf-e
-read -ra GRID <<< "${GRID:-5e-5 1e-4 2e-4}"      # lr = lora_lr, every method
-read -ra RATIO4 <<< "${RATIO4:-2e-4 4e-4 8e-4}"  # MoLF also with lora_lr = 4 x lr
+read -ra GRID <<< "${GRID:-5e-5 1e-4 2e-4 4e-4}"          # lr = lora_lr, every method
+read -ra RATIO4 <<< "${RATIO4:-2e-4 4e-4 8e-4 1.6e-3}"    # MoLF also with lora_lr = 4 x lr
+read -ra ADALORA_GRID <<< "${ADALORA_GRID-1e-3 3e-3 1e-2 3e-2}" # AdaLoRA also higher: its singular values start at 0
 read -ra OVERRIDES <<< "${OVERRIDES:-}"          # key=value for every run (none for the replication)
 SEEDS=${SEEDS:-3}
 MOLF_E=(--set 'molf-e:molf.lora_ranks=[32,128]' --set 'molf-e:molf.lora_alphas=[32,32]')     # scalings 5.66, 2.83
@@ -26,7 +29,7 @@ tasks=("$@")
 [ ${#tasks[@]} -gt 0 ] || tasks=(fact sql)
 
 prune() {  # the runs' merged models: their scores are in eval.jsonl already
-  [ "${KEEP_FINAL:-0}" = 1 ] || find "$1" -path '*/runs/*/final' -type d -prune -exec rm -rf {} +
+  [ "${KEEP_FINAL:-0}" = 1 ] || find "$1" \( -path '*/runs/*/final' -o -path '*/runs/*/final_peft' \) -type d -prune -exec rm -rf {} +
 }
 
 mkdir -p "$OUT"
@@ -58,6 +61,11 @@ for task in "${tasks[@]}"; do
       --seeds 1 --first-seed 100 "${MOLF_E[@]}" --reuse --output-dir "$out/dev/lr$lr"
     molf-ds compare "$yaml" "${OVERRIDES[@]}" "${dev[@]}" train.lr="$lr" train.lora_lr="${RATIO4[$i]}" \
       --methods molf --seeds 1 --first-seed 100 --reuse --output-dir "$out/dev/lr$lr-molf-ratio4"
+    prune "$out/dev"
+  done
+  for lr in "${ADALORA_GRID[@]}"; do
+    molf-ds compare "$yaml" "${OVERRIDES[@]}" "${dev[@]}" train.lr="$lr" train.lora_lr="$lr" --methods adalora \
+      --seeds 1 --first-seed 100 --reuse --output-dir "$out/dev/lr$lr-adalora"
   done
   python examples/replication/report.py select "$out"/dev/lr* --variants $METHODS --table "$out/dev/selection.md" \
     --sets "$out/dev/chosen.txt"
