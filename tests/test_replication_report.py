@@ -10,11 +10,11 @@ import yaml
 REPORT = Path(__file__).parent.parent / "examples" / "replication" / "report.py"
 
 
-def _fake_run(root: Path, method: str, lr: float, lora_lr: float, scores: dict, alphas=(32, 32)) -> None:
-    run = root / f"lr{lr}" / "runs" / f"{method}-seed100"
+def _fake_run(root: Path, method: str, lr: float, lora_lr: float, scores: dict, alphas=(32, 32), seed=100) -> None:
+    run = root / f"lr{lr}" / "runs" / f"{method}-seed{seed}"
     run.mkdir(parents=True)
     config = {"method": method, "molf": {"lora_ranks": [32, 128], "lora_alphas": list(alphas)},
-              "data": {"task": "fact"}, "train": {"seed": 100, "lr": lr, "lora_lr": lora_lr}}
+              "data": {"task": "fact"}, "train": {"seed": seed, "lr": lr, "lora_lr": lora_lr}}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     (run / "metrics.jsonl").write_text(json.dumps({"step": 4, "loss": 1.0}) + "\n")
     (run / "eval.jsonl").write_text(json.dumps({"step": 4, **scores}) + "\n")
@@ -39,3 +39,23 @@ def test_report_selects_each_variants_best_dev_setting(tmp_path):
     assert (tmp_path / "selection.md").read_text().count("**yes**") == 3
     assert report.main(["select", *map(str, dirs), "--variants", "lora", "--table", str(tmp_path / "s.md"),
                         "--sets", str(tmp_path / "s.txt")]) == 1
+
+
+def test_report_summary_gaps_and_molf_e_minus_adalora(tmp_path):
+    spec = importlib.util.spec_from_file_location("replication_report", REPORT)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        for method, efficacy in (("molf", 0.795), ("fft", 0.8), ("lora", 0.6), ("adalora", 0.5), ("molf-e", 0.7)):
+            scores = {"efficacy": efficacy + shift, "paraphrase": 0.5, "neighborhood": 0.5}
+            _fake_run(tmp_path / "test", method, 1e-4, 1e-4, scores, seed=seed)
+    (tmp_path / "base.json").write_text(json.dumps({"efficacy": 0.0, "paraphrase": 0.1, "neighborhood": 0.9}))
+    assert report.main(["summary", str(tmp_path / "test" / "lr0.0001"), "--base", str(tmp_path / "base.json"),
+                        "--output", str(tmp_path / "summary.md")]) == 0
+    text = (tmp_path / "summary.md").read_text()
+    rows = [line.split(" | ")[0].strip("| ") for line in text.splitlines()[2:8]]
+    assert rows == ["base model", "fft", "lora", "adalora", "molf", "molf-e"]
+    assert "| fft | 2 | 0.810 ± 0.014 | 0.500 ± 0.000 |" in text
+    assert "| molf | -0.6% **yes** | +0.0% **yes** | +0.0% **yes** |" in text  # (0.805 - 0.81) / 0.81
+    assert "| molf-e | -12.3% | +0.0% **yes** |" in text  # (0.71 - 0.81) / 0.81
+    assert "- molf-e: efficacy +0.200, paraphrase +0.000, neighborhood +0.000" in text

@@ -2,11 +2,14 @@
 
     python examples/replication/report.py select DIR... --variants fft,lora --table T.md --sets T.txt  # lrs
     python examples/replication/report.py routing DIR... --output routing.md   # shares per projection type
+    python examples/replication/report.py summary DIR... --base base.json --output summary.md  # the results table
 
 DIR is a `molf-ds compare` output directory. `select` reads every run under DIR/runs/ (its config.yaml and its final
 evaluation), writes the table of every setting tried and its score, and writes `--set=METHOD:train.lr=...` and
 `--set=METHOD:train.lora_lr=...` for each variant's best setting, one a line, for `molf-ds compare` (a file, not
-stdout: importing molf_ds prints DeepSpeed's accelerator notice there); `routing` writes its table likewise. A
+stdout: importing molf_ds prints DeepSpeed's accelerator notice there); `routing` writes its table likewise;
+`summary` writes each variant's mean ± std over seeds of every metric and of the score, its lrs and wall time, the
+MoLF variants' gaps to the better of FFT and LoRA (per metric and score) and MoLF-E minus AdaLoRA. A
 variant is the method, or `molf-e-eq` for MoLF-E whose experts share one scaling. The score is the harmonic mean of
 the task's metrics (for `fact`, CounterFact's Score over efficacy, paraphrase and neighborhood; for `sql`, exact
 match); ties go to the lower final training loss.
@@ -25,6 +28,9 @@ import yaml
 
 from molf_ds.commands.compare import RunResult, collect
 from molf_ds.commands.train.data import TASKS
+
+
+ORDER = ["fft", "lora", "lora-rest", "adalora", "molf", "molf-e", "molf-e-eq"]  # every variant, in report order
 
 
 def variant(config: dict[str, Any]) -> str:
@@ -126,9 +132,51 @@ def routing(directories: list[Path], output: Path) -> int:
     return 0
 
 
-def _pm(values: list[float]) -> str:
+def summary(directories: list[Path], base: Path | None, output: Path) -> int:
+    found = [(c, r) for c, r in runs(directories) if r.status == "ok"]
+    if not found:
+        print("report.py summary: no finished runs", file=sys.stderr)
+        return 1
+    metrics = TASKS[found[0][0]["data"]["task"]].METRICS
+    columns = [*metrics, "score"]
+    per_variant: dict[str, list[tuple[dict[str, Any], RunResult]]] = {}
+    for config, result in sorted(found, key=lambda found: ORDER.index(variant(found[0]))):
+        per_variant.setdefault(variant(config), []).append((config, result))
+    values = {name: {c: [score(r, metrics) if c == "score" else r.scores[c] for _, r in rows] for c in columns}
+              for name, rows in per_variant.items()}
+    mean = {name: {c: statistics.fmean(v) for c, v in cols.items()} for name, cols in values.items()}
+    lines = [f"| variant | seeds | {' | '.join(columns)} | lr / LoRA lr | minutes a run |",
+             "| --- | --- |" + " --- |" * len(columns) + " --- | --- |"]
+    if base is not None:
+        scores = json.loads(base.read_text())
+        scores["score"] = score(RunResult("base", 0, base, scores=scores), metrics)
+        lines.append("| base model | - | " + " | ".join(f"{scores[c]:.3f}" for c in columns) + " | - | - |")
+    for name, rows in per_variant.items():
+        train = rows[0][0]["train"]
+        minutes = statistics.fmean(r.wall_s for _, r in rows) / 60
+        lines.append(f"| {name} | {len(rows)} | " + " | ".join(_pm(values[name][c], ".3f") for c in columns)
+                     + f" | {train['lr']:g} / {train['lora_lr']:g} | {minutes:.1f} |")
+    if "fft" in mean and "lora" in mean:
+        lines += ["", "Gap to the better of FFT and LoRA, in percent of it (mean over seeds; within 1.5% or above "
+                  "marked **yes**):", "", f"| variant | {' | '.join(columns)} |", "| --- |" + " --- |" * len(columns)]
+        for name in (n for n in per_variant if n.startswith("molf")):
+            cells = []
+            for c in columns:
+                best = max(mean["fft"][c], mean["lora"][c])
+                gap = 100 * (mean[name][c] - best) / best if best else math.nan
+                cells.append(f"{gap:+.1f}%{' **yes**' if gap >= -1.5 else ''}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "adalora" in mean:
+        lines += ["", "MoLF-E minus AdaLoRA (difference of the means):", ""]
+        lines += [f"- {name}: " + ", ".join(f"{c} {mean[name][c] - mean['adalora'][c]:+.3f}" for c in columns)
+                  for name in ("molf-e", "molf-e-eq") if name in mean]
+    output.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+def _pm(values: list[float], spec: str = ".0%") -> str:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.0%} ± {std:.0%}"
+    return f"{statistics.fmean(values):{spec}} ± {std:{spec}}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,9 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     shares = commands.add_parser("routing", help="routing shares per projection type")
     shares.add_argument("dirs", type=Path, nargs="+")
     shares.add_argument("--output", type=Path, required=True, help="the markdown table")
+    results = commands.add_parser("summary", help="mean ± std per variant, gaps, MoLF-E minus AdaLoRA")
+    results.add_argument("dirs", type=Path, nargs="+")
+    results.add_argument("--base", type=Path, help="the base model's scores (molf-ds eval --output)")
+    results.add_argument("--output", type=Path, required=True, help="the markdown tables")
     args = parser.parse_args(argv)
     if args.command == "select":
         return select(args.dirs, args.variants.split(","), args.table, args.sets)
+    if args.command == "summary":
+        return summary(args.dirs, args.base, args.output)
     return routing(args.dirs, args.output)
 
 

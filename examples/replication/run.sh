@@ -20,7 +20,7 @@ FIGURES=${FIGURES:-examples/replication/figures}
 METHODS=fft,lora,lora-rest,adalora,molf,molf-e
 read -ra GRID <<< "${GRID:-5e-5 1e-4 2e-4 4e-4}"          # lr = lora_lr, every method
 read -ra RATIO4 <<< "${RATIO4:-2e-4 4e-4 8e-4 1.6e-3}"    # MoLF also with lora_lr = 4 x lr
-read -ra ADALORA_GRID <<< "${ADALORA_GRID-1e-3 3e-3 1e-2 3e-2}" # AdaLoRA also higher: its singular values start at 0
+read -ra ADALORA_GRID <<< "${ADALORA_GRID-1e-3 3e-3 1e-2 3e-2 1e-1}"  # AdaLoRA also: its E starts at 0
 read -ra OVERRIDES <<< "${OVERRIDES:-}"          # key=value for every run (none for the replication)
 SEEDS=${SEEDS:-3}
 MOLF_E=(--set 'molf-e:molf.lora_ranks=[32,128]' --set 'molf-e:molf.lora_alphas=[32,32]')     # scalings 5.66, 2.83
@@ -84,7 +84,9 @@ for task in "${tasks[@]}"; do
 
   prune "$out"
 
-  # (3) routing shares per projection type, and the routing figures of seed 0
+  # (3) the results table, routing shares per projection type, and the routing figures of seed 0
+  python examples/replication/report.py summary "$out/test" "$out/test-molf-e-eq" --base "$out/base.json" \
+    --output "$out/summary.md"
   python examples/replication/report.py routing "$out/test" "$out/test-molf-e-eq" --output "$out/routing.md"
   mkdir -p "$FIGURES"
   cp "$out/test/runs/molf-seed0/routing.png" "$FIGURES/${task}_molf_routing.png"
@@ -92,4 +94,4 @@ for task in "${tasks[@]}"; do
   cp "$out/test-molf-e-eq/runs/molf-e-seed0/routing.png" "$FIGURES/${task}_molf-e-eq_routing.png"
 done
 echo "run.sh: results under $OUT (environment.txt, TASK/base.json, TASK/dev/selection.md, TASK/test*/comparison*.md,"
-echo "        TASK/routing.md); figures in $FIGURES"
+echo "        TASK/summary.md, TASK/routing.md); figures in $FIGURES"
