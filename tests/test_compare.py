@@ -34,10 +34,25 @@ def test_report_arithmetic(tmp_path):
     assert gap_percent(table, "fft", "efficacy") == 0.0 and gap_percent(table, "molf-e", "efficacy") is None
     write_report(results, tmp_path, ["efficacy"], "efficacy", "molf-ds compare x.yaml")
     md = (tmp_path / "comparison.md").read_text()
-    assert "- molf: -1.43% (within 1.5% or above)" in md
+    assert "- molf: -1.43% (within 1.5% or better)" in md
     assert md.count("**degenerate routing**") == 1 and "| molf seed 1 | 0.6900 | full 99.5%, lora0 0.5% |" in md
     rows = list(csv.DictReader(open(tmp_path / "comparison.csv")))
     assert [r["degenerate_routing"] for r in rows] == ["", "", "", "", "false", "true"]
+
+
+def test_loss_is_lower_better_in_the_gap_and_the_molf_e_verdict(tmp_path):
+    def result(method, loss):
+        return RunResult(method, 0, tmp_path / method, scores={"token_accuracy": 0.5, "loss": loss})
+
+    results = [result("fft", 2.0), result("lora", 2.5), result("molf", 1.9), result("adalora", 2.2),
+               result("molf-e", 2.4)]
+    table = summarise(results, ["token_accuracy", "loss"])
+    assert gap_percent(table, "molf", "loss") == pytest.approx(5.0)  # 1.9 against fft's 2.0: 5% better
+    assert gap_percent(table, "molf-e", "loss") == pytest.approx(-20.0)
+    write_report(results, tmp_path, ["token_accuracy", "loss"], "loss", "molf-ds compare x.yaml")
+    md = (tmp_path / "comparison.md").read_text()
+    assert "- molf: +5.00% (within 1.5% or better)" in md and "- molf-e: -20.00% (more than 1.5% worse)" in md
+    assert "- molf-e - adalora: +0.2000 (not better than AdaLoRA)" in md
 
 
 @pytest.fixture(scope="module")

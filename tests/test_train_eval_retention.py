@@ -67,6 +67,14 @@ def test_best_step_is_the_earliest_highest_evaluated_step_after_step_0():
     assert (best.step, best.value) == (4, 0.75)
 
 
+def test_the_best_loss_is_the_lowest():
+    records = [{"step": 0, "loss": 0.5}, {"step": 2, "loss": 2.0}, {"step": 4, "loss": 1.2}, {"step": 6, "loss": 1.2},
+               {"step": 8, "loss": 1.5}]
+    assert best_step(records, "loss") == (4, 1.2)
+    best = Best("loss")
+    assert [best.offer(r["step"], r) for r in records] == [False, True, True, False, False]
+
+
 def _checkpoint(directory: Path, step: int, done: bool = True) -> None:
     (directory / f"step{step}").mkdir(parents=True)
     (directory / f"step{step}" / "mp_rank_00_model_states.pt").write_bytes(b"weights")

@@ -213,12 +213,16 @@ def summarise(results: list[RunResult], metrics: list[str]) -> dict[str, dict[st
 
 
 def gap_percent(table: dict[str, dict[str, tuple[float, float, int]]], method: str, metric: str) -> float | None:
-    """(method - best of fft and lora) / best of fft and lora, in percent; None without both references."""
+    """How much better (+) or worse (-) `method` is than the better of fft and lora, in percent of it (for loss,
+    lower is better); None without a reference."""
+    from .train.data import direction
+
     refs = [table[m][metric][0] for m in ("fft", "lora") if m in table and table[m][metric][2] > 0]
     if method not in table or not refs or table[method][metric][2] == 0:
         return None
-    best = max(refs)
-    return math.nan if best == 0 else 100.0 * (table[method][metric][0] - best) / abs(best)
+    sign = direction(metric)
+    best = max(refs, key=lambda value: sign * value)
+    return math.nan if best == 0 else 100.0 * sign * (table[method][metric][0] - best) / abs(best)
 
 
 def write_report(results: list[RunResult], out: Path, metrics: list[str], metric: str, command: str) -> list[Path]:
@@ -247,15 +251,18 @@ def write_report(results: list[RunResult], out: Path, metrics: list[str], metric
         lines.append(f"| {method} | {row[metric][2]} | "
                      + " | ".join(_pm(*row[m][:2]) for m in metrics)
                      + f" | {_pm(*row['final_loss'][:2])} | {shares} |")
-    lines += ["", f"## Gap to the better of FFT and LoRA (`{metric}`)", ""]
+    from .train.data import direction
+
+    lines += ["", f"## Gap to the better of FFT and LoRA (`{metric}`; + is better)", ""]
     for method in MOLF_METHODS:
         if method in table:
             gap = gap_percent(table, method, metric)
             lines.append(f"- {method}: " + ("n/a (needs fft and/or lora in --methods)" if gap is None
-                                            else f"{gap:+.2f}% ({'within 1.5% or above' if gap >= -1.5 else 'more than 1.5% below'})"))
+                                            else f"{gap:+.2f}% ({'within 1.5% or better' if gap >= -1.5 else 'more than 1.5% worse'})"))
     if "molf-e" in table and "adalora" in table and table["adalora"][metric][2] and table["molf-e"][metric][2]:
         diff = table["molf-e"][metric][0] - table["adalora"][metric][0]
-        lines.append(f"- molf-e - adalora: {diff:+.4f} ({'above' if diff > 0 else 'not above'} AdaLoRA)")
+        verdict = "better than" if direction(metric) * diff > 0 else "not better than"
+        lines.append(f"- molf-e - adalora: {diff:+.4f} ({verdict} AdaLoRA)")
     molf_runs = [r for r in results if r.method in MOLF_METHODS]
     if molf_runs:
         lines += ["", "## Routing per MoLF / MoLF-E run", "",

@@ -161,15 +161,17 @@ def trim_jsonl(path: Path, step: int) -> None:
 
 # ---- best model and retention (train.load_best_model_at_end, train.save_total_limit) ------------------
 def best_step(records: list[dict], metric: str, candidates: set[int] | None = None) -> tuple[int, float] | None:
-    """(step, value) of the best evaluation at `metric` (higher is better) among the records of steps >= 1 (the
-    evaluation before training is a reference, not a candidate) and, if given, in `candidates`; the earliest
-    wins a tie. None when there is none."""
-    best = None
+    """(step, value) of the best evaluation at `metric` (lower for loss, otherwise higher) among the records of
+    steps >= 1 (the evaluation before training is a reference, not a candidate) and, if given, in `candidates`;
+    the earliest wins a tie. None when there is none."""
+    from .data import direction
+
+    sign, best = direction(metric), None
     for record in sorted(records, key=lambda r: r["step"]):
         step, value = record["step"], record.get(metric)
         if step < 1 or value is None or (candidates is not None and step not in candidates):
             continue
-        if best is None or value > best[1]:
+        if best is None or sign * value > sign * best[1]:
             best = (step, value)
     return best
 
@@ -208,7 +210,9 @@ class Best:
     whose checkpoint is complete."""
 
     def __init__(self, metric: str, step: int | None = None, value: float | None = None) -> None:
-        self.metric, self.step, self.value = metric, step, value
+        from .data import direction
+
+        self.metric, self.step, self.value, self.sign = metric, step, value, direction(metric)
 
     @classmethod
     def resumed(cls, metric: str, eval_jsonl: Path, directory: Path) -> Best:
@@ -216,9 +220,9 @@ class Best:
         return cls(metric, *found) if found else cls(metric)
 
     def offer(self, step: int, scores: dict[str, float] | None) -> bool:
-        """Whether step `step` is the new best (strictly higher: the earliest of equals stays)."""
+        """Whether step `step` is the new best (strictly better: the earliest of equals stays)."""
         value = (scores or {}).get(self.metric)
-        if step < 1 or value is None or (self.value is not None and value <= self.value):
+        if step < 1 or value is None or (self.value is not None and self.sign * value <= self.sign * self.value):
             return False
         self.step, self.value = step, value
         return True

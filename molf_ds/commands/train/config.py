@@ -85,7 +85,7 @@ class EvalSection:
     before_training: bool = True
     max_new_tokens: int = 128  # exact-match tasks (sql, jsonl) generate greedily
     steps: int = 0  # also evaluate every N optimizer steps; 0: before and after training only
-    metric: str | None = None  # the one train.load_best_model_at_end compares (higher is better); default: the task's first
+    metric: str | None = None  # the one train.load_best_model_at_end compares (loss: lower is better); default: the task's first
 
     @property
     def enabled(self) -> bool:

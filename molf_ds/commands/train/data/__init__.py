@@ -12,6 +12,12 @@ from .tokenize import IGNORE_INDEX, Collator, encode, pad_id, tokenize
 
 TASKS: dict[str, ModuleType] = {"sql": sql, "med": med, "fact": fact, "jsonl": jsonl, "chat": chat,
                                  "alpaca": alpaca}
+LOWER_IS_BETTER = frozenset({"loss"})  # every other metric of the tasks: higher is better
+
+
+def direction(metric: str) -> int:
+    """+1 where a higher `metric` is better, -1 where a lower one is (loss)."""
+    return -1 if metric in LOWER_IS_BETTER else 1
 
 
 @dataclass
