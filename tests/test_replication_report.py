@@ -49,12 +49,14 @@ def test_report_summary_gaps_and_molf_e_minus_adalora(tmp_path):
         for method, efficacy in (("molf", 0.795), ("fft", 0.8), ("lora", 0.6), ("adalora", 0.5), ("molf-e", 0.7)):
             scores = {"efficacy": efficacy + shift, "paraphrase": 0.5, "neighborhood": 0.5}
             _fake_run(tmp_path / "test", method, 1e-4, 1e-4, scores, seed=seed)
+    _fake_run(tmp_path / "supplement", "molf", 2e-4, 2e-4, {"efficacy": 0.9, "paraphrase": 0.5, "neighborhood": 0.5})
     (tmp_path / "base.json").write_text(json.dumps({"efficacy": 0.0, "paraphrase": 0.1, "neighborhood": 0.9}))
-    assert report.main(["summary", str(tmp_path / "test" / "lr0.0001"), "--base", str(tmp_path / "base.json"),
-                        "--output", str(tmp_path / "summary.md")]) == 0
+    assert report.main(["summary", str(tmp_path / "test" / "lr0.0001"), str(tmp_path / "supplement" / "lr0.0002"),
+                        "--base", str(tmp_path / "base.json"), "--output", str(tmp_path / "summary.md")]) == 0
     text = (tmp_path / "summary.md").read_text()
-    rows = [line.split(" | ")[0].strip("| ") for line in text.splitlines()[2:8]]
-    assert rows == ["base model", "fft", "lora", "adalora", "molf", "molf-e"]
+    rows = [line.split(" | ")[0].strip("| ") for line in text.splitlines()[2:9]]
+    assert rows == ["base model", "fft", "lora", "adalora", "molf", "molf (lr0.0002)", "molf-e"]
+    assert "| molf (lr0.0002) | +11.1% **yes** |" in text  # a second directory's MoLF runs: a row of their own
     assert "| fft | 2 | 0.810 ± 0.014 | 0.500 ± 0.000 |" in text
     assert "| molf | -0.6% **yes** | +0.0% **yes** | +0.0% **yes** |" in text  # (0.805 - 0.81) / 0.81
     assert "| molf-e | -12.3% | +0.0% **yes** |" in text  # (0.71 - 0.81) / 0.81

@@ -53,6 +53,21 @@ def runs(directories: list[Path]) -> list[tuple[dict[str, Any], RunResult]]:
     return found
 
 
+def labelled(directories: list[Path]) -> list[tuple[str, dict[str, Any], RunResult]]:
+    """(label, config, result) of every finished run, in ORDER and then the directories' order. The label is the
+    variant, with the directory's name added where an earlier directory has that variant already (a supplementary
+    comparison, e.g. MoLF at other lrs)."""
+    found, first = [], {}
+    for i, directory in enumerate(directories):
+        for config, result in runs([directory]):
+            name = variant(config)
+            first.setdefault(name, directory)
+            label = name if first[name] == directory else f"{name} ({directory.name})"
+            if result.status == "ok":
+                found.append(((ORDER.index(name), i), label, config, result))
+    return [(label, config, result) for _, label, config, result in sorted(found, key=lambda item: item[0])]
+
+
 def score(result: RunResult, metrics: tuple[str, ...]) -> float:
     values = [result.scores.get(m, math.nan) for m in metrics]
     if any(math.isnan(v) for v in values):
@@ -107,15 +122,15 @@ def routing(directories: list[Path], output: Path) -> int:
     """Writes a markdown table: per MoLF variant, each expert's share of all decisions and the first expert's share per
     projection type, mean ± std over seeds (each seed's share is its mean over steps)."""
     per_variant: dict[str, list[dict[str, dict[str, float]]]] = {}
-    for config, result in runs(directories):
-        if result.status != "ok" or not result.routing:
+    for label, _, result in labelled(directories):
+        if not result.routing:
             continue
         records = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
         by_type = [r["routing_by_type"] for r in records if "routing_by_type" in r]
         shares = {"all": result.routing}
         shares.update({kind: {e: statistics.fmean(step[kind][e] for step in by_type) for e in by_type[0][kind]}
                        for kind in by_type[0]})
-        per_variant.setdefault(variant(config), []).append(shares)
+        per_variant.setdefault(label, []).append(shares)
     if not per_variant:
         print("report.py routing: no finished MoLF / MoLF-E runs", file=sys.stderr)
         return 1
@@ -133,15 +148,15 @@ def routing(directories: list[Path], output: Path) -> int:
 
 
 def summary(directories: list[Path], base: Path | None, output: Path) -> int:
-    found = [(c, r) for c, r in runs(directories) if r.status == "ok"]
+    found = labelled(directories)
     if not found:
         print("report.py summary: no finished runs", file=sys.stderr)
         return 1
-    metrics = TASKS[found[0][0]["data"]["task"]].METRICS
+    metrics = TASKS[found[0][1]["data"]["task"]].METRICS
     columns = [*metrics, "score"]
     per_variant: dict[str, list[tuple[dict[str, Any], RunResult]]] = {}
-    for config, result in sorted(found, key=lambda found: ORDER.index(variant(found[0]))):
-        per_variant.setdefault(variant(config), []).append((config, result))
+    for label, config, result in found:
+        per_variant.setdefault(label, []).append((config, result))
     values = {name: {c: [score(r, metrics) if c == "score" else r.scores[c] for _, r in rows] for c in columns}
               for name, rows in per_variant.items()}
     mean = {name: {c: statistics.fmean(v) for c, v in cols.items()} for name, cols in values.items()}

@@ -4,7 +4,7 @@
 # Per task: (0) the base model's scores; (1) every method's lrs on the dev split (other facts / two other SQL
 # schemas), one training seed (100) that no test run uses; (2) the test comparison, 3 seeds at the chosen lrs, with
 # MoLF-E at the paper's defaults and, in a second comparison, with equal expert scaling at MoLF-E's lrs (only alpha
-# differs); (3) tables and figures.
+# differs), and in a third MoLF with the LoRA lr equal to its chosen lr, where they differ; (3) tables, figures.
 # `compare --reuse` skips finished runs: after an interruption, run the script again. A finished run is reused
 # whatever its settings, so delete $OUT/TASK/test* before rerunning with other dev results. $OUT defaults to
 # examples/replication/runs, where the runs' small records (config, evaluations, metrics, routing figure) are
@@ -72,6 +72,8 @@ for task in "${tasks[@]}"; do
   prune "$out/dev"
   sets=$(< "$out/dev/chosen.txt")                          # --set=METHOD:train.lr=..., one a line
   sets_e=$(grep '^--set=molf-e:' "$out/dev/chosen.txt")
+  lr_molf=$(sed -n 's/^--set=molf:train.lr=//p' "$out/dev/chosen.txt")
+  lora_lr_molf=$(sed -n 's/^--set=molf:train.lora_lr=//p' "$out/dev/chosen.txt")
 
   # (2) the test comparison; a rerun with --metric only rewrites the report (every run is reused)
   for metric in "${metrics[@]}"; do
@@ -81,17 +83,26 @@ for task in "${tasks[@]}"; do
   done
   molf-ds compare "$yaml" "${OVERRIDES[@]}" --methods molf-e --seeds "$SEEDS" "${MOLF_E_EQ[@]}" $sets_e --reuse \
     --output-dir "$out/test-molf-e-eq"
+  tests=("$out/test" "$out/test-molf-e-eq")
+  if [ "$lr_molf" != "$lora_lr_molf" ]; then  # a supplement, not a selection: MoLF with the LoRA lr equal to its
+    # chosen lr (EPD scores scale with each expert's lr, so a higher LoRA lr can leave `full` no decision)
+    molf-ds compare "$yaml" "${OVERRIDES[@]}" --methods molf --seeds "$SEEDS" --set "molf:train.lr=$lr_molf" \
+      --set "molf:train.lora_lr=$lr_molf" --reuse --output-dir "$out/test-molf-equal-lr"
+    tests+=("$out/test-molf-equal-lr")
+  fi
 
   prune "$out"
 
   # (3) the results table, routing shares per projection type, and the routing figures of seed 0
-  python examples/replication/report.py summary "$out/test" "$out/test-molf-e-eq" --base "$out/base.json" \
-    --output "$out/summary.md"
-  python examples/replication/report.py routing "$out/test" "$out/test-molf-e-eq" --output "$out/routing.md"
+  python examples/replication/report.py summary "${tests[@]}" --base "$out/base.json" --output "$out/summary.md"
+  python examples/replication/report.py routing "${tests[@]}" --output "$out/routing.md"
   mkdir -p "$FIGURES"
   cp "$out/test/runs/molf-seed0/routing.png" "$FIGURES/${task}_molf_routing.png"
   cp "$out/test/runs/molf-e-seed0/routing.png" "$FIGURES/${task}_molf-e_routing.png"
   cp "$out/test-molf-e-eq/runs/molf-e-seed0/routing.png" "$FIGURES/${task}_molf-e-eq_routing.png"
+  if [ "$lr_molf" != "$lora_lr_molf" ]; then
+    cp "$out/test-molf-equal-lr/runs/molf-seed0/routing.png" "$FIGURES/${task}_molf-equal-lr_routing.png"
+  fi
 done
 echo "run.sh: results under $OUT (environment.txt, TASK/base.json, TASK/dev/selection.md, TASK/test*/comparison*.md,"
 echo "        TASK/summary.md, TASK/routing.md); figures in $FIGURES"
