@@ -172,7 +172,7 @@ def summary(directories: list[Path], base: Path | None, output: Path) -> int:
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(_pm(values[name][c], ".3f") for c in columns)
                      + f" | {train['lr']:g} / {train['lora_lr']:g} | {minutes:.1f} |")
     if "fft" in mean and "lora" in mean:
-        lines += ["", "Gap to the better of FFT and LoRA, in percent of it (mean over seeds; within 1.5% or above "
+        lines += ["", "Gap to the better of FFT and LoRA, in percent of it (mean over seeds; within 1.5% or better "
                   "marked **yes**):", "", f"| variant | {' | '.join(columns)} |", "| --- |" + " --- |" * len(columns)]
         for name in (n for n in per_variant if n.startswith("molf")):
             cells = []
