@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import key_error
+from .data import direction
 
 COMPLETE = "molf_ds_complete.json"
 _TAG = re.compile(r"step(\d+)")
@@ -164,8 +165,6 @@ def best_step(records: list[dict], metric: str, candidates: set[int] | None = No
     """(step, value) of the best evaluation at `metric` (lower for loss, otherwise higher) among the records of
     steps >= 1 (the evaluation before training is a reference, not a candidate) and, if given, in `candidates`;
     the earliest wins a tie. None when there is none."""
-    from .data import direction
-
     sign, best = direction(metric), None
     for record in sorted(records, key=lambda r: r["step"]):
         step, value = record["step"], record.get(metric)
@@ -210,8 +209,6 @@ class Best:
     whose checkpoint is complete."""
 
     def __init__(self, metric: str, step: int | None = None, value: float | None = None) -> None:
-        from .data import direction
-
         self.metric, self.step, self.value, self.sign = metric, step, value, direction(metric)
 
     @classmethod
