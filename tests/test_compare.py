@@ -110,3 +110,24 @@ def test_reuse_reports_the_runs_wall_time_and_command(compared):
     assert [r["wall_s"] for r in again] == [r["wall_s"] for r in first] and float(first[0]["wall_s"]) > 0
     record = json.loads((Path(first[1]["output_dir"]) / "compare_run.json").read_text())
     assert "method=molf" in record["command"] and record["command"][-1] == f"train.output_dir={first[1]['output_dir']}"
+
+
+def test_train_routing_summary_warns_when_one_expert_took_every_decision(tmp_path):
+    """`molf-ds train`'s closing routing line (the same threshold as compare's degenerate flag)."""
+    from molf_ds.commands.train.outputs import routing_summary
+
+    def summary(full_share, lora_share=None):
+        path = tmp_path / "metrics.jsonl"
+        shares = {"full": full_share, "lora0": 1 - full_share if lora_share is None else lora_share}
+        path.write_text("".join(json.dumps({"step": s, "loss": 1.0, "routing": shares,
+                                            "routing_by_type": {"q_proj": {"full": full_share}}}) + "\n"
+                                for s in (1, 2)))
+        return routing_summary(path)
+
+    balanced, degenerate = summary(0.4), summary(0.0)
+    assert "warning" not in summary(1.0, 1.0)  # top_k=2 of 2 experts: both win every decision
+    assert balanced == "routing over 2 steps: full 40%, lora0 60%; share of 'full' per projection type: q_proj 40%"
+    first, warning = degenerate.split("\n")
+    assert first.startswith("routing over 2 steps: full 0%, lora0 100%")
+    assert warning.startswith("warning: 'lora0' took more than 99% of the routing decisions")
+    assert "train.lora_lr" in warning

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .methods import COMPARE_METHODS, MOLF_METHODS
+from .methods import COMPARE_METHODS, DEGENERATE, MOLF_METHODS
 
-DEGENERATE = 0.99
 CSV_NAME, MD_NAME = "comparison.csv", "comparison.md"
 RUN_RECORD = "compare_run.json"  # in each run directory: the command compare launched and its wall time
 PLOTS = {"metric": "metric_per_method.png", "loss": "loss_curves.png", "routing": "routing_full_share.png"}

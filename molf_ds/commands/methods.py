@@ -32,6 +32,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
 )}
 
 MOLF_METHODS = tuple(n for n, m in REGISTRY.items() if m.molf)  # ("molf", "molf-e")
+DEGENERATE = 0.99  # a MoLF run where one expert took more of the routing decisions than this trained it alone
 MOLF_WRAPPED = tuple(n for n, m in REGISTRY.items() if m.wrapped)  # ("molf", "molf-e", "ds-adamw")
 TRAIN_METHODS = ("molf", "molf-e", "fft", "lora", "lora-rest", "adalora")  # molf-ds train's `method:`
 COMPARE_METHODS = ("fft", "lora", "lora-rest", "adalora", "molf", "molf-e")  # molf-ds compare's default order

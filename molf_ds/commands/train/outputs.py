@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from molf_ds.export import export_peft, gathered, save_merged
 from molf_ds.optim.routing_log import is_rank_zero
+from ..methods import DEGENERATE
 from .methods import Trainee
 
 FINAL, FINAL_PEFT, ROUTING_PNG = "final", "final_peft", "routing.png"
@@ -62,7 +63,8 @@ def _zero3_off():
 
 def routing_summary(metrics_path: Path) -> str | None:
     """One line: each expert's share of the routing decisions over the run's steps, and the first expert's
-    (`full`, or `lora0` for MoLF-E) share per projection type; None without routed steps."""
+    (`full`, or `lora0` for MoLF-E) share per projection type, then a warning line where one expert took more
+    than DEGENERATE of them; None without routed steps."""
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     records = [r for r in records if "routing" in r]
     if not records:
@@ -72,5 +74,12 @@ def routing_summary(metrics_path: Path) -> str | None:
     overall = ", ".join(f"{e} {mean([r['routing'][e] for r in records]):.0%}" for e in experts)
     kinds = records[0].get("routing_by_type", {})
     by_type = ", ".join(f"{k} {mean([r['routing_by_type'][k][experts[0]] for r in records]):.0%}" for k in kinds)
-    return (f"routing over {len(records)} steps: {overall}"
+    line = (f"routing over {len(records)} steps: {overall}"
             + (f"; share of '{experts[0]}' per projection type: {by_type}" if by_type else ""))
+    totals = {e: sum(r["routing"][e] for r in records) for e in experts}  # top_k > 1: shares sum to k a step
+    winner = max(totals, key=totals.get)
+    if totals[winner] > DEGENERATE * (sum(totals.values()) or 1.0):
+        line += (f"\nwarning: '{winner}' took more than {DEGENERATE:.0%} of the routing decisions, so this run "
+                 "trained that expert alone. EPD scores grow with each expert's lr and scaling: compare "
+                 "train.lr with train.lora_lr, and molf.lora_alphas / sqrt(molf.lora_ranks) across the experts")
+    return line
