@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from molf_ds.commands.compare import RunResult, collect
+from molf_ds.commands.compare import RunResult, collect, gap_percent
 from molf_ds.commands.train.data import TASKS
 
 
@@ -160,6 +160,7 @@ def summary(directories: list[Path], base: Path | None, output: Path) -> int:
     values = {name: {c: [score(r, metrics) if c == "score" else r.scores[c] for _, r in rows] for c in columns}
               for name, rows in per_variant.items()}
     mean = {name: {c: statistics.fmean(v) for c, v in cols.items()} for name, cols in values.items()}
+    table = {name: {c: (m, 0.0, len(values[name][c])) for c, m in cols.items()} for name, cols in mean.items()}
     lines = [f"| variant | seeds | {' | '.join(columns)} | lr / LoRA lr | minutes a run |",
              "| --- | --- |" + " --- |" * len(columns) + " --- | --- |"]
     if base is not None:
@@ -177,8 +178,7 @@ def summary(directories: list[Path], base: Path | None, output: Path) -> int:
         for name in (n for n in per_variant if n.startswith("molf")):
             cells = []
             for c in columns:
-                best = max(mean["fft"][c], mean["lora"][c])
-                gap = 100 * (mean[name][c] - best) / best if best else math.nan
+                gap = gap_percent(table, name, c)
                 cells.append(f"{gap:+.1f}%{' **yes**' if gap >= -1.5 else ''}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "adalora" in mean:
