@@ -51,8 +51,9 @@ for task in "${tasks[@]}"; do
     sql)  dev=(eval.data=$DATA/sql_dev.jsonl)
           test_data=$DATA/sql_test.jsonl metrics=(exact_match) batch=16
           grid=(5e-5 1e-4 2e-4) ratio4=(2e-4 4e-4 8e-4) adalora_grid=(1e-2 3e-2 1e-1)
-          grid_methods=fft,lora,lora-rest,molf,molf-e beyond=("2.5e-5 fft,molf" "4e-4 molf-e") ;;
-          # AdaLoRA scored 0 at 5e-5 here too; fft and molf won at 5e-5, molf-e at 2e-4 (the first pass)
+          grid_methods=fft,lora,lora-rest,molf,molf-e beyond=("2.5e-5 fft,molf" "4e-4 molf-e" "3e-3 adalora") ;;
+          # AdaLoRA scored 0 at 5e-5 here too; on the first pass fft and molf won at 5e-5, molf-e at 2e-4 and
+          # adalora at 1e-2
     *)    echo "run.sh: unknown task $task (fact, sql)" >&2; exit 2 ;;
   esac
   [ -z "${GRID+set}" ] || read -ra grid <<< "$GRID"
