@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from molf_ds.commands.compare import RunResult, collect, gap_percent
+from molf_ds.commands.compare import WITHIN_PERCENT, RunResult, collect, gap_percent
 from molf_ds.commands.train.data import TASKS
 
 
@@ -173,13 +173,13 @@ def summary(directories: list[Path], base: Path | None, output: Path) -> int:
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(_pm(values[name][c], ".3f") for c in columns)
                      + f" | {train['lr']:g} / {train['lora_lr']:g} | {minutes:.1f} |")
     if "fft" in mean and "lora" in mean:
-        lines += ["", "Gap to the better of FFT and LoRA, in percent of it (mean over seeds; within 1.5% or better "
-                  "marked **yes**):", "", f"| variant | {' | '.join(columns)} |", "| --- |" + " --- |" * len(columns)]
+        lines += ["", "Gap to the better of FFT and LoRA, in percent of it (mean over seeds; within "
+                  f"{WITHIN_PERCENT:g}% or better marked **yes**):", "", f"| variant | {' | '.join(columns)} |", "| --- |" + " --- |" * len(columns)]
         for name in (n for n in per_variant if n.startswith("molf")):
             cells = []
             for c in columns:
                 gap = gap_percent(table, name, c)
-                cells.append(f"{gap:+.1f}%{' **yes**' if gap >= -1.5 else ''}")
+                cells.append(f"{gap:+.1f}%{' **yes**' if gap >= -WITHIN_PERCENT else ''}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "adalora" in mean:
         lines += ["", "MoLF-E minus AdaLoRA (difference of the means):", ""]
