@@ -5,8 +5,9 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Sequence
 
+from .scores import SCORE_NAMES
+
 VARIANTS = ("molf", "molf-e")
-SCORES = ("epd", "pfn")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _DEFAULT_RANKS = {"molf": (128,), "molf-e": (32, 128)}
 
@@ -68,8 +69,8 @@ class MoLFConfig:
             )
         if self.variant == "molf-e" and len(self.lora_ranks) < 2:
             raise ValueError("MoLFConfig.lora_ranks: molf-e routes between LoRA experts, give at least two ranks")
-        if self.score not in SCORES:
-            raise ValueError(f"MoLFConfig.score={self.score!r} is unknown: use one of {SCORES}")
+        if self.score not in SCORE_NAMES:
+            raise ValueError(f"MoLFConfig.score={self.score!r} is unknown: use one of {SCORE_NAMES}")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.n_experts:
             raise ValueError(
                 f"MoLFConfig.top_k={self.top_k!r} is outside [1, {self.n_experts}] "

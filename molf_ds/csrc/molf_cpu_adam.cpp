@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -88,15 +89,30 @@ struct Update {
   }
 };
 
-// q of one element: molf_ds.optim.routing.element_scores.
-template <bool kPfn>
+// The score types: the codes of molf_ds/scores.py's rows (a score's code is its index there).
+constexpr int64_t kEpd = 0, kPfn = 1, kScoreTypes = 2;
+
+// q of one element: the `q` of score kScore in molf_ds/scores.py.
+template <int64_t kScore>
 inline float score(float m, float v, float eps_s) {
+  static_assert(kScore >= 0 && kScore < kScoreTypes, "a score type molf_ds/scores.py defines");
   const float denom = std::sqrt(v) + eps_s;
-  if constexpr (kPfn) {
+  if constexpr (kScore == kPfn) {
     const float r = m / denom;
     return r * r;
   } else {
     return m * m / denom;
+  }
+}
+
+// f(std::integral_constant<int64_t, kScore>) for the score type known at run time (checked at the op's entry).
+template <typename F>
+inline auto with_score(int64_t score_type, F&& f) {
+  switch (score_type) {
+    case kPfn:
+      return f(std::integral_constant<int64_t, kPfn>{});
+    default:
+      return f(std::integral_constant<int64_t, kEpd>{});
   }
 }
 
@@ -191,7 +207,7 @@ void update_moments(const float* g, float* m, float* v, int64_t n, Moments c) {
 // Moments over n elements, returning sum(q) in double. Each lane has its own
 // accumulator and the lanes are added in order: the result depends only on the data.
 // kUpdate: also p = the AdamW update `u` (the same as update_params after this pass), old p into backup.
-template <bool kPfn, bool kUpdate = false>
+template <int64_t kScore, bool kUpdate = false>
 double update_moments_scored(const float* g, float* m, float* v, int64_t n, Moments c, float eps_s,
                              float* p = nullptr, float* backup = nullptr, Update u = Update(0.0, 0.0, 1.0, 1.0, 0.0)) {
   double acc[kBlock] = {};
@@ -201,7 +217,7 @@ double update_moments_scored(const float* g, float* m, float* v, int64_t n, Mome
     const float vi = c.v(gi, v[i]);
     m[i] = mi;
     v[i] = vi;
-    acc[lane] += static_cast<double>(score<kPfn>(mi, vi, eps_s));
+    acc[lane] += static_cast<double>(score<kScore>(mi, vi, eps_s));
     if constexpr (kUpdate) p[i] = u.p(p[i], mi, vi);
   };
   if constexpr (kUpdate) {
@@ -349,7 +365,9 @@ struct Speculation {
 // cells are also updated; returns the number of elements updated.
 int64_t score_multi(at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     const at::Tensor& table, const at::Tensor& scale, at::Tensor& sums, at::Tensor& took_part,
-                    double beta1, double beta2, bool pfn, double eps_s, const Speculation* spec) {
+                    double beta1, double beta2, int64_t score_type, double eps_s, const Speculation* spec) {
+  TORCH_CHECK(score_type >= 0 && score_type < kScoreTypes, "score_type ", score_type,
+              " is not a score type this kernel knows (molf_ds/scores.py)");
   for (const auto& g : grads) check_flat(g, g, "grad");
   check_list(exp_avgs, grads, "exp_avg");
   check_list(exp_avg_sqs, grads, "exp_avg_sq");
@@ -384,13 +402,15 @@ int64_t score_multi(at::TensorList grads, at::TensorList exp_avgs, at::TensorLis
       float* p = spec->params[t] + s;
       float* b = spec->backups[t] + s;
       const Update& u = spec->updates[rows[pc.row].kind];
-      partial[k] = pfn ? update_moments_scored<true, true>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es, p, b, u)
-                       : update_moments_scored<false, true>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es, p, b, u);
+      partial[k] = with_score(score_type, [&](auto sc) {
+        constexpr int64_t kScore = decltype(sc)::value;
+        return update_moments_scored<kScore, true>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es, p, b, u);
+      });
       updated += pc.len;
-    } else if (pfn) {
-      partial[k] = update_moments_scored<true>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es);
     } else {
-      partial[k] = update_moments_scored<false>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es);
+      partial[k] = with_score(score_type, [&](auto sc) {
+        return update_moments_scored<decltype(sc)::value>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es);
+      });
     }
   }
   std::vector<double> seg_sum(rows.size(), 0.0);
@@ -413,8 +433,8 @@ int64_t score_multi(at::TensorList grads, at::TensorList exp_avgs, at::TensorLis
 void moments_and_scores_multi(at::TensorList grads, at::TensorList exp_avgs,
                               at::TensorList exp_avg_sqs, const at::Tensor& table,
                               const at::Tensor& scale, at::Tensor& sums, at::Tensor& took_part,
-                              double beta1, double beta2, bool pfn, double eps_s) {
-  score_multi(grads, exp_avgs, exp_avg_sqs, table, scale, sums, took_part, beta1, beta2, pfn, eps_s, nullptr);
+                              double beta1, double beta2, int64_t score_type, double eps_s) {
+  score_multi(grads, exp_avgs, exp_avg_sqs, table, scale, sums, took_part, beta1, beta2, score_type, eps_s, nullptr);
 }
 
 // moments_and_scores_multi, and inside the rows whose cell is presumed to win, backup = p and the AdamW update
@@ -425,13 +445,14 @@ int64_t moments_scores_speculate_multi(at::TensorList params, at::TensorList gra
                                        const at::Tensor& scale, at::Tensor& sums, at::Tensor& took_part,
                                        const at::Tensor& presumed, const at::Tensor& lrs,
                                        const at::Tensor& weight_decays, double beta1, double beta2,
-                                       double bias_correction1, double bias_correction2, double eps, bool pfn,
+                                       double bias_correction1, double bias_correction2, double eps, int64_t score_type,
                                        double eps_s) {
   check_list(params, grads, "param");
   check_list(backups, grads, "backup");
   const Speculation spec{data_of(params), data_of(backups), cell_mask(presumed, sums.numel(), "presumed"),
                          kind_updates(lrs, weight_decays, bias_correction1, bias_correction2, eps)};
-  return score_multi(grads, exp_avgs, exp_avg_sqs, table, scale, sums, took_part, beta1, beta2, pfn, eps_s, &spec);
+  return score_multi(grads, exp_avgs, exp_avg_sqs, table, scale, sums, took_part, beta1, beta2, score_type, eps_s,
+                     &spec);
 }
 
 // The pass after routing: the AdamW update (lr and weight decay of the row's kind) in the rows whose cell won and
@@ -564,7 +585,7 @@ TORCH_LIBRARY(molf_cpu_adam, lib) {
   lib.def(
       "moments_and_scores_multi(Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
       "Tensor table, Tensor scale, Tensor(c!) sums, Tensor(d!) took_part, float beta1, float beta2, "
-      "bool pfn, float eps_s) -> ()");
+      "int score_type, float eps_s) -> ()");
   lib.def(
       "update_winners_multi(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor table, "
       "Tensor winners, Tensor lrs, Tensor weight_decays, float bias_correction1, "
@@ -573,7 +594,7 @@ TORCH_LIBRARY(molf_cpu_adam, lib) {
       "moments_scores_speculate_multi(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] backups, Tensor table, Tensor scale, Tensor(e!) sums, "
       "Tensor(f!) took_part, Tensor presumed, Tensor lrs, Tensor weight_decays, float beta1, float beta2, "
-      "float bias_correction1, float bias_correction2, float eps, bool pfn, float eps_s) -> int");
+      "float bias_correction1, float bias_correction2, float eps, int score_type, float eps_s) -> int");
   lib.def(
       "settle_multi(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] backups, Tensor table, "
       "Tensor presumed, Tensor winners, Tensor lrs, Tensor weight_decays, float bias_correction1, "

@@ -2,15 +2,15 @@
 
 Every expert of every MoLF module keeps exact Adam moments. Each step, per module:
 
-1. each expert's score comes from its updated, not bias-corrected moments m and v: the mean over its N_e elements
-   of q = m^2 / (sqrt(v) + eps_s) times the expert's lr (EPD), or the square root of the mean of
-   q = (m / (sqrt(v) + eps_s))^2 (PFN);
+1. each expert's score comes from its updated, not bias-corrected moments m and v: per element a q, summed over
+   the expert's N_e elements (times the expert's lr where the score carries it), divided by N_e and finished; the
+   score types (EPD, PFN) are rows of `molf_ds.scores`;
 2. the top_k scores win, ties to the lower expert index; an expert that took no part (no gradient) never wins;
 3. only the winners take the AdamW update (decoupled weight decay first), each segment with its kind's lr and decay.
 
 The element-wise passes of steps 1 and 3 run in `kernels` over flat tensors whose segments `layout.py` maps to
-(module, expert) cells: torch, or the fused C++ CPU kernel, whose `score()` is `element_scores` below. Everything
-else (normalisation, top-k, which rows update) is defined here, once, for both.
+(module, expert) cells: torch, or the fused C++ CPU kernel. Everything else (normalisation, top-k, which rows
+update) is defined here, once, for both.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from ..config import MoLFConfig
+from ..scores import SCORE_EPS, score_named
 from . import kernels
 
-SCORE_EPS = 1e-8  # eps_s
 ScoreReducer = Callable[[Tensor], None]  # in-place SUM of the score table over data-parallel ranks
 
 
@@ -54,25 +54,11 @@ def kind_weight_decays(cfg: MoLFConfig) -> Tensor:
                         dtype=torch.float64)
 
 
-def element_scores(ms: list[Tensor], vs: list[Tensor], score: str, eps_s: float = SCORE_EPS) -> list[Tensor]:
-    """q of every element of the tensors `ms` (m) and `vs` (v), before summing (step 1)."""
-    denom = torch._foreach_sqrt(vs)
-    torch._foreach_add_(denom, eps_s)
-    if score == "epd":
-        q = torch._foreach_mul(ms, ms)
-        torch._foreach_div_(q, denom)
-    else:
-        q = torch._foreach_div(ms, denom)
-        torch._foreach_mul_(q, q)
-    return q
-
-
 def module_scores(sums: Tensor, sizes: Tensor, took_part: Tensor, score: str) -> Tensor:
     """Scores [modules, experts] (float64) from the score sums of the whole model (step 1's normalisation);
-    -inf where an expert took no part. For EPD the sums already carry each kind's lr."""
+    -inf where an expert took no part. Where the score carries the lr, the sums already do."""
     per_element = sums.view(sizes.shape) / sizes.double().clamp(min=1)
-    scores = per_element if score == "epd" else per_element.sqrt()
-    return scores.masked_fill(~took_part.view(sizes.shape), -torch.inf)
+    return score_named(score).finish(per_element).masked_fill(~took_part.view(sizes.shape), -torch.inf)
 
 
 def top_k(scores: Tensor, took_part: Tensor, k: int) -> Tensor:
@@ -93,7 +79,7 @@ class StepRouting:
     def __init__(self, step: int, cfg: MoLFConfig, n_cells: int, lr_scale: float, presumed: Tensor | None) -> None:
         self.step, self.cfg, self.lr_scale, self.presumed = step, cfg, lr_scale, presumed
         self.lrs, self.weight_decays = kind_lrs(cfg, lr_scale), kind_weight_decays(cfg)
-        self.scale = self.lrs if cfg.score == "epd" else torch.ones_like(self.lrs)  # factor of each kind's sums
+        self.scale = self.lrs if score_named(cfg.score).carries_lr else torch.ones_like(self.lrs)  # of each kind's sums
         self.sums = kernels.ScoreSums(n_cells)
         self.batches: list[tuple[list[Tensor], list[Tensor], list[Tensor], kernels.SegmentTable,
                                  list[Tensor] | None]] = []

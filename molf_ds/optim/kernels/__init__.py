@@ -24,7 +24,7 @@ from types import ModuleType
 
 import torch
 
-from ...config import SCORES
+from ...scores import SCORE_EPS, score_named
 from . import cpp_impl, torch_impl
 
 __all__ = [
@@ -85,11 +85,6 @@ class _ZeroDropped(torch.autograd.Function):
 def backend(*tensors: torch.Tensor) -> str:
     """Name of the backend ("cpp" or "torch") that would run on these tensors."""
     return "cpp" if _impl(list(tensors)) is cpp_impl else "torch"
-
-
-def _check_score(score: str) -> None:
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
 
 
 class SegmentTable:
@@ -160,10 +155,10 @@ def moments_and_scores_multi(
     beta1: float,
     beta2: float,
     score: str,
-    eps_s: float = 1e-8,
+    eps_s: float = SCORE_EPS,
 ) -> None:
     """m, v of every tensor; out.sums[cell] += (score sum of each row) * scale[kind], in row order."""
-    _check_score(score)
+    score_named(score)
     _check_batch(segments, grads, exp_avgs, exp_avg_sqs)
     impl = _impl([*grads, *exp_avgs, *exp_avg_sqs])
     if impl is cpp_impl:
@@ -218,11 +213,11 @@ def moments_scores_speculate_multi(
     bias_correction2: float,
     eps: float,
     score: str,
-    eps_s: float = 1e-8,
+    eps_s: float = SCORE_EPS,
 ) -> int:
     """`moments_and_scores_multi`, plus in every row whose cell is `presumed` (bool per cell) to win: backup = p,
     then the AdamW update of p, in the same pass. Returns the elements updated; `settle_multi` finishes the step."""
-    _check_score(score)
+    score_named(score)
     _check_batch(segments, grads, params, exp_avgs, exp_avg_sqs, backups)
     if not can_speculate([*params, *grads, *exp_avgs, *exp_avg_sqs, *backups]):
         raise ValueError("the speculative step needs the C++ kernel (contiguous fp32 CPU tensors)")

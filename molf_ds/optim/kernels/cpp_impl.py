@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ...scores import score_named
+
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "molf_cpu_adam.cpp"
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-mprefer-vector-width=512"]
 
@@ -80,13 +82,13 @@ def load() -> bool:
     return False
 
 
-# The ops take the public functions' arguments in the same order, except that the score name ("epd" / "pfn")
-# becomes a flag; every other function of the backend interface is the op itself (see __getattr__).
+# The ops take the public functions' arguments in the same order, except that the score name becomes its code
+# (molf_ds.scores); every other function of the backend interface is the op itself (see __getattr__).
 def moments_and_scores_multi(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], table: Tensor,
                              scale: Tensor, sums: Tensor, took_part: Tensor, beta1: float, beta2: float, score: str,
                              eps_s: float) -> None:
     torch.ops.molf_cpu_adam.moments_and_scores_multi(
-        grads, exp_avgs, exp_avg_sqs, table, scale, sums, took_part, beta1, beta2, score == "pfn", eps_s)
+        grads, exp_avgs, exp_avg_sqs, table, scale, sums, took_part, beta1, beta2, score_named(score).code, eps_s)
 
 
 def moments_scores_speculate_multi(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -96,7 +98,7 @@ def moments_scores_speculate_multi(params: list[Tensor], grads: list[Tensor], ex
                                    bias_correction2: float, eps: float, score: str, eps_s: float) -> int:
     return torch.ops.molf_cpu_adam.moments_scores_speculate_multi(
         params, grads, exp_avgs, exp_avg_sqs, backups, table, scale, sums, took_part, presumed, lrs, weight_decays,
-        beta1, beta2, bias_correction1, bias_correction2, eps, score == "pfn", eps_s)
+        beta1, beta2, bias_correction1, bias_correction2, eps, score_named(score).code, eps_s)
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""Torch implementation of the MoLF element-wise passes (any device; the scores are `routing.element_scores`).
+"""Torch implementation of the MoLF element-wise passes (any device; q is `molf_ds.scores`' row of the score).
 
 Segment work is cut into pieces of at most ``CHUNK`` elements and batched so that each
 batch spans at most ``CHUNK`` elements: temporaries stay bounded whatever the tensor
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .. import routing
+from ...scores import SCORE_EPS, score_named
 
 CHUNK = 1 << 20
 
@@ -133,7 +133,7 @@ def _planned_scores(grad, exp_avg, exp_avg_sq, beta1, beta2, plan: _TensorPlan, 
         return exp_avg.new_zeros(0, dtype=torch.float64)
     sums = []
     for batch, lengths in plan.batches:
-        q = routing.element_scores(_views(exp_avg, batch), _views(exp_avg_sq, batch), score, eps_s)
+        q = score_named(score).q(_views(exp_avg, batch), _views(exp_avg_sq, batch), eps_s)
         flat = (torch.cat(q) if len(q) > 1 else q[0]).double()
         sums.append(torch.segment_reduce(flat, "sum", lengths=lengths, unsafe=True))
     return torch.segment_reduce(torch.cat(sums), "sum", lengths=plan.counts, unsafe=True)
@@ -147,7 +147,7 @@ def segment_sums_multi(
     beta1: float,
     beta2: float,
     score: str,
-    eps_s: float = 1e-8,
+    eps_s: float = SCORE_EPS,
 ) -> torch.Tensor:
     """Moments of every tensor; the score sum of every row of `segments` (a kernels.SegmentTable), in row order,
     as one float64 tensor on the tensors' device (the caller moves it to the host once per step)."""
