@@ -8,6 +8,13 @@ takes the same top-k and updates only the winners' segments. Tensors outside MoL
 All expert parameters share ONE param group (kind "molf"): DeepSpeed's ZeRO-1/2 optimizer calls the
 wrapped optimizer once per group, and routing needs every expert's score before the first update. The
 group's lr carries the schedule; each segment's lr is its kind's lr times the schedule's factor.
+
+The protocol towards the ZeRO adapters (molf_ds/zero) and checkpoints, the only calls they make:
+- `detach()` before DeepSpeed builds the engine, `attach(router)` once it has: the optimizer steps only when attached;
+- `grouped_step()` around one wrapper step: DeepSpeed's several step() calls (one per group) make one step t;
+- `finish_routing()` after the last sub-group, when the router is `deferred` (ZeRO-3);
+- `record_skipped_step()` when DeepSpeed skipped a step (overflow): logged, no state changed;
+- `molf_step` (read) and `restore_step(t)`: the step counter a checkpoint carries.
 """
 from __future__ import annotations
 
@@ -230,6 +237,12 @@ class MoLFAdamW(torch.optim.Optimizer):
                 for kind, rows in self.index.modules_by_type.items()}
 
     # ---- checkpoints ----------------------------------------------------------------------------
+    def restore_step(self, step: int) -> None:
+        """Set the step counter from a checkpoint (DeepSpeed's ZeRO wrappers restore the moments but not it)."""
+        if step < 0:
+            raise ValueError(f"a MoLF step counter is never negative, got {step}")
+        self.molf_step = int(step)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """The step counter comes back from the per-tensor `step` (DeepSpeed's ZeRO wrappers restore that state
         without calling this: `molf_ds.load_checkpoint` restores the counter from the engine's client state)."""

@@ -26,5 +26,5 @@ def load_checkpoint(engine: Any, load_dir: str | Path, tag: str | None = None, *
     molf = client_state.pop(MOLF_KEY, None)
     if molf is None:
         raise ValueError(f"checkpoint {path} was not written by molf_ds.save_checkpoint: it has no MoLF state")
-    engine.basic_optimizer.molf_step = molf["step"]
+    engine.basic_optimizer.restore_step(molf["step"])
     return path, client_state

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+import transformers
 
 from molf_ds.export import export_peft, gathered, save_merged
 from molf_ds.optim.routing_log import is_rank_zero
+from molf_ds.zero.surface import HF_ZERO3_CONFIG, require
 from ..methods import DEGENERATE
 from .methods import Trainee
 
@@ -53,12 +55,12 @@ def _zero3_off():
     HfDeepSpeedConfig is alive; inside a full gather they must not."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    saved = require(hf_deepspeed, HF_ZERO3_CONFIG, "transformers", transformers.__version__)
+    setattr(hf_deepspeed, HF_ZERO3_CONFIG.name, None)
     try:
         yield
     finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+        setattr(hf_deepspeed, HF_ZERO3_CONFIG.name, saved)
 
 
 def routing_summary(metrics_path: Path) -> str | None:

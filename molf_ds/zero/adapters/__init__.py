@@ -17,6 +17,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
 from ...optim import MoLFAdamW, ParamLayouts, Router
 from . import unpartitioned, zero3, zero12
+from ..surface import probe
 from .base import one_step_per_call
 
 
@@ -26,6 +27,7 @@ def attach(wrapper: Any, optimizer: MoLFAdamW) -> None:
     if wrapper is optimizer:
         optimizer.attach(Router(ParamLayouts(optimizer.index)))
         return
+    probe(wrapper)
     if isinstance(wrapper, DeepSpeedZeroOptimizer):
         router = zero12.router(wrapper, optimizer.index)
     elif isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
