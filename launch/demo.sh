@@ -9,6 +9,6 @@ cd "$(dirname "$0")/.."
 ./launch/install.sh
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore::FutureWarning
 molf-ds models prepare smollm2-135m
-python -m molf_ds.commands.train.known_facts runs/demo/data/counterfact.json --model smollm2-135m --max-cases 32
+python -m molf_ds.commands.datagen.known_facts runs/demo/data/counterfact.json --model smollm2-135m --max-cases 32
 ./launch/demo_train.sh examples/demo.yaml runs/demo/out "$@"
 echo "demo: the facts are in runs/demo/data/counterfact.json"

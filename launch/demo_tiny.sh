@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./launch/install.sh
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore::FutureWarning
-python -m molf_ds.commands.train.demo runs/demo-tiny
+python -m molf_ds.commands.datagen.demo runs/demo-tiny
 ./launch/demo_train.sh examples/demo_tiny.yaml runs/demo-tiny/out "$@"
 echo "demo: generated inputs in runs/demo-tiny/data, runs/demo-tiny/tokenizer, runs/demo-tiny/model"

@@ -11,7 +11,7 @@ from torch import nn
 
 from helpers.distributed import spawn
 from molf_ds.commands.train.data import TASKS, open_table, rows
-from molf_ds.commands.train.demo import build_model, build_tokenizer, counterfact_records
+from molf_ds.commands.datagen.demo import build_model, build_tokenizer, counterfact_records
 from molf_ds.commands.train.evaluate import evaluate, greedy, greedy_batch, normalise_sql, sql_match
 
 

@@ -78,7 +78,7 @@ def test_run_dir_and_checkpoint_generate_what_final_does_twice(run_dir, capsys):
 
 
 def test_chat_template_unless_no_chat_template(tmp_path):
-    from molf_ds.commands.train.demo import generate as demo
+    from molf_ds.commands.datagen.demo import generate as demo
 
     paths = demo(tmp_path / "demo", n_cases=8, seed=3)
     tokenizer = load_tokenizer(str(paths["tokenizer"]))

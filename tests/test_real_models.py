@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import molf_ds
 from helpers.demo_runs import ZERO2
 from molf_ds.commands import models as pretrained
-from molf_ds.commands.train.known_facts import counterfact_records
+from molf_ds.commands.datagen.known_facts import counterfact_records
 
 pytestmark = pytest.mark.slow  # real pretrained models (SmolLM2-135M, Gemma 3 270M), torchrun
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import sqlglot
 
-from molf_ds.commands.train import sql_templates
+from molf_ds.commands.datagen import sql_templates
 from molf_ds.commands.train.config import DataSection, EvalSection, load_config
 from molf_ds.commands.train.data import Generation, load_task
 from molf_ds.commands.train.evaluate import sql_match
-from molf_ds.commands.train.known_facts import RELATIONS, counterfact_records, split_dev
+from molf_ds.commands.datagen.known_facts import RELATIONS, counterfact_records, split_dev
 
 DATA = Path(__file__).parent.parent / "examples" / "replication" / "data"
 SPLITS = ("train", "dev", "test")

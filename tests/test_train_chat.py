@@ -20,7 +20,7 @@ from molf_ds.commands.sources import SourceError, check_chat_template
 from molf_ds.commands.train.config import DataSection, EvalSection
 from molf_ds.commands.train.data import IGNORE_INDEX, Conversation, DataError, Example, Likelihood, load_task, tokenize
 from molf_ds.commands.train.data.alpaca import WITH_INPUT, WITHOUT_INPUT
-from molf_ds.commands.train.demo import build_model
+from molf_ds.commands.datagen.demo import build_model
 from molf_ds.commands.train.evaluate import evaluate
 
 SMOLLM2 = model_dir("smollm2-135m")

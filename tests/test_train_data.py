@@ -10,7 +10,7 @@ import pytest
 
 from molf_ds.commands.train.config import DataSection, EvalSection
 from molf_ds.commands.train.data import IGNORE_INDEX, Choice, Collator, DataError, Example, Generation, load_task, tokenize
-from molf_ds.commands.train.demo import build_tokenizer, counterfact_records
+from molf_ds.commands.datagen.demo import build_tokenizer, counterfact_records
 
 
 def sql_rows(n: int = 4) -> list[dict]:

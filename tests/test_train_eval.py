@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from molf_ds.commands.train.data import Choice, DataError, Generation
-from molf_ds.commands.train.demo import build_model, build_tokenizer, counterfact_records
+from molf_ds.commands.datagen.demo import build_model, build_tokenizer, counterfact_records
 from molf_ds.commands.train.evaluate import evaluate, greedy, mean_logliks
 from molf_ds.commands.train.loop import Order
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from molf_ds.commands.train.demo import build_model, counterfact_records
+from molf_ds.commands.datagen.demo import build_model, counterfact_records
 
 # every turn on its own line; an assistant turn ends with <eos>; the generation prompt is "assistant :"
 TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'assistant : ' + m['content'] + ' <eos>\n' }}"

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from molf_ds.commands.train.demo import generate
+from molf_ds.commands.datagen.demo import generate
 
 REPO = Path(__file__).resolve().parents[2]
 

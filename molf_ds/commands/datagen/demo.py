@@ -1,7 +1,7 @@
 """The bundled demo, with no download: a small counterfactual-knowledge task in CounterFact's JSON schema,
 a word-level tokenizer built from it, and a tiny random-init Qwen2 model; all deterministic in the seed.
 
-    python -m molf_ds.commands.train.demo runs/demo-tiny   # writes data/counterfact.json, tokenizer/, model/
+    python -m molf_ds.commands.datagen.demo runs/demo-tiny   # writes data/counterfact.json, tokenizer/, model/
 """
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def generate(out_dir: str | Path, n_cases: int = 256, seed: int = 0) -> dict[str
 def main() -> None:
     import transformers
 
-    parser = argparse.ArgumentParser(prog="python -m molf_ds.commands.train.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m molf_ds.commands.datagen.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", nargs="?", default="runs/demo-tiny")
     parser.add_argument("--cases", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)

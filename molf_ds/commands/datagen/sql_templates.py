@@ -1,7 +1,7 @@
 """Text-to-SQL rows in gretelai/synthetic_text_to_sql's schema, generated from question templates over ten small
 table schemas; dev and test use schemas (tables, domains, values) that training never sees.
 
-    python -m molf_ds.commands.train.sql_templates examples/replication/data   # sql_train/dev/test.jsonl
+    python -m molf_ds.commands.datagen.sql_templates examples/replication/data   # sql_train/dev/test.jsonl
 
 Every row's `sql_context` is the CREATE TABLE and a two-row INSERT of the tables its query reads; the queries are
 SELECT with WHERE, COUNT/AVG/SUM/MAX/MIN (with WHERE or GROUP BY), ORDER BY ... LIMIT, and one JOIN. The output
@@ -238,7 +238,7 @@ def write(out_dir: str | Path, sizes: dict[str, int], seed: int = 0) -> list[Pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m molf_ds.commands.train.sql_templates", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m molf_ds.commands.datagen.sql_templates", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--train", type=int, default=600)
     parser.add_argument("--dev", type=int, default=100)

@@ -1,7 +1,7 @@
 """Well-known facts as counterfactual rewrites in CounterFact's schema, and a probe that keeps the ones a
 pretrained model already knows (CounterFact's premise: the model must hold the fact that the rewrite replaces).
 
-    python -m molf_ds.commands.train.known_facts runs/demo/counterfact.json --model smollm2-135m [--dev-output dev.json]
+    python -m molf_ds.commands.datagen.known_facts runs/demo/counterfact.json --model smollm2-135m [--dev-output dev.json]
 
 Each subject's rewrite moves it to another object of the same relation; its paraphrase prompts ask the same
 question in other words, its neighborhood prompts ask about subjects that share the true object (they must
@@ -92,9 +92,9 @@ def counterfact_records(seed: int = 0) -> list[dict[str, Any]]:
 
 def known(model: Any, tokenizer: Any, records: list[dict[str, Any]], batch_size: int = 32) -> list[dict[str, Any]]:
     """The records whose true object the model prefers to the new one on the rewrite prompt."""
-    from .data.base import Row
-    from .data.fact import evals
-    from .evaluate import mean_logliks
+    from ..train.data.base import Row
+    from ..train.data.fact import evals
+    from ..train.evaluate import mean_logliks
 
     firsts = [evals(Row("known facts", i + 1, record))[0] for i, record in enumerate(records)]
     pairs = [(item.prompt, option) for item in firsts for option in item.options]
@@ -122,7 +122,7 @@ def _write(path: Path, records: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> None:
     from ..loading import load_model
 
-    parser = argparse.ArgumentParser(prog="python -m molf_ds.commands.train.known_facts", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m molf_ds.commands.datagen.known_facts", description=__doc__.split("\n")[0])
     parser.add_argument("output", type=Path, help="the CounterFact JSON to write")
     parser.add_argument("--model", required=True, help="a registry name, a model directory or a run directory")
     parser.add_argument("--max-cases", type=int, help="keep at most this many (a seeded sample across relations)")
