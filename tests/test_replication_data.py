@@ -15,7 +15,8 @@ from molf_ds.commands.datagen import sql_templates
 from molf_ds.commands.train.config import DataSection, EvalSection, load_config
 from molf_ds.commands.train.data import Generation, load_task
 from molf_ds.commands.train.evaluate import sql_match
-from molf_ds.commands.datagen.known_facts import RELATIONS, counterfact_records, split_dev
+from molf_ds.commands.datagen.known_facts import (NEIGHBOURS, RELATIONS, counterfact_records, split_dev,
+                                                  with_unseen_neighbours)
 
 DATA = Path(__file__).parent.parent / "examples" / "replication" / "data"
 SPLITS = ("train", "dev", "test")
@@ -81,12 +82,43 @@ def test_fact_dev_split_takes_half_of_each_relation():
         assert sum(r["requested_rewrite"]["relation_id"] == relation for r in dev) == n // 2
 
 
+def _rewritten_prompts(records: list[dict]) -> set[str]:
+    return {r["requested_rewrite"]["prompt"].format(r["requested_rewrite"]["subject"]) for r in records}
+
+
+def _assert_neighbours_unseen(records: list[dict]) -> None:
+    """Every neighbourhood prompt asks about a subject with the rewrite's true object that no record rewrites."""
+    rewritten = _rewritten_prompts(records)
+    for record in records:
+        rewrite = record["requested_rewrite"]
+        templates, by_object = RELATIONS[rewrite["relation_id"]]
+        same_object = {templates[0].format(s) for s in by_object[rewrite["target_true"]["str"]]}
+        neighbours = record["neighborhood_prompts"]
+        assert set(neighbours) <= same_object - rewritten and len(neighbours) <= NEIGHBOURS, (rewrite, neighbours)
+
+
+def test_neighbours_are_never_rewritten():
+    records = counterfact_records()
+    assert not set.isdisjoint(*[{p for r in records for p in r["neighborhood_prompts"]}, _rewritten_prompts(records)])
+    kept = with_unseen_neighbours(records)
+    _assert_neighbours_unseen(kept)
+    for record in kept:  # every fact known: min(3, n // 2) of a true object's n subjects are neighbours
+        templates, by_object = RELATIONS[record["requested_rewrite"]["relation_id"]]
+        n = len(by_object[record["requested_rewrite"]["target_true"]["str"]])
+        assert len(record["neighborhood_prompts"]) == min(NEIGHBOURS, n // 2)
+    assert kept == with_unseen_neighbours(records) and kept != with_unseen_neighbours(records, seed=1)
+    assert len(kept) + sum(min(NEIGHBOURS, len(s) // 2) for _, by in RELATIONS.values() for s in by.values()) == \
+        len(records)
+
+
 def test_shipped_fact_files_are_disjoint_counterfact_rewrites():
     halves = {split: json.loads((DATA / f"facts_smollm2_{split}.json").read_text()) for split in ("dev", "test")}
     kept = sorted(halves["dev"] + halves["test"], key=lambda r: r["case_id"])
     assert split_dev(kept, seed=1) == (halves["dev"], halves["test"])  # --dev-output's split, --dev-seed 1
-    by_id = {r["case_id"]: r for r in counterfact_records()}  # the probe keeps records unchanged
-    assert all(by_id[r["case_id"]] == r for rows in halves.values() for r in rows)
+    _assert_neighbours_unseen(kept)  # across both halves: neither trains a neighbour
+    by_id = {r["case_id"]: r for r in counterfact_records()}  # the probe keeps records, neighbours set aside
+    assert all({**by_id[r["case_id"]], "neighborhood_prompts": r["neighborhood_prompts"]} == r
+               for rows in halves.values() for r in rows)
     data = load_task(DataSection(task="fact", train=str(DATA / "facts_smollm2_test.json")),
                      EvalSection(data=str(DATA / "facts_smollm2_test.json")))
     assert len(data.train) == len(halves["test"]) and data.metrics == ("efficacy", "paraphrase", "neighborhood")

@@ -6,6 +6,8 @@ pretrained model already knows (CounterFact's premise: the model must hold the f
 Each subject's rewrite moves it to another object of the same relation; its paraphrase prompts ask the same
 question in other words, its neighborhood prompts ask about subjects that share the true object (they must
 keep it). The probe compares P(true) with P(new) on the rewrite prompt, as the `fact` task's efficacy does.
+Neighbours are known facts set aside from the rewrites (`with_unseen_neighbours`): no split trains a subject that
+another rewrite's neighbourhood asks about, so a successful rewrite never counts against neighbourhood.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+NEIGHBOURS = 3  # neighbourhood prompts per rewrite, at most
 # relation id -> (rewrite prompt, paraphrase prompts...), {true object: subjects}
 RELATIONS: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
     "P17": (("{} is a city in the country of", "The city of {} is located in", "{} lies in the country of"), {
@@ -66,7 +69,9 @@ RELATIONS: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
 
 
 def counterfact_records(seed: int = 0) -> list[dict[str, Any]]:
-    """Every subject of every relation as one rewrite, in CounterFact's schema; deterministic in `seed`."""
+    """Every subject of every relation as one rewrite, in CounterFact's schema; deterministic in `seed`. Its
+    neighbourhood prompts are the other subjects with the same true object, rewrites themselves: a data set takes
+    them through `with_unseen_neighbours`."""
     rng = random.Random(seed)
     records: list[dict[str, Any]] = []
     for relation, (templates, by_object) in RELATIONS.items():
@@ -74,7 +79,7 @@ def counterfact_records(seed: int = 0) -> list[dict[str, Any]]:
         for true, subjects in by_object.items():
             for subject in subjects:
                 new = rng.choice([o for o in objects if o != true])
-                neighbors = [s for s in subjects if s != subject][:3]
+                neighbors = [s for s in subjects if s != subject][:NEIGHBOURS]
                 records.append({
                     "case_id": len(records),
                     "requested_rewrite": {
@@ -102,6 +107,28 @@ def known(model: Any, tokenizer: Any, records: list[dict[str, Any]], batch_size:
     return [record for i, record in enumerate(records) if scores[2 * i + 1] > scores[2 * i]]
 
 
+def with_unseen_neighbours(records: list[dict[str, Any]], seed: int = 0,
+                           most: int = NEIGHBOURS) -> list[dict[str, Any]]:
+    """The rewrites to train, each asking in its neighbourhood about facts that share its true object and are
+    never rewritten: per relation and true object, a seeded min(`most`, n // 2) of its n facts (in `records`, e.g.
+    the ones a model knows) become neighbours only, and the others keep their rewrite with those as neighbours. A
+    true object with one fact (a country's capital) keeps its rewrite without neighbours."""
+    rng = random.Random(seed)
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for record in records:
+        rewrite = record["requested_rewrite"]
+        groups.setdefault((rewrite["relation_id"], rewrite["target_true"]["str"]), []).append(record)
+    neighbour_ids: set[int] = set()
+    prompts: dict[tuple[str, str], list[str]] = {}
+    for key, group in groups.items():
+        aside = sorted(rng.sample(group, min(most, len(group) // 2)), key=lambda r: r["case_id"])
+        neighbour_ids.update(r["case_id"] for r in aside)
+        prompts[key] = [r["requested_rewrite"]["prompt"].format(r["requested_rewrite"]["subject"]) for r in aside]
+    return [{**record, "neighborhood_prompts": prompts[(record["requested_rewrite"]["relation_id"],
+                                                        record["requested_rewrite"]["target_true"]["str"])]}
+            for record in records if record["case_id"] not in neighbour_ids]
+
+
 def split_dev(records: list[dict[str, Any]], seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(dev, rest): a seeded half of each relation's records (rounded down) for choosing hyperparameters, and the
     others, in their original order."""
@@ -127,14 +154,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="a registry name, a model directory or a run directory")
     parser.add_argument("--max-cases", type=int, help="keep at most this many (a seeded sample across relations)")
     parser.add_argument("--seed", type=int, default=0, help="picks each rewrite's new object and the sample")
-    parser.add_argument("--dev-output", type=Path, help="also write a dev split here: half of each relation's known "
-                        "facts, which OUTPUT then leaves out (before --max-cases)")
+    parser.add_argument("--dev-output", type=Path, help="also write a dev split here: half of each relation's rewrites, "
+                        "which OUTPUT then leaves out (before --max-cases)")
     parser.add_argument("--dev-seed", type=int, default=1, help="picks the dev half [1]")
     args = parser.parse_args(argv)
     model, tokenizer = load_model(args.model)
     records = counterfact_records(args.seed)
     kept = known(model, tokenizer, records)
     print(f"{args.model} knows {len(kept)} of the {len(records)} facts")
+    kept = with_unseen_neighbours(kept, args.seed)
+    print(f"{len(kept)} of them rewritten, the others kept as neighbours only")
     if args.dev_output is not None:
         dev, kept = split_dev(kept, args.dev_seed)
         _write(args.dev_output, dev)
