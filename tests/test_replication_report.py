@@ -61,3 +61,15 @@ def test_report_summary_gaps_and_molf_e_minus_adalora(tmp_path):
     assert "| molf | -0.6% **yes** | +0.0% **yes** | +0.0% **yes** |" in text  # (0.805 - 0.81) / 0.81
     assert "| molf-e | -12.3% | +0.0% **yes** |" in text  # (0.71 - 0.81) / 0.81
     assert "- molf-e: efficacy +0.200, paraphrase +0.000, neighborhood +0.000" in text
+    assert "| molf | fft | 2 | -0.6% [-0.6, -0.6] **within** |" in text  # the same shift on both seeds
+    assert "| molf-e | adalora | 2 | +39.2% [+39.2, +39.2] **within** |" in text  # 0.2 / 0.51 of the paired mean
+
+
+def test_paired_interval_and_verdict():
+    spec = importlib.util.spec_from_file_location("replication_report", REPORT)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    mean, low, high = report.paired_interval([1.0, 2.0, 3.0])  # sd 1, t(2) = 4.303
+    assert mean == 2.0 and abs(low - (2 - 4.303 / 3**0.5)) < 1e-12 and abs(high - (2 + 4.303 / 3**0.5)) < 1e-12
+    assert report.verdict(-1.5, 3.0) == "**within**" and report.verdict(-5.0, -1.6) == "below"
+    assert report.verdict(-2.0, 1.0) == "undecided" and report.verdict(*report.paired_interval([4.0])[1:]) == "one seed"

@@ -9,7 +9,8 @@ evaluation), writes the table of every setting tried and its score, and writes `
 `--set=METHOD:train.lora_lr=...` for each variant's best setting, one a line, for `molf-ds compare` (a file, not
 stdout: importing molf_ds prints DeepSpeed's accelerator notice there); `routing` writes its table likewise;
 `summary` writes each variant's mean ± std over seeds of every metric and of the score, its lrs and wall time, the
-MoLF variants' gaps to the better of FFT and LoRA (per metric and score) and MoLF-E minus AdaLoRA. A
+MoLF variants' gaps to the better of FFT and LoRA (per metric and score), MoLF-E minus AdaLoRA, and every MoLF
+variant's paired per-seed differences against FFT, LoRA and AdaLoRA with 95% intervals and the verdict they give. A
 variant is the method, or `molf-e-eq` for MoLF-E whose experts share one scaling. The score is the harmonic mean of
 the task's metrics (for `fact`, CounterFact's Score over efficacy, paraphrase and neighborhood; for `sql`, exact
 match); ties go to the lower final training loss.
@@ -185,8 +186,65 @@ def summary(directories: list[Path], base: Path | None, output: Path) -> int:
         lines += ["", "MoLF-E minus AdaLoRA (difference of the means):", ""]
         lines += [f"- {name}: " + ", ".join(f"{c} {mean[name][c] - mean['adalora'][c]:+.3f}" for c in columns)
                   for name in ("molf-e", "molf-e-eq") if name in mean]
+    lines += paired_tables(per_variant, metrics, columns)
     output.write_text("\n".join(lines) + "\n")
     return 0
+
+
+# t quantile 0.975 by degrees of freedom (a 95% two-sided interval); 1.96 past the table
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired_interval(differences: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of per-seed differences with its 95% t interval (degenerate with one seed)."""
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
+        return mean, math.nan, math.nan
+    half = T975.get(len(differences) - 1, 1.96) * statistics.stdev(differences) / math.sqrt(len(differences))
+    return mean, mean - half, mean + half
+
+
+def verdict(low: float, high: float) -> str:
+    """The paper's tolerance read from a paired interval in percent of the reference."""
+    if math.isnan(low):
+        return "one seed"
+    if low >= -WITHIN_PERCENT:
+        return "**within**"
+    return "below" if high < -WITHIN_PERCENT else "undecided"
+
+
+def paired_tables(per_variant: dict[str, list[tuple[dict[str, Any], RunResult]]], metrics: tuple[str, ...],
+                  columns: list[str]) -> list[str]:
+    """Per-seed differences (every method sees the same data order per seed) of each MoLF variant against FFT,
+    LoRA and AdaLoRA, in percent of the reference's mean over the paired seeds, with 95% intervals; the verdict
+    against the tolerance reads the interval (within: its low end at or above -1.5%; below: its high end under)."""
+    def by_seed(name: str) -> dict[int, dict[str, float]]:
+        return {r.seed: {c: score(r, metrics) if c == "score" else r.scores[c] for c in columns}
+                for _, r in per_variant[name]}
+
+    references = [name for name in ("fft", "lora", "adalora") if name in per_variant]
+    if not references:
+        return []
+    lines = ["", "Paired per-seed differences, in percent of the reference (mean [95% interval]; verdict against "
+             f"-{WITHIN_PERCENT:g}% from the interval: **within**, below or undecided):", "",
+             f"| variant | against | seeds | {' | '.join(columns)} |", "| --- | --- | --- |" + " --- |" * len(columns)]
+    for name in (n for n in per_variant if n.startswith("molf")):
+        ours = by_seed(name)
+        for reference in references:
+            theirs = by_seed(reference)
+            seeds = sorted(set(ours) & set(theirs))
+            if not seeds:
+                continue
+            cells = []
+            for c in columns:
+                base = statistics.fmean(theirs[s][c] for s in seeds)
+                if base == 0:
+                    cells.append("-")
+                    continue
+                mean, low, high = paired_interval([100.0 * (ours[s][c] - theirs[s][c]) / abs(base) for s in seeds])
+                cells.append(f"{mean:+.1f}% [{low:+.1f}, {high:+.1f}] {verdict(low, high)}")
+            lines.append(f"| {name} | {reference} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _pm(values: list[float], spec: str = ".0%") -> str:
