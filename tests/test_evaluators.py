@@ -156,7 +156,7 @@ def test_eval_cli_on_a_saved_model(tiny, tmp_path, capsys):
     code = main(["eval", str(tmp_path / "model"), "--task", "fact", "--data", str(path), "--batch-size", "5",
                  "--output", str(tmp_path / "scores.json"), "--no-progress"])
     assert code == 0
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = json.loads(capsys.readouterr().out)
     items = load_items("fact", path)
     want = evaluate(model, tokenizer, items, TASKS["fact"].METRICS, 7, 8, "cpu")
     assert printed == {**want, "items": len(items), "rows": len(records)}
