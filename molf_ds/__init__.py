@@ -1,4 +1,12 @@
 """molf_ds: MoLF (Mixture of LoRA and Full fine-tuning) routing optimizer at DeepSpeed scale."""
+import contextlib as _contextlib
+import sys as _sys
+
+# DeepSpeed's logger writes to the sys.stdout of its import ("Setting accelerator to CPU" comes at import): imported
+# here first, its notices go to stderr and stdout carries only what a program prints (a `molf-ds` command's result)
+with _contextlib.redirect_stdout(_sys.stderr):
+    import deepspeed as _deepspeed  # noqa: F401
+
 from .config import MoLFConfig
 from .layers import MoLFLinear
 from .optim import MoLFAdamW, build_optimizer

@@ -14,6 +14,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers.distributed import FP16_SUPPORTED
 from molf_ds.commands.train import ConfigError, from_dict
 
 WRONG = st.sampled_from(["abc", [1, 2], {"a": 1}, True, -3, 2.5, None, ""])
@@ -139,8 +140,12 @@ def test_contradictions_and_missing_files_name_the_key(base, changes, word):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override,key", [("deepspeed.zero_optimization.stage=two", "stage"),
-                                          ("deepspeed.zero_optimization.offload_param.device=cpu", "offload_param")])
+@pytest.mark.parametrize("override,key", [
+    ("deepspeed.zero_optimization.stage=two", "stage"),
+    ("deepspeed.zero_optimization.offload_param.device=cpu", "offload_param"),
+    pytest.param("deepspeed.fp16.enabled=true", "fp16.enabled", marks=pytest.mark.skipif(
+        FP16_SUPPORTED, reason="this machine has fp16 kernels: DeepSpeed trains in fp16 here")),
+])
 def test_cli_prints_one_line_and_exits_2_before_any_process_group(base, override, key):
     root, raw = base
     (root / "run.yaml").write_text(yaml.safe_dump(raw))

@@ -1,6 +1,7 @@
 """The task evaluators on fixture files in each dataset's schema, with hand-computed scores (fake models whose
 answers are known), batched greedy decoding against one-at-a-time, `molf-ds eval` on a saved model, ZeRO-3
-evaluation with unequal per-rank work (must not hang), and the lora-rest baseline's trainable set."""
+evaluation with unequal per-rank work (must not hang; the chat task's Likelihood as under ZeRO-2), and the
+lora-rest baseline's trainable set."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers.chat_runs import chat_records, chat_tokenizer
 from helpers.distributed import spawn
 from molf_ds.commands.train.data import TASKS, open_table, rows
 from molf_ds.commands.datagen.demo import build_model, build_tokenizer, counterfact_records
@@ -156,7 +158,7 @@ def test_eval_cli_on_a_saved_model(tiny, tmp_path, capsys):
     code = main(["eval", str(tmp_path / "model"), "--task", "fact", "--data", str(path), "--batch-size", "5",
                  "--output", str(tmp_path / "scores.json"), "--no-progress"])
     assert code == 0
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = json.loads(capsys.readouterr().out)
     items = load_items("fact", path)
     want = evaluate(model, tokenizer, items, TASKS["fact"].METRICS, 7, 8, "cpu")
     assert printed == {**want, "items": len(items), "rows": len(records)}
@@ -164,21 +166,41 @@ def test_eval_cli_on_a_saved_model(tiny, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "model"), "--task", "fact", "--data", str(tmp_path / "none.json")]) == 2
 
 
+def _engine(model, stage):
+    import deepspeed
+
+    zero = {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}  # all partitioned
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero, "zero_allow_untested_optimizer": True}
+    return deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)[0]
+
+
+def _items():
+    """Fact choices and generations, and chat conversations (Likelihood), 5 + 3 + 5: rank 0 scores 3 + 2 + 3 of
+    them, rank 1 2 + 1 + 2."""
+    from molf_ds.commands.train.data import Generation
+
+    choices = [i for r in counterfact_records(8) for i in TASKS["fact"].evals(_row(r))][:5]
+    gens = [Generation("exact_match", c.prompt, "x") for c in choices[:3]]
+    chats = [i for r in chat_records(5) for i in TASKS["chat"].evals(_row(r))]
+    return choices + gens, chats
+
+
+FACT_METRICS = ("efficacy", "paraphrase", "neighborhood", "exact_match")
+
+
 def _zero3_worker(rank, world, out):
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
-    records = counterfact_records(8)
-    tokenizer = build_tokenizer(records)
-    model = build_model(tokenizer, seed=5)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config={
-        "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True})
-    from molf_ds.commands.train.data import Generation
-
-    choices = [i for r in records for i in TASKS["fact"].evals(_row(r))][:5]  # rank 0: 3 items, rank 1: 2
-    gens = [Generation("exact_match", c.prompt, "x") for c in choices[:3]]  # rank 0: 2 prompts, rank 1: 1
-    scores = evaluate(engine.module, tokenizer, choices + gens, ("efficacy", "paraphrase", "neighborhood", "exact_match"), 2, 3,
-                      "cpu")
+    tokenizer = build_tokenizer(counterfact_records(8))
+    facts, chats = _items()
+    scores = {"fact": evaluate(_engine(build_model(tokenizer, seed=5), 3).module, tokenizer, facts, FACT_METRICS, 2,
+                               3, "cpu")}
+    tokenizer = chat_tokenizer(chat_records(5))
+    for stage in (2, 3):  # the chat task's Likelihood evaluator, on the same model under each
+        module = _engine(build_model(tokenizer, seed=5), stage).module
+        assert stage == 2 or all(p.numel() == 0 for p in module.parameters())  # ZeRO-3: only partitions held
+        scores[f"chat-zero{stage}"] = evaluate(module, tokenizer, chats, TASKS["chat"].METRICS, 2, 3, "cpu")
     if rank == 0:
         with open(out, "w") as f:
             json.dump(scores, f)
@@ -193,15 +215,17 @@ def _row(record):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_zero3_evaluation_with_unequal_rank_shares_does_not_hang(tmp_path, tiny):
-    model, tokenizer, records = tiny
+    """Fact choices and generations, and the chat task's Likelihood, scored under ZeRO-3 on 2 ranks as in one
+    process; chat's under ZeRO-3 exactly as under ZeRO-2."""
+    model, tokenizer, _ = tiny
     spawn(_zero3_worker, 2, str(tmp_path / "scores.json"))
-    choices = [i for r in records for i in TASKS["fact"].evals(_row(r))][:5]
-    from molf_ds.commands.train.data import Generation
-
-    gens = [Generation("exact_match", c.prompt, "x") for c in choices[:3]]
-    want = evaluate(model, tokenizer, choices + gens, ("efficacy", "paraphrase", "neighborhood", "exact_match"), 2, 3, "cpu")
     got = json.loads((tmp_path / "scores.json").read_text())
-    assert got == pytest.approx(want)
+    facts, chats = _items()
+    assert got["fact"] == pytest.approx(evaluate(model, tokenizer, facts, FACT_METRICS, 2, 3, "cpu"))
+    assert got["chat-zero3"] == got["chat-zero2"]
+    tokenizer = chat_tokenizer(chat_records(5))
+    want = evaluate(build_model(tokenizer, seed=5).eval(), tokenizer, chats, TASKS["chat"].METRICS, 2, 3, "cpu")
+    assert set(want) == {"token_accuracy", "loss"} and got["chat-zero3"] == pytest.approx(want)
 
 
 def test_lora_rest_trains_the_parameters_outside_the_wrapped_layers(tiny):

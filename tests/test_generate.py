@@ -4,8 +4,8 @@ text, twice; `--interactive` answers the prompts on stdin; --seed makes sampling
 when the tokenizer has one."""
 from __future__ import annotations
 
+import json
 import os
-import re
 import subprocess
 import sys
 
@@ -19,7 +19,6 @@ from molf_ds.commands.generate import Generator
 from molf_ds.commands.loading import load_model, load_tokenizer
 
 PROMPTS = ["Renzel Mivas is located in the country of", "The profession of Miren Findorpra is"]  # demo seed 3
-DEEPSPEED_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[(WARNING|INFO)\] \[real_accelerator\.py")
 
 
 def environment() -> dict[str, str]:
@@ -55,8 +54,23 @@ def test_cli_prints_the_greedy_text_of_final_and_answers_stdin(run_dir):
     done = subprocess.run(command, input=f"{PROMPTS[1]}\n{PROMPTS[0]}\n\nnot read\n", env=environment(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    printed = [line for line in done.stdout.splitlines() if not DEEPSPEED_LINE.match(line)]  # DeepSpeed's import
-    assert printed == want  # only the generated text: one line per prompt, the empty line ends the loop
+    assert done.stdout.splitlines() == want  # only the generated text: one line per prompt, the empty line ends it
+
+
+@pytest.mark.slow
+def test_json_commands_print_their_result_alone(run_dir, tmp_path):
+    """stdout is the result as a whole: DeepSpeed's notices (its import says "Setting accelerator to CPU") go to
+    stderr."""
+    common = [sys.executable, "-m", "molf_ds.commands"]
+    done = subprocess.run([*common, "estimate-memory", str(run_dir / "final"), "--json"], cwd=tmp_path,
+                          env=environment(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {row["method"] for row in json.loads(done.stdout)["estimates"]} == {"fft", "lora", "molf", "molf-e"}
+    data = run_dir.parent / "demo" / "data" / "counterfact.json"
+    done = subprocess.run([*common, "eval", str(run_dir), "--task", "fact", "--data", str(data), "--output", "-"],
+                          cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["rows"] == 8 and list(tmp_path.iterdir()) == []  # "-" is stdout, not a file
 
 
 @pytest.mark.slow

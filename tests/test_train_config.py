@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers.distributed import FP16_SUPPORTED
 from molf_ds.commands.train import ConfigError, load_config
 from molf_ds.commands.train.checkpoints import COMPLETE, find_resume
 from molf_ds.commands.train.loop import RoutingWatch
@@ -92,6 +93,15 @@ def test_speculative_update_without_the_cpp_kernel_is_one_line(config_file, monk
     with pytest.raises(ConfigError, match="^config key 'molf.speculative_update': MoLFConfig.speculative_update=True "
                                           r"needs the C\+\+ CPU kernel, which is turned off by MOLF_DS_KERNEL=torch"):
         load_config(config_file, ["molf.speculative_update=true"])
+
+
+@pytest.mark.skipif(FP16_SUPPORTED, reason="this machine has fp16 kernels: DeepSpeed trains in fp16 here")
+def test_fp16_without_fp16_kernels_is_one_line_naming_bf16(config_file):
+    """DeepSpeed itself would refuse inside deepspeed.initialize, after the process group started."""
+    with pytest.raises(ConfigError, match=r"^config key 'deepspeed.fp16.enabled': DeepSpeed's cpu accelerator has no "
+                                          r"fp16 kernels .*: set it false and use bf16 instead .* or fp32$"):
+        load_config(config_file, ["deepspeed.fp16.enabled=true"])
+    assert load_config(config_file, ["deepspeed.bf16.enabled=true"]).deepspeed["bf16"] == {"enabled": True}
 
 
 @pytest.mark.slow

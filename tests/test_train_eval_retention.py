@@ -1,10 +1,14 @@
 """Issue 21, evaluation during training and checkpoint retention: `eval.steps`, `eval.metric`,
 `train.load_best_model_at_end` and `train.save_total_limit`. The config checks, the best-step selection and the
-retention rule as fast single-process tests; then 2 CPU ranks under torchrun on the demo task (slow)."""
+retention rule as fast single-process tests; then 2 CPU ranks under torchrun on the demo task (slow). Issue 33: a run
+that starts before the newest checkpoints sets them aside, so resume=auto continues the branch last trained."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,7 @@ from safetensors.torch import load_file
 
 from helpers.demo_runs import ZERO2, jsonl, train_on_two_ranks, write_demo_run
 from molf_ds.commands.train import ConfigError, from_dict
-from molf_ds.commands.train.checkpoints import COMPLETE, Best, best_step, complete, retain
+from molf_ds.commands.train.checkpoints import COMPLETE, Best, best_step, complete, retain, set_aside
 
 STEPS = 8
 
@@ -88,7 +92,7 @@ def test_retain_keeps_the_newest_complete_and_the_best(tmp_path):
         _checkpoint(tmp_path, step)
     _checkpoint(tmp_path, 3, done=False)  # a partial one, older than the newest complete: never loadable
     _checkpoint(tmp_path, 10, done=False)  # being written (or cut short): not counted, not deleted
-    assert retain(tmp_path, 1, upto=4) == ["step2", "step3"]  # resumed from step 4 after a run that went further
+    assert retain(tmp_path, 2, keep=4) == ["step2", "step3"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step10", "step4", "step6", "step8"]
     assert retain(tmp_path, 1, keep=4) == ["step6"]  # the newest, and the best
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step10", "step4", "step8"]
@@ -107,6 +111,58 @@ def test_best_on_resume_comes_from_the_trimmed_log_and_the_complete_checkpoints(
     best = Best.resumed("exact_match", log, tmp_path / "checkpoints")
     assert (best.step, best.value) == (2, 0.25)
     assert Best.resumed("exact_match", tmp_path / "none.jsonl", tmp_path / "checkpoints").step is None
+
+
+def test_set_aside_moves_later_checkpoints_their_logs_and_config(tmp_path, capsys):
+    for step in (2, 4, 6):
+        _checkpoint(tmp_path / "checkpoints", step)
+    _checkpoint(tmp_path / "checkpoints", 8, done=False)  # never loadable: stays, a later save rewrites it
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 7)))
+    (tmp_path / "config.yaml").write_text("train: {lr: 0.1}\n")
+    assert set_aside(tmp_path, 6, ("metrics.jsonl", "eval.jsonl")) is None  # nothing after step 6
+    assert capsys.readouterr().err == ""
+    aside = set_aside(tmp_path, 2, ("metrics.jsonl", "eval.jsonl"))
+    assert aside.parent == tmp_path / "checkpoints" and aside.name.startswith("abandoned-")
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1 and "step4, step6" in line and str(aside) in line, line
+    assert [c.step for c in complete(tmp_path / "checkpoints")] == [2]
+    assert [c.step for c in complete(aside)] == [4, 6]
+    assert [r["step"] for r in jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in jsonl(aside / "metrics.jsonl")] == [3, 4, 5, 6]
+    assert not (aside / "eval.jsonl").exists() and (aside / "config.yaml").read_text() == "train: {lr: 0.1}\n"
+    assert (tmp_path / "checkpoints" / "step8").is_dir()
+
+
+@pytest.mark.slow
+def test_a_resumed_branch_is_never_overtaken_by_the_abandoned_one(tmp_path):
+    """One process: train to step 6 (saves at 2, 4, 6); resume from 2 and train to 4; resume=auto then continues
+    the new step 4, and the abandoned 4 and 6 are still on disk."""
+    write_demo_run(tmp_path, n_cases=8, deepspeed=ZERO2,
+                   train={"output_dir": str(tmp_path / "out"), "max_steps": 6, "micro_batch_size": 4, "save_steps": 2})
+    out, run = tmp_path / "out", [sys.executable, "-m", "molf_ds.commands.train", str(tmp_path / "run.yaml")]
+
+    def train(*overrides: str) -> subprocess.CompletedProcess:
+        result = subprocess.run([*run, *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        return result
+
+    train()
+    weights = "mp_rank_00_model_states.pt"
+    first = {c.step: (c.directory / c.tag / weights).read_bytes() for c in complete(out / "checkpoints")}
+    assert list(first) == [2, 4, 6]
+    result = train(f"train.resume={out / 'checkpoints' / 'step2'}", "train.max_steps=4")
+    lines = [line for line in result.stderr.splitlines() if "abandoned-" in line]
+    assert len(lines) == 1 and "step4, step6" in lines[0], result.stderr[-3000:]
+    [aside] = (out / "checkpoints").glob("abandoned-*")
+    assert [c.step for c in complete(aside)] == [4, 6]  # nothing lost: the abandoned branch, byte for byte
+    assert all((aside / f"step{s}" / weights).read_bytes() == first[s] for s in (4, 6))
+    assert [c.step for c in complete(out / "checkpoints")] == [2, 4]
+    assert [r["step"] for r in jsonl(aside / "metrics.jsonl")] == [3, 4, 5, 6]
+    result = train("train.resume=auto")
+    assert f"resumed from {out / 'checkpoints' / 'step4'} at step 4" in result.stdout
+    assert "abandoned-" not in result.stderr and [aside] == list((out / "checkpoints").glob("abandoned-*"))
+    assert [r["step"] for r in jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
 # ---- end to end: 2 ranks -----------------------------------------------------------------------------

@@ -140,6 +140,8 @@ def test_optimizer_refuses_a_config_with_other_experts(tiny):
         ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "super_offload": True}}},
          r"^DeepSpeed config key 'zero_optimization.offload_optimizer.super_offload': .* remove it"),
         ({"pipeline": {"stages": 2}}, r"^DeepSpeed config key 'pipeline': molf_ds does not run pipeline parallelism"),
+        ({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}},
+         r"^DeepSpeed config key 'data_types.grad_accum_dtype'='fp32': .* BF16_Optimizer, .* use ZeRO stage 2 or 3"),
     ],
 )
 def test_deepspeed_config_errors_name_the_key(ds, message):
@@ -154,6 +156,9 @@ def test_deepspeed_modes_molf_runs_are_accepted():
             "zero_quantized_gradients": False, "offload_optimizer": {"device": "cpu", "ratio": 1.0,
                                                                      "super_offload": False}}
     assert prepare_ds_config({"zero_optimization": zero})["zero_optimization"] == zero
+    for stage, device in ((2, "none"), (3, "none"), (1, "cpu")):  # DeepSpeed steps through its ZeRO optimizer
+        prepare_ds_config({"zero_optimization": {"stage": stage, "offload_optimizer": {"device": device}},
+                           "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}})
 
 
 def _initialize_a_pipeline_module(rank: int, world: int, out: str) -> None:

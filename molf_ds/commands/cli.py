@@ -51,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     train.set_defaults(func=_train)
     _add(commands, "estimate-memory", "memory", "bytes of model states per GPU and per node, for each method")
-    _add(commands, "eval", "evaluate", "a task's metrics (sql / med / fact / jsonl) for a saved model")
+    _add(commands, "eval", "evaluate", "a task's metrics (sql / med / fact / jsonl / chat / alpaca) for a saved model")
     _add(commands, "generate", "generate", "text from a saved model, a run or a checkpoint for prompts (or stdin)")
     _add(commands, "compare", "compare", "train and evaluate several methods and seeds; comparison table and plots")
     _add(commands, "plot-routing", "plot_routing", "draw a routing log: winners per module and step, full share")

@@ -1,9 +1,10 @@
 """`molf-ds eval`: a task's metrics for a saved model (sql exact match, med accuracy, fact efficacy...).
 
 MODEL is a transformers model directory (e.g. a run's `final/`), a run's output directory (its `final/` is
-used), a PEFT adapter directory (loaded on its base model) or a run's checkpoint (`OUT/checkpoints/stepN`). Rows come from a local file or a hub dataset
-in the task's own schema, as for `molf-ds train`. Prints one JSON object ({metric: score, ..., "items": n})
-and, with --output, writes it. Under torchrun the items are sharded over the ranks.
+used), a PEFT adapter directory (loaded on its base model) or a run's checkpoint (`OUT/checkpoints/stepN`). Rows
+come from a local file or a hub dataset in the task's own schema, as for `molf-ds train`. Prints one JSON object
+({metric: score, ..., "items": n}), alone on stdout, and, with --output FILE, writes it. Under torchrun the items
+are sharded over the ranks.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=128, help="generation length for sql / jsonl")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--output", help="also write the JSON result to this file")
+    parser.add_argument("--output", help="also write the JSON result to this file ('-': stdout only, as without it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if not _rank():
         text = json.dumps(result)
         print(text)
-        if args.output:
+        if args.output and args.output != "-":
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(text + "\n")
     if started_here:

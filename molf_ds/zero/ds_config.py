@@ -112,6 +112,12 @@ def prepare_ds_config(config: dict[str, Any] | str | Path | None, allow_auto: bo
         raise ValueError("DeepSpeed config key 'zero_optimization.offload_param' needs ZeRO stage 3")
     if device == "cpu" and stage == 0:
         raise ValueError("DeepSpeed config key 'zero_optimization.offload_optimizer' needs ZeRO stage 1, 2 or 3")
+    accumulation = (ds.get("data_types") or {}).get("grad_accum_dtype")
+    if stage == 1 and (ds.get("bf16") or {}).get("enabled") and accumulation == "fp32" and device != "cpu":
+        raise ValueError(
+            "DeepSpeed config key 'data_types.grad_accum_dtype'='fp32': with bf16 at ZeRO stage 1 DeepSpeed steps "
+            "through its BF16_Optimizer, which molf_ds has no adapter for: remove it, or use ZeRO stage 2 or 3"
+        )
     if device == "cpu":
         if ds.get("zero_force_ds_cpu_optimizer") is True:
             raise ValueError(

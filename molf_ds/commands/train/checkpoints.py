@@ -1,4 +1,5 @@
-"""Checkpoint bookkeeping: tags, the completion marker, `train.resume`, and trimming the logs on resume.
+"""Checkpoint bookkeeping: tags, the completion marker, `train.resume`, setting aside the checkpoints of an
+abandoned branch, and trimming the logs on resume.
 
 DeepSpeed writes a checkpoint from every rank; rank 0 adds `COMPLETE` to the tag's directory only after all
 ranks have finished, so a checkpoint whose writing was interrupted is never picked up.
@@ -8,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +43,6 @@ def to_universal(source: Path, target: Path) -> Checkpoint:
     """Convert the complete checkpoint `source` (.../checkpoints/stepN) into a universal one at `target`
     (any directory; its name becomes the tag), marked complete with the same step."""
     import subprocess
-    import sys
 
     marker = source / COMPLETE
     if not marker.is_file():
@@ -151,13 +154,42 @@ def unmark(checkpoint: Checkpoint) -> None:
     (checkpoint.directory / checkpoint.tag / COMPLETE).unlink(missing_ok=True)
 
 
-def trim_jsonl(path: Path, step: int) -> None:
-    """Keep the records of steps <= `step` (a resumed run rewrites what came after its checkpoint)."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+def set_aside(out: Path, start: int, logs: tuple[str, ...]) -> Path | None:
+    """Rank 0, before a run starts at step `start` (0: a fresh run) in the output directory `out`: the complete
+    checkpoints of later steps belong to a branch this run leaves, and resume=auto would pick them over this run's.
+    Move them, with the log records after `start` (trimmed from `logs`) and that branch's config.yaml, to
+    out/checkpoints/abandoned-<UTC time>/; say so in one line on stderr. Returns that directory, or None."""
+    directory = out / "checkpoints"
+    later = [c for c in complete(directory) if c.step > start]
+    cut = {name: trim_jsonl(out / name, start) for name in logs}
+    if not later:
+        return None
+    aside = directory / time.strftime("abandoned-%Y%m%dT%H%M%SZ", time.gmtime())
+    aside.mkdir(exist_ok=True)
+    for checkpoint in later:
+        os.replace(directory / checkpoint.tag, aside / checkpoint.tag)
+    for name, lines in cut.items():
+        if lines:
+            (aside / name).write_text(lines)
+    if (out / "config.yaml").is_file():
+        shutil.copy2(out / "config.yaml", aside / "config.yaml")
+    tags = ", ".join(c.tag for c in later)
+    print(f"molf-ds train: this run starts at step {start}; the later checkpoints {tags} (another branch of this "
+          f"output directory) moved to {aside}/, so resume=auto continues this run", file=sys.stderr, flush=True)
+    return aside
 
+
+def trim_jsonl(path: Path, step: int) -> str:
+    """Keep the records of steps <= `step` (a resumed run rewrites what came after its checkpoint); returns the
+    lines cut."""
+    if not path.is_file():
+        return ""
+    kept, cut = [], []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            (kept if json.loads(line)["step"] <= step else cut).append(line + "\n")
+    path.write_text("".join(kept))
+    return "".join(cut)
 
 
 # ---- best model and retention (train.load_best_model_at_end, train.save_total_limit) ------------------
@@ -179,15 +211,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def retain(directory: Path, limit: int, keep: int | None = None, upto: int | None = None) -> list[str]:
-    """Rank 0, right after checkpoint `upto` was marked complete: delete all but the newest `limit` complete
+def retain(directory: Path, limit: int, keep: int | None = None) -> list[str]:
+    """Rank 0, right after a checkpoint was marked complete: delete all but the newest `limit` complete
     checkpoints (and step `keep`, the best one), and the partial ones older than the newest complete one (never
-    loadable). Checkpoints after step `upto` (left by a run resumed from an earlier one) are not touched. A
-    checkpoint loses its marker before its files, so an interrupted deletion leaves nothing that resume would
-    load. Returns the tags deleted."""
-    import shutil
-
-    found = [c for c in complete(directory) if upto is None or c.step <= upto]
+    loadable). A checkpoint loses its marker before its files, so an interrupted deletion leaves nothing that
+    resume would load. Returns the tags deleted."""
+    found = complete(directory)
     if not found:
         return []
     kept = {c.tag for c in found[-limit:]} | ({tag_of(keep)} if keep is not None else set())

@@ -457,3 +457,19 @@ def _check_deepspeed_models(ds: dict[str, Any]) -> None:
             raise key_error(f"deepspeed.{key}", f"must be a number >= 0, got {value!r}")
     if (ds.get("fp16") or {}).get("enabled") and (ds.get("bf16") or {}).get("enabled"):
         raise key_error("deepspeed.fp16.enabled", "fp16 and bf16 are both enabled: choose one")
+    if (ds.get("fp16") or {}).get("enabled"):
+        _check_fp16_kernels()
+
+
+def _check_fp16_kernels() -> None:
+    """deepspeed.initialize refuses fp16 on a CPU whose oneDNN has no fp16 kernels (no AVX512-FP16 / AMX-FP16):
+    one line here instead, before any process group."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.is_fp16_supported():
+        return
+    instead = "bf16 instead (deepspeed.bf16.enabled: true) or fp32" if accelerator.is_bf16_supported() else \
+        "fp32 instead (no bf16 either)"
+    raise key_error("deepspeed.fp16.enabled", f"DeepSpeed's {accelerator.device_name()} accelerator has no fp16 "
+                    f"kernels on this machine (a CPU without AVX512-FP16 / AMX-FP16): set it false and use {instead}")

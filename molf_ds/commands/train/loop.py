@@ -58,9 +58,8 @@ def run(cfg: TrainConfig) -> Path:
     start = resume.step if resume else 0
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        checkpoints.set_aside(out, start, (ROUTING, METRICS, EVAL))
         (out / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        for name in (ROUTING, METRICS, EVAL):
-            checkpoints.trim_jsonl(out / name, start)
     dist.barrier()
 
     if resume and resume.universal:  # another world size or ZeRO stage: DeepSpeed reshards on load
@@ -232,7 +231,7 @@ class Loop:
             checkpoints.mark(checkpoint)
             if self.cfg.train.save_total_limit:  # only now that a newer one is complete
                 keep = self.best.step if self.best is not None else None
-                checkpoints.retain(checkpoint.directory, self.cfg.train.save_total_limit, keep, step)
+                checkpoints.retain(checkpoint.directory, self.cfg.train.save_total_limit, keep)
 
     @staticmethod
     def _postfix(record: dict[str, Any]) -> dict[str, str]:

@@ -36,8 +36,8 @@ def attach(wrapper: Any, optimizer: MoLFAdamW) -> None:
         router = unpartitioned.router(wrapper, optimizer.index)
     else:
         raise NotImplementedError(
-            f"molf_ds does not support DeepSpeed's {type(wrapper).__name__} yet: use fp32, or bf16/fp16 with "
-            "ZeRO stage 1 or 2"
+            f"molf_ds has no adapter for DeepSpeed's {type(wrapper).__name__}: it runs fp32 at any ZeRO stage, "
+            "bf16/fp16 without ZeRO (DeepSpeed's unfused 16-bit optimizer) and bf16/fp16 at ZeRO stage 1, 2 or 3"
         )
     one_step_per_call(wrapper, optimizer)
     optimizer.attach(router)
