@@ -182,6 +182,9 @@ def test_reuse_reruns_a_run_whose_lr_or_data_changed(compared, tmp_path, capsys,
     out, _, args = compared
     copy = tmp_path / "cmp"
     shutil.copytree(out, copy)
+    saved = yaml.safe_load((copy / "runs" / "molf-seed0" / "config.yaml").read_text())
+    del saved["eval"]["steps"]  # as written before eval.steps existed: read at its default, 0
+    (copy / "runs" / "molf-seed0" / "config.yaml").write_text(yaml.safe_dump(saved))
     data = Path(yaml.safe_load(Path(args[1]).read_text())["data"]["train"])
     original = data.read_text()
     extra = ["--set", "lora:train.lora_lr=0.001"] if change == "lr" else []

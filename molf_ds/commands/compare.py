@@ -220,7 +220,14 @@ def stale_reason(run_dir: Path, expected: dict[str, Any], hashes: dict[str, str]
         return "it has no final evaluation"
     if not (run_dir / "config.yaml").is_file():
         return "it has no config.yaml"
-    before, now = _flat(yaml.safe_load((run_dir / "config.yaml").read_text())), _flat(expected)
+    from .train.config import ConfigError, saved_config
+
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    try:  # keys added to the schema since the run was trained count at their defaults
+        saved = saved_config(saved).to_dict()
+    except (ConfigError, TypeError):
+        pass
+    before, now = _flat(saved), _flat(expected)
     changed = [k for k in dict.fromkeys([*now, *before]) if k not in REUSE_IGNORES
                and before.get(k, _MISSING) != now.get(k, _MISSING)]
     why = [f"{k} {_brief(before.get(k, _MISSING))} -> {_brief(now.get(k, _MISSING))}" for k in changed]
