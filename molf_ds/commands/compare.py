@@ -28,13 +28,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .compare_settings import (SETTINGS, baseline_overrides, baselines_line, describe, expert_settings, expert_source,
                                trainable_parameters)
 from .methods import COMPARE_METHODS, DEGENERATE, EXPERT_BASELINES, MOLF_METHODS
+
+if TYPE_CHECKING:
+    from .train.config import TrainConfig
 
 CSV_NAME, MD_NAME = "comparison.csv", "comparison.md"
 WITHIN_PERCENT = 1.5  # the paper's claim: MoLF within 1.5% of the better of FFT and LoRA
@@ -176,7 +179,7 @@ def method_overrides(config: str, common: list[str], per_method: dict[str, list[
     LoRA expert for every key the user left unset; and the line saying which settings each baseline took."""
     from .train.config import load_config, raw_config
 
-    def resolved(method: str):
+    def resolved(method: str) -> TrainConfig:
         return load_config(config, run_overrides(common, method, per_method.get(method, []), 0, out / "runs" / "x"))
 
     own = dict(per_method)
@@ -193,7 +196,7 @@ def method_overrides(config: str, common: list[str], per_method: dict[str, list[
     return own, baselines_line(source, said, adalora)
 
 
-def data_sha256(cfg: Any) -> dict[str, str]:
+def data_sha256(cfg: TrainConfig) -> dict[str, str]:
     """SHA-256 of each local data file the run reads (data.train, eval.data), by key; hub datasets have none."""
     from .train.data.base import is_local
 

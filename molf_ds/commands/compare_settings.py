@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from typing import Any
-
-from molf_ds.config import MoLFConfig
+from typing import TYPE_CHECKING, Any
 
 from .methods import EXPERT_BASELINES, MOLF_METHODS, REGISTRY, is_molf, uses_lrs
-from .train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from .train.config import TrainConfig
 
 EXPERT_KEYS = ("r", "alpha", "use_rslora", "dropout", "target_modules")  # lora.* keys taken from MoLF's expert
 SETTINGS = ("ranks", "alphas", "scaling", "rslora", "dropout", "trainable_params", "lr", "lora_lr")  # CSV columns
@@ -93,7 +93,7 @@ def describe(config: TrainConfig, trainable: int | None) -> dict[str, str]:
     method, lo, t = config.method, config.lora, config.train
     freeze = False
     if is_molf(method):
-        molf: MoLFConfig = config.molf_config()
+        molf = config.molf_config()
         ranks, alphas = list(molf.lora_ranks), list(molf.lora_alphas)
         rslora, dropout = molf.use_rslora, molf.lora_dropout
         freeze = bool(molf.freeze_non_linear)
