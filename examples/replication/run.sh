@@ -7,7 +7,8 @@
 # MoLF-E at the paper's defaults and, in a second comparison, with equal expert scaling at MoLF-E's lrs (only alpha
 # differs), and in a third MoLF with the LoRA lr equal to its chosen lr, where they differ; (3) tables, figures.
 # `compare --reuse` skips finished runs: after an interruption, run the script again. A finished run is reused
-# whatever its settings, so delete $OUT/TASK/test* before rerunning with other dev results. $OUT defaults to
+# only while its resolved config and data files are unchanged (others move to stale/ and rerun; runs recorded
+# before compare kept their data's hash rerun once). $OUT defaults to
 # examples/replication/runs, where the runs' small records (config, evaluations, metrics, routing figure) are
 # committed so that the work spans sessions and machines; its .gitignore keeps out the models, checkpoints and
 # logs. Each run's merged model (final/, 540 MB) is deleted once its comparison is written, unless KEEP_FINAL=1.

@@ -3,32 +3,48 @@ comparison.csv and plots.
 
 Every (method, seed) is one `molf-ds train` run of the same YAML and overrides (same steps, batch, data and
 evaluation set), launched as a subprocess (default: torchrun with 2 ranks; `--launcher` gives another), with
-`method=M train.seed=S train.output_dir=OUT/runs/M-seedS` (baselines also `molf=null`). The scores are the
-runs' own evaluations at the end of training (`eval.jsonl`); the loss curves and the routing shares come from
-their `metrics.jsonl`. A run that fails is reported and the others go on (exit code 1). Each run directory
-keeps the command compare launched and its wall time (`compare_run.json`), so that `--reuse` reports them too.
+`method=M train.seed=S train.output_dir=OUT/runs/M-seedS` (baselines also `molf=null`; lora and lora-rest also
+MoLF's LoRA expert settings for the lora.* keys left unset, compare_settings.py). The scores are the runs' own
+evaluations at the end of training (`eval.jsonl`); the loss curves and the routing shares come from their
+`metrics.jsonl`; the adapter settings, trainable parameters and lrs from their `config.yaml`. A run that fails is
+reported and the others go on (exit code 1). Each run directory keeps the command compare launched, its wall time
+and the SHA-256 of its local data files (`compare_run.json`): `--reuse` keeps a finished run only where its
+config.yaml matches the resolved config and its data the files' content now, and reports its wall time.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
+import hashlib
 import json
 import math
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .methods import COMPARE_METHODS, DEGENERATE, MOLF_METHODS
+import yaml
+
+from .compare_settings import (SETTINGS, baseline_overrides, baselines_line, describe, expert_settings, expert_source,
+                               trainable_parameters)
+from .methods import COMPARE_METHODS, DEGENERATE, EXPERT_BASELINES, MOLF_METHODS
+
+if TYPE_CHECKING:
+    from .train.config import TrainConfig
 
 CSV_NAME, MD_NAME = "comparison.csv", "comparison.md"
 WITHIN_PERCENT = 1.5  # the paper's claim: MoLF within 1.5% of the better of FFT and LoRA
 RUN_RECORD = "compare_run.json"  # in each run directory: the command compare launched and its wall time
+# keys of a run's config that --reuse does not compare: where it writes and what it logs, not what it trains
+REUSE_IGNORES = ("train.output_dir", "train.resume", "train.save_steps", "train.save_total_limit",
+                 "train.report_to", "train.logging_steps", "train.collective_timeout")
 PLOTS = {"metric": "metric_per_method.png", "loss": "loss_curves.png", "routing": "routing_full_share.png"}
 
 
@@ -48,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "[python -m torch.distributed.run --standalone --nproc_per_node NPROC -m molf_ds.commands.train]")
     parser.add_argument("--metric", help="the metric the gap and the bar plot use [the task's first]")
     parser.add_argument("--reuse", action="store_true",
-                        help="skip runs whose output directory already holds a final evaluation")
+                        help="keep runs that finished with the same resolved config and data content; rerun the "
+                        "others (saying why)")
 
 
 @dataclass
@@ -63,6 +80,7 @@ class RunResult:
     routing: dict[str, float] = field(default_factory=dict)  # mean share of routing decisions per expert
     routing_curve: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     wall_s: float = 0.0
+    config: dict[str, Any] = field(default_factory=dict)  # the run's config.yaml
 
     @property
     def degenerate(self) -> bool:
@@ -93,19 +111,23 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     plans = []
     try:  # every run's config, model and data are checked before the first one starts
+        own, line = method_overrides(args.config, args.overrides, per_method, out)
         for method in methods:
-            overrides = run_overrides(args.overrides, method, per_method[method], 0, out / "runs" / "x")
+            overrides = run_overrides(args.overrides, method, own[method], 0, out / "runs" / "x")
             cfg = load_config(args.config, overrides)
             if not cfg.eval.enabled:
                 raise ConfigError("config key 'eval': compare needs an evaluation set (eval.data or eval.holdout)")
             check_config(cfg)
+            hashes = data_sha256(cfg)
             for seed in range(args.first_seed, args.first_seed + args.seeds):
                 name = f"{method}-seed{seed}"
-                plans.append((method, seed, out / "runs" / name,
-                              run_overrides(args.overrides, method, per_method[method], seed, out / "runs" / name)))
+                plans.append((method, seed, out / "runs" / name, hashes,
+                              run_overrides(args.overrides, method, own[method], seed, out / "runs" / name)))
     except (ConfigError, SourceError) as error:
         print(f"molf-ds compare: {error}", file=sys.stderr)
         return 2
+    if line:
+        print(line, file=sys.stderr, flush=True)
     from .train.data import TASKS
 
     metrics = list(TASKS[cfg.data.task].METRICS)
@@ -115,19 +137,26 @@ def run(args: argparse.Namespace) -> int:
         "-m", "molf_ds.commands.train"]
     (out / "logs").mkdir(parents=True, exist_ok=True)
     results = []
-    for i, (method, seed, run_dir, overrides) in enumerate(plans, start=1):
-        if args.reuse and _final_eval(run_dir) is not None:
-            print(f"[{i}/{len(plans)}] {method} seed {seed}: reusing {run_dir}", flush=True)
-            results.append(collect(method, seed, run_dir))
-            continue
+    for i, (method, seed, run_dir, hashes, overrides) in enumerate(plans, start=1):
+        head = f"[{i}/{len(plans)}] {method} seed {seed}"
+        if args.reuse and run_dir.is_dir():
+            why = stale_reason(run_dir, load_config(args.config, overrides).to_dict(), hashes)
+            if why is None:
+                print(f"{head}: reusing {run_dir}", flush=True)
+                results.append(collect(method, seed, run_dir))
+                continue
+            moved = set_aside(run_dir, out) if _final_eval(run_dir) is not None else None
+            print(f"{head}: not reusing {run_dir}: {why}" + (f" (moved to {moved})" if moved else ""),
+                  file=sys.stderr, flush=True)
         command = [*launcher, str(args.config), *overrides]
-        print(f"[{i}/{len(plans)}] {method} seed {seed}: {shlex.join(command)}", flush=True)
+        print(f"{head}: {shlex.join(command)}", flush=True)
         began = time.perf_counter()
         status = launch(command, out / "logs" / f"{method}-seed{seed}.log")
         result = collect(method, seed, run_dir, status)
         result.wall_s = time.perf_counter() - began
-        if run_dir.is_dir():  # so that --reuse reports it in a later session
-            (run_dir / RUN_RECORD).write_text(json.dumps({"command": command, "wall_s": round(result.wall_s, 1)}))
+        if run_dir.is_dir():  # so that --reuse reports it, and checks it, in a later session
+            (run_dir / RUN_RECORD).write_text(json.dumps({"command": command, "wall_s": round(result.wall_s, 1),
+                                                          "data_sha256": hashes}))
         print(f"    {result.status}, {time.perf_counter() - began:.0f}s: "
               + ", ".join(f"{k} {v:.4f}" for k, v in result.scores.items()), flush=True)
         results.append(result)
@@ -142,6 +171,104 @@ def run(args: argparse.Namespace) -> int:
 def run_overrides(common: list[str], method: str, own: list[str], seed: int, out: Path) -> list[str]:
     extra = [] if method in MOLF_METHODS else ["molf=null"]
     return [*common, f"method={method}", *extra, *own, f"train.seed={seed}", f"train.output_dir={out}"]
+
+
+def method_overrides(config: str, common: list[str], per_method: dict[str, list[str]],
+                     out: Path) -> tuple[dict[str, list[str]], str]:
+    """Each method's own overrides: its --set ones, after (for lora and lora-rest) the lora.* settings of MoLF's
+    LoRA expert for every key the user left unset; and the line saying which settings each baseline took."""
+    from .train.config import load_config, raw_config
+
+    def resolved(method: str) -> TrainConfig:
+        return load_config(config, run_overrides(common, method, per_method.get(method, []), 0, out / "runs" / "x"))
+
+    own = dict(per_method)
+    baselines = [m for m in EXPERT_BASELINES if m in per_method]
+    adalora = resolved("adalora") if "adalora" in per_method else None
+    if not baselines:
+        return own, baselines_line(None, {}, adalora)
+    source = resolved(expert_source(list(per_method), raw_config(config, common).get("method", "molf")))
+    expert, said = expert_settings(source), {}
+    for method in baselines:
+        given = raw_config(config, [*common, *per_method[method]]).get("lora")
+        defaults, said[method] = baseline_overrides(expert, given if isinstance(given, dict) else {})
+        own[method] = [*defaults, *per_method[method]]
+    return own, baselines_line(source, said, adalora)
+
+
+def data_sha256(cfg: TrainConfig) -> dict[str, str]:
+    """SHA-256 of each local data file the run reads (data.train, eval.data), by key; hub datasets have none."""
+    from .train.data.base import is_local
+
+    digests = {}
+    for key, source in (("data.train", cfg.data.train), ("eval.data", cfg.eval.data)):
+        if source is not None and is_local(source):
+            stat = os.stat(source)
+            digests[key] = _sha256(os.path.realpath(source), stat.st_size, stat.st_mtime_ns)
+    return digests
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Once per file version (size and mtime in the key): every method reads the same files."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def stale_reason(run_dir: Path, expected: dict[str, Any], hashes: dict[str, str]) -> str | None:
+    """Why the run in `run_dir` is not the one compare would start now, or None where it is: it has no final
+    evaluation, a setting of its config.yaml differs from the resolved config `expected` (REUSE_IGNORES aside), or
+    a local data file's content differs from the one it trained on (`hashes` now, its compare_run.json then)."""
+    if _final_eval(run_dir) is None:
+        return "it has no final evaluation"
+    if not (run_dir / "config.yaml").is_file():
+        return "it has no config.yaml"
+    from .train.config import ConfigError, saved_config
+
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    try:  # keys added to the schema since the run was trained count at their defaults
+        saved = saved_config(saved).to_dict()
+    except (ConfigError, TypeError):
+        pass
+    before, now = _flat(saved), _flat(expected)
+    changed = [k for k in dict.fromkeys([*now, *before]) if k not in REUSE_IGNORES
+               and before.get(k, _MISSING) != now.get(k, _MISSING)]
+    why = [f"{k} {_brief(before.get(k, _MISSING))} -> {_brief(now.get(k, _MISSING))}" for k in changed]
+    record = json.loads((run_dir / RUN_RECORD).read_text()) if (run_dir / RUN_RECORD).is_file() else {}
+    if "data_sha256" not in record:
+        why.append("no hash of the data it trained on is recorded")
+    else:
+        why += [f"{key} content changed" for key, digest in hashes.items()
+                if key not in changed and record["data_sha256"].get(key) != digest]
+    if not why:
+        return None
+    return ", ".join(why[:3]) + (f" (and {len(why) - 3} more)" if len(why) > 3 else "")
+
+
+_MISSING = object()
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _brief(value: Any) -> str:
+    text = "(unset)" if value is _MISSING else json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def set_aside(run_dir: Path, out: Path) -> Path:
+    """Moves a stale run out of runs/ (nothing is deleted) to stale/NAME-TIME, so that its rerun starts clean."""
+    target = out / "stale" / f"{run_dir.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(run_dir), str(target))
+    return target
 
 
 def launch(command: list[str], log: Path) -> str:
@@ -179,6 +306,8 @@ def collect(method: str, seed: int, run_dir: Path, status: str = "ok") -> RunRes
         result.before = {k: v for k, v in first[0].items() if k != "step"}
     if (run_dir / RUN_RECORD).exists():
         result.wall_s = json.loads((run_dir / RUN_RECORD).read_text())["wall_s"]
+    if (run_dir / "config.yaml").is_file():
+        result.config = yaml.safe_load((run_dir / "config.yaml").read_text())
     for record in _jsonl(run_dir / "metrics.jsonl"):
         result.losses.append((record["step"], record["loss"]))
         if "routing" in record:
@@ -228,17 +357,20 @@ def gap_percent(table: dict[str, dict[str, tuple[float, float, int]]], method: s
 def write_report(results: list[RunResult], out: Path, metrics: list[str], metric: str, command: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     experts = list(dict.fromkeys(e for r in results for e in r.routing))
+    settings = run_settings(results)
     csv_path = out / CSV_NAME
     with open(csv_path, "w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
         writer.writerow(["method", "seed", "status", *metrics, *(f"{m}_before" for m in metrics), "final_loss",
-                         "steps", "wall_s", *(f"share_{e}" for e in experts), "degenerate_routing", "output_dir"])
-        for r in results:
+                         "steps", "wall_s", *(f"share_{e}" for e in experts), "degenerate_routing", *SETTINGS,
+                         "output_dir"])
+        for r, described in zip(results, settings):
             writer.writerow([r.method, r.seed, r.status, *(_fmt_csv(r.scores.get(m)) for m in metrics),
                              *(_fmt_csv(r.before.get(m)) for m in metrics), _fmt_csv(r.final_loss),
                              r.losses[-1][0] if r.losses else "", f"{r.wall_s:.1f}",
                              *(_fmt_csv(r.routing.get(e)) if r.routing else "" for e in experts),
-                             (str(r.degenerate).lower() if r.routing else ""), str(r.out)])
+                             (str(r.degenerate).lower() if r.routing else ""),
+                             *(described.get(k, "") for k in SETTINGS), str(r.out)])
     table = summarise(results, metrics)
     plots = write_plots(results, table, out, metric)
     lines = ["# Method comparison", "", f"Command: `{command}`", "",
@@ -251,6 +383,20 @@ def write_report(results: list[RunResult], out: Path, metrics: list[str], metric
         lines.append(f"| {method} | {row[metric][2]} | "
                      + " | ".join(_pm(*row[m][:2]) for m in metrics)
                      + f" | {_pm(*row['final_loss'][:2])} | {shares} |")
+    per_method: dict[str, dict[str, str]] = {}
+    for r, described in zip(results, settings):
+        if described:
+            per_method.setdefault(r.method, described)
+    if per_method:
+        lines += ["", "What each method trained (its runs' config.yaml): adapter rank(s) (AdaLoRA: initial->target), "
+                  "alpha(s), effective scaling (alpha/sqrt(r) with rsLoRA, else alpha/r; AdaLoRA alpha/initial r), "
+                  "one value per LoRA expert; empty lr or lora_lr: the method does not use it.", "",
+                  "| method | ranks | alphas | rsLoRA | scaling | dropout | trainable parameters | lr | lora_lr |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for method, d in per_method.items():
+            trainable = f"{int(d['trainable_params']):,}" if d["trainable_params"] else ""
+            lines.append(f"| {method} | {d['ranks']} | {d['alphas']} | {d['rslora']} | {d['scaling']} | "
+                         f"{d['dropout']} | {trainable} | {d['lr']} | {d['lora_lr']} |")
     from .train.data import direction
 
     lines += ["", f"## Gap to the better of FFT and LoRA (`{metric}`; + is better)", ""]
@@ -285,6 +431,28 @@ def write_report(results: list[RunResult], out: Path, metrics: list[str], metric
     md_path = out / MD_NAME
     md_path.write_text("\n".join(lines))
     return [md_path, csv_path, *plots]
+
+
+def run_settings(results: list[RunResult]) -> list[dict[str, str]]:
+    """compare_settings.describe of each run's config.yaml ({} without one, or one this version cannot read);
+    the trainable parameters counted once per distinct model and method setup."""
+    from .train.config import ConfigError, saved_config
+
+    counted: dict[str, int | None] = {}
+    described = []
+    for r in results:
+        try:
+            config = saved_config(r.config) if r.config else None
+        except (ConfigError, KeyError, TypeError):
+            config = None
+        if config is None:
+            described.append({})
+            continue
+        key = json.dumps([r.config.get(k) for k in ("model", "method", "molf", "lora")], sort_keys=True, default=str)
+        if key not in counted:
+            counted[key] = trainable_parameters(config)
+        described.append(describe(config, counted[key]))
+    return described
 
 
 def _mean_routing(runs: list[RunResult]) -> str:

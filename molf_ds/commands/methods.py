@@ -36,6 +36,7 @@ DEGENERATE = 0.99  # a MoLF run where one expert took more of the routing decisi
 MOLF_WRAPPED = tuple(n for n, m in REGISTRY.items() if m.wrapped)  # ("molf", "molf-e", "ds-adamw")
 TRAIN_METHODS = ("molf", "molf-e", "fft", "lora", "lora-rest", "adalora")  # molf-ds train's `method:`
 COMPARE_METHODS = ("fft", "lora", "lora-rest", "adalora", "molf", "molf-e")  # molf-ds compare's default order
+EXPERT_BASELINES = ("lora", "lora-rest")  # molf-ds compare: their lora.* default to MoLF's own LoRA expert
 MEMORY_METHODS = ("fft", "lora", "molf", "molf-e")  # molf-ds estimate-memory
 BENCH_METHODS = ("fft", "lora", "molf", "molf-e")  # molf-ds bench's default
 BENCH_EXTRA_METHODS = ("ds-adamw",)  # molf-ds bench, on request
@@ -48,6 +49,15 @@ def is_molf(method: str) -> bool:
 
 def trains_base(method: str) -> bool:
     return REGISTRY[method].trains_base
+
+
+def uses_lrs(method: str, freeze_non_linear: bool = False) -> tuple[bool, bool]:
+    """(train.lr, train.lora_lr): which of the two lrs `method` trains with. train.lr goes to the full weights and
+    to every parameter outside the adapters where those train (lora-rest; molf and molf-e unless
+    molf.freeze_non_linear), train.lora_lr to the LoRA / AdaLoRA adapters and experts."""
+    spec = REGISTRY[method]
+    rest = method == "lora-rest" or (spec.molf and not freeze_non_linear)
+    return spec.trains_base or rest, method != "fft"
 
 
 def baseline_of(method: str) -> str:

@@ -146,6 +146,16 @@ TOP_LEVEL = ("model", "method", "molf", "lora", "data", "eval", "train", "deepsp
 # ---- loading -------------------------------------------------------------------------------------
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     """Read the YAML, apply `key=value` overrides (dotted keys, YAML values), validate."""
+    return validate(_build(raw_config(path, overrides)))
+
+
+def from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> TrainConfig:
+    return validate(_build(_apply_overrides(raw, overrides)))
+
+
+def raw_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """The YAML with the overrides applied, before defaults and validation: the keys a user set (compare reads
+    which `lora.*` keys are given)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"training config {path} does not exist")
@@ -155,10 +165,16 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         raise ConfigError(f"training config {path} is not valid YAML: {error}".replace("\n", " ")) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"training config {path} must be a mapping of sections ({', '.join(TOP_LEVEL)})")
-    return from_dict(raw, overrides)
+    return _apply_overrides(raw, overrides)
 
 
-def from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> TrainConfig:
+def saved_config(raw: dict[str, Any]) -> TrainConfig:
+    """A run's config.yaml as a TrainConfig, not validated again (it was when the run started; its data may have
+    moved since)."""
+    return _build(raw)
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     raw = copy.deepcopy(raw)
     parsed = [_parse_override(item) for item in overrides]
     for keys, value in parsed:  # a new DeepSpeed config first, so that deepspeed.* overrides edit it
@@ -169,7 +185,7 @@ def from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> TrainConfig:
     for keys, value in parsed:
         if keys != ["deepspeed"]:
             _set(raw, keys, value)
-    return validate(_build(raw))
+    return raw
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
