@@ -12,12 +12,12 @@ from molf_ds.optim.kernels import cpp_impl
 from helpers.kernel_cases import BETAS, KIND_LRS, KIND_WDS, N_CELLS, NUMELS, ROWS, _tensors
 
 
-@pytest.fixture(params=["cpp", "torch"])
+@pytest.fixture(params=["cpp", "triton", "torch"])
 def backend(request, monkeypatch):
     if request.param == "cpp" and not cpp_impl.load():
         pytest.skip("the C++ CPU kernel failed to build")
-    if request.param == "torch":
-        monkeypatch.setenv("MOLF_DS_KERNEL", "torch")
+    if request.param != "cpp":
+        monkeypatch.setenv("MOLF_DS_KERNEL", request.param)
     return request.param
 
 
