@@ -30,10 +30,11 @@ import torch
 
 from ...scores import SCORE_EPS, score_named
 from . import cpp_impl, torch_impl
+from .torch_impl import to_device
 
 __all__ = [
     "ScoreSums", "SegmentTable", "adamw_step_multi", "backend", "can_speculate", "cpp_enabled", "cpp_unavailable",
-    "dropout_zero", "moments_and_scores_multi", "moments_scores_speculate_multi", "settle_multi",
+    "dropout_zero", "moments_and_scores_multi", "moments_scores_speculate_multi", "settle_multi", "to_device",
     "update_winners_multi",
 ]
 

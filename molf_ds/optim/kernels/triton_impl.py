@@ -25,11 +25,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...scores import score_named
 from .torch_impl import to_device
 
 BLOCK = 4096  # elements per program
 REDUCE_BLOCK = 1024  # partial sums read at once by _cell_sums
-SCORE_CODES = {"epd": 0, "pfn": 1}  # the tl.constexpr SCORE of _moments_scores
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def _moments_scores(ptrs, n_tensors, blocks, partials, w1, beta2, w2, eps_s, SMA
     tl.store(v_ptr + offs, v, mask=mask)
     if row >= 0:
         denom = tl.sqrt_rn(v) + eps_s
-        if SCORE == 0:  # EPD: m^2 / (sqrt(v) + eps_s)
+        if SCORE == 0:  # molf_ds.scores: EPD, m^2 / (sqrt(v) + eps_s)
             q = tl.div_rn(m * m, denom)
         else:  # PFN: (m / (sqrt(v) + eps_s))^2
             r = tl.div_rn(m, denom)
@@ -245,7 +245,7 @@ def moments_and_scores_multi(grads: list[Tensor], exp_avgs: list[Tensor], exp_av
     partials = torch.empty(plan.n_blocks, dtype=torch.float64, device=device)
     w1, b2, w2, small_w1 = _moments(beta1, beta2)
     _moments_scores[(plan.n_blocks,)](ptrs, len(grads), plan.blocks, partials, w1, b2, w2, eps_s,
-                                      SMALL_W1=small_w1, SCORE=SCORE_CODES[score], BLOCK=BLOCK, num_warps=8)
+                                      SMALL_W1=small_w1, SCORE=score_named(score).code, BLOCK=BLOCK, num_warps=8)
     if plan.n_cells:
         _cell_sums[(plan.n_cells,)](plan.cells, plan.cell_rows, plan.rows, plan.row_blocks, plan.row_kinds, partials,
                                     to_device(scale, device), sums, took_part.view(torch.uint8),
