@@ -143,6 +143,25 @@ def test_adamw_step_matches_torch_adamw(backend: str) -> None:
     torch.testing.assert_close(p, param.detach(), rtol=1e-6, atol=1e-7)
 
 
+def test_triton_path_fused_adamw_step() -> None:
+    """On CUDA the Triton backend's plain AdamW is torch's fused one, which takes the step t: t recovered from the
+    bias corrections, and the call, against torch's AdamW (the fused op runs on CPU too)."""
+    from molf_ds.optim.kernels import triton_impl
+
+    assert triton_impl._fused_step(*BETAS, 1 - BETAS[0] ** 7, 1 - BETAS[1] ** 7) == 7
+    assert triton_impl._fused_step(*BETAS, 0.19, 0.002) is None  # not a step's: the Triton kernel runs
+    numel = 10_007
+    param = torch.nn.Parameter(torch.randn(numel, generator=torch.Generator().manual_seed(0)))
+    p, m, v = param.detach().clone(), torch.zeros(numel), torch.zeros(numel)
+    opt = torch.optim.AdamW([param], betas=BETAS, foreach=False, **HYPER)
+    for t in range(1, 4):
+        param.grad = torch.randn(numel, generator=torch.Generator().manual_seed(t)) * 1e-2
+        opt.step()
+        triton_impl.fused_adamw([p], [param.grad], [m], [v], t, HYPER["lr"], *BETAS, HYPER["eps"],
+                                HYPER["weight_decay"])
+    torch.testing.assert_close(p, param.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_multi_dim_tensors_index_flat(backend: str) -> None:
     """Without ZeRO a parameter is its own segment source: offsets index its flat elements."""
     segs = [(5, 30), (40, 17)]

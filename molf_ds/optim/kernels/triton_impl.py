@@ -294,6 +294,14 @@ def _fused_step(beta1: float, beta2: float, bias_correction1: float, bias_correc
     return t if ok else None
 
 
+def fused_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], t: int,
+                lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """Step t of torch's fused AdamW (it takes the step, not the bias corrections)."""
+    steps = [torch.full((), float(t), dtype=torch.float32, device=params[0].device)] * len(params)
+    torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                        weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+
+
 def adamw_step_multi(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                      lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction1: float,
                      bias_correction2: float) -> None:
@@ -302,9 +310,7 @@ def adamw_step_multi(params: list[Tensor], grads: list[Tensor], exp_avgs: list[T
     device = params[0].device
     t = _fused_step(beta1, beta2, bias_correction1, bias_correction2) if device.type == "cuda" else None
     if t is not None:  # torch's fused AdamW: the same 28 bytes per element, tuned by torch
-        steps = [torch.full((), float(t), dtype=torch.float32, device=device)] * len(params)
-        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
-                            weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+        fused_adamw(params, grads, exp_avgs, exp_avg_sqs, t, lr, beta1, beta2, eps, weight_decay)
         return
     key = (device, *(p.numel() for p in params))
     whole = _wholes.get(key)
