@@ -4,8 +4,9 @@ Segments of all tensors of a call are one int64 table [S, 5] of rows (tensor, of
 ``SegmentTable``. What the passes compute is defined in ``molf_ds.optim.routing``; here they run fast.
 
 - ``moments_and_scores_multi``: moments of every tensor; each row's score sum, times ``scale[kind]``,
-  goes into a ``ScoreSums`` (float64 per cell; one host transfer per step on non-CPU devices).
-- ``update_winners_multi``: the AdamW update inside the rows whose cell won, per-kind lr and decay.
+  goes into a ``ScoreSums`` (float64 per cell, on the tensors' device).
+- ``update_winners_multi``: the AdamW update inside the rows whose cell won, per-kind lr and decay (the Triton
+  kernel reads the winner mask on the device; the torch path reads it on the host, one sync per call).
 - ``moments_scores_speculate_multi`` / ``settle_multi`` (C++ only, see ``can_speculate``): the same step in one
   pass where the winners are guessed right: rows of presumed winners are updated inside the scoring pass (their
   old values kept in backups); once the winners are known, wrong guesses are restored and missed winners updated.
