@@ -39,7 +39,7 @@ if [[ "$GPUS" -lt 1 ]]; then
     exit 2
 fi
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpus.csv"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpus.csv" || true  # the card's name
 python benchmarks/gpu_optimizer.py --model "$OPT_MODEL" --out "$OUT/optimizer.json"
 exec python -m benchmarks.lab --device cuda --world "$GPUS" --model "$MODEL" --dtype bf16 --seq "$SEQ" \
     --micro-batch "$MICRO_BATCH" --warmup 3 --steps "$STEPS" --stages 2,3 --offload none --methods fft,molf \
