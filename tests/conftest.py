@@ -6,6 +6,8 @@ import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The Triton kernels (MOLF_DS_KERNEL=triton) run on CPU tensors under Triton's interpreter, read when they are defined.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # tests/: `helpers.*` imports whatever pytest's --import-mode
 torch.set_num_threads(1)
 

@@ -65,12 +65,12 @@ def hand_steps(x, lr, lora_lr, score, factors):
     return out
 
 
-@pytest.fixture(params=["default", "torch"], autouse=True)
+@pytest.fixture(params=["default", "triton", "torch"], autouse=True)
 def kernel_backend(request, monkeypatch):
-    """Every hand check runs on the default kernel backend (the fused C++ one for fp32 CPU tensors) and on the
-    torch one (`MOLF_DS_KERNEL=torch`, what runs on GPUs)."""
-    if request.param == "torch":
-        monkeypatch.setenv("MOLF_DS_KERNEL", "torch")
+    """Every hand check runs on the default kernel backend (the fused C++ one for fp32 CPU tensors), on the Triton
+    one (`MOLF_DS_KERNEL=triton`, interpreted here; what runs on GPUs) and on the torch one (the fallback)."""
+    if request.param != "default":
+        monkeypatch.setenv("MOLF_DS_KERNEL", request.param)
     else:
         monkeypatch.delenv("MOLF_DS_KERNEL", raising=False)
     return request.param

@@ -147,3 +147,25 @@ def test_without_checkout_says_where_bench_runs(monkeypatch, capsys):
     assert cli.main(["bench", "--model", "qwen2-h256", "--stages", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "git checkout" in err and "pip install -e ." in err
+
+
+@pytest.mark.slow
+def test_gpu_optimizer_dry_run(tmp_path):
+    """benchmarks/gpu_optimizer.sh --dry-run: both parts end to end on CPU, MoLF on the Triton kernels (interpreted),
+    routing forced each way, ZeRO-2 and ZeRO-3 steps of MoLF beside FFT."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path / "gpu")}
+    done = subprocess.run([str(root / "benchmarks" / "gpu_optimizer.sh"), "--dry-run"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    optimizer = json.loads((tmp_path / "gpu-dry-run" / "optimizer.json").read_text())
+    rows = {r["routing"]: r for r in optimizer["rows"]}
+    assert rows["full"]["routing_shares"]["full"] == 1.0 and rows["lora"]["routing_shares"]["lora0"] == 1.0
+    assert {r["backend"] for r in rows.values()} == {"triton"}
+    assert rows["lora"]["step_elements"]["update"] < rows["full"]["step_elements"]["update"]
+    steps = json.loads((tmp_path / "gpu-dry-run" / "steps" / "bench.json").read_text())
+    cells = {(r["stage"], r["method"]) for r in steps["rows"] if "error" not in r}
+    assert cells == {(2, "fft"), (2, "molf"), (3, "fft"), (3, "molf")}, steps["rows"]

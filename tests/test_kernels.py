@@ -1,4 +1,5 @@
-"""The element-wise MoLF kernels on one tensor: C++ and torch backends against a plain reference."""
+"""The element-wise MoLF kernels on one tensor: C++, Triton (interpreted, on CPU) and torch backends against a plain
+reference."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from molf_ds.optim.kernels import cpp_impl, torch_impl
 REPO = Path(__file__).resolve().parents[1]
 BETAS = (0.9, 0.999)
 HYPER = dict(lr=1e-3, weight_decay=0.1, eps=1e-8)
-BACKENDS = ["cpp", "torch"]
+BACKENDS = ["cpp", "triton", "torch"]
 ONE = torch.ones(1, dtype=torch.float64)  # score scale of the one kind used here
 LR = torch.tensor([HYPER["lr"]], dtype=torch.float64)
 WD = torch.tensor([HYPER["weight_decay"]], dtype=torch.float64)
@@ -36,8 +37,8 @@ LAYOUTS = {
 def backend(request, monkeypatch) -> str:
     if request.param == "cpp" and not cpp_impl.load():
         pytest.skip("the C++ CPU kernel failed to build (see the warning): torch path only")
-    if request.param == "torch":
-        monkeypatch.setenv(kernels.ENV_VAR, "torch")
+    if request.param != "cpp":
+        monkeypatch.setenv(kernels.ENV_VAR, request.param)
     return request.param
 
 
@@ -142,6 +143,25 @@ def test_adamw_step_matches_torch_adamw(backend: str) -> None:
     torch.testing.assert_close(p, param.detach(), rtol=1e-6, atol=1e-7)
 
 
+def test_triton_path_fused_adamw_step() -> None:
+    """On CUDA the Triton backend's plain AdamW is torch's fused one, which takes the step t: t recovered from the
+    bias corrections, and the call, against torch's AdamW (the fused op runs on CPU too)."""
+    from molf_ds.optim.kernels import triton_impl
+
+    assert triton_impl._fused_step(*BETAS, 1 - BETAS[0] ** 7, 1 - BETAS[1] ** 7) == 7
+    assert triton_impl._fused_step(*BETAS, 0.19, 0.002) is None  # not a step's: the Triton kernel runs
+    numel = 10_007
+    param = torch.nn.Parameter(torch.randn(numel, generator=torch.Generator().manual_seed(0)))
+    p, m, v = param.detach().clone(), torch.zeros(numel), torch.zeros(numel)
+    opt = torch.optim.AdamW([param], betas=BETAS, foreach=False, **HYPER)
+    for t in range(1, 4):
+        param.grad = torch.randn(numel, generator=torch.Generator().manual_seed(t)) * 1e-2
+        opt.step()
+        triton_impl.fused_adamw([p], [param.grad], [m], [v], t, HYPER["lr"], *BETAS, HYPER["eps"],
+                                HYPER["weight_decay"])
+    torch.testing.assert_close(p, param.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_multi_dim_tensors_index_flat(backend: str) -> None:
     """Without ZeRO a parameter is its own segment source: offsets index its flat elements."""
     segs = [(5, 30), (40, 17)]
@@ -169,6 +189,22 @@ def test_torch_path_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
     _assert_state_close(ours, ref)
 
 
+def test_triton_small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of many blocks, reduced a few partial sums at a time, give the reference sums; the update too."""
+    from molf_ds.optim.kernels import triton_impl
+
+    monkeypatch.setattr(triton_impl, "BLOCK", 64)
+    monkeypatch.setattr(triton_impl, "REDUCE_BLOCK", 4)
+    monkeypatch.setenv(kernels.ENV_VAR, "triton")
+    numel, segs = 5_003, [(3, 3_000), (3_003, 1), (3_100, 1_700), (4_900, 103)]
+    ours, ref = _state(numel), _state(numel)
+    got = _scores(ours, segs, "pfn")
+    torch.testing.assert_close(got, _reference_scores(ref, segs, "pfn"), rtol=1e-6, atol=0.0)
+    _update(ours, segs, 0.1, 0.001)
+    _reference_update(ref, segs, 0.1, 0.001)
+    _assert_state_close(ours, ref)
+
+
 def test_scores_deterministic(backend: str) -> None:
     numel, segs = LAYOUTS["gaps"]
     threads = torch.get_num_threads()
@@ -193,6 +229,12 @@ def test_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert kernels.backend(x, torch.zeros(10, 2)[:, 0]) == "torch"  # not contiguous
     monkeypatch.setenv(kernels.ENV_VAR, "torch")
     assert kernels.backend(x, x) == "torch"
+    monkeypatch.setenv(kernels.ENV_VAR, "triton")  # on CPU tensors: under TRITON_INTERPRET=1 only
+    assert kernels.backend(x, x) == "triton" and kernels.backend(x, x.double()) == "torch"
+    assert kernels.cpp_unavailable() == "is turned off by MOLF_DS_KERNEL=triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="needs Triton's interpreter: set TRITON_INTERPRET=1"):
+        kernels.backend(x, x)
     monkeypatch.setenv(kernels.ENV_VAR, "fast")
     with pytest.raises(ValueError, match=kernels.ENV_VAR):
         kernels.backend(x, x)

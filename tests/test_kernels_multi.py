@@ -12,12 +12,12 @@ from molf_ds.optim.kernels import cpp_impl
 from helpers.kernel_cases import BETAS, KIND_LRS, KIND_WDS, N_CELLS, NUMELS, ROWS, _tensors
 
 
-@pytest.fixture(params=["cpp", "torch"])
+@pytest.fixture(params=["cpp", "triton", "torch"])
 def backend(request, monkeypatch):
     if request.param == "cpp" and not cpp_impl.load():
         pytest.skip("the C++ CPU kernel failed to build")
-    if request.param == "torch":
-        monkeypatch.setenv("MOLF_DS_KERNEL", "torch")
+    if request.param != "cpp":
+        monkeypatch.setenv("MOLF_DS_KERNEL", request.param)
     return request.param
 
 
@@ -131,3 +131,25 @@ def test_route_ties_nan_and_absent_experts(top_k, score):
         want = [e in ranked[:top_k] and bool(took[m * experts + e]) for e in range(experts)]
         assert winners[m].tolist() == want, m
     assert not winners[5].any() and winners[1].tolist()[0] is True  # module 1: experts 0-2 tie at zero
+
+
+@pytest.mark.slow  # about 40 s: a few hundred interpreted Triton programs
+def test_triton_launches_per_step_do_not_grow_with_layers(tiny, monkeypatch):
+    """Without ZeRO every parameter is its own tensor, yet one call per param group covers them all: the same Triton
+    launches per step for 2 layers as for 8 (ZeRO-2 on 2 ranks: tests/test_triton_zero.py)."""
+    import molf_ds
+    from helpers.triton_runs import count_triton_launches
+
+    monkeypatch.setenv("MOLF_DS_KERNEL", "triton")
+    cfg = molf_ds.MoLFConfig(lora_ranks=(4,), lora_dropout=0.0)
+    per_step = []
+    for layers in (2, 8):
+        model = molf_ds.wrap_model(tiny("qwen2", num_hidden_layers=layers), cfg)
+        optimizer = molf_ds.build_optimizer(model, cfg)
+        ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids).loss.backward()
+        with count_triton_launches() as launches:
+            optimizer.step()
+        per_step.append(dict(launches))
+        assert optimizer.kernel_backend == "triton"
+    assert per_step[0] == per_step[1] == {"_moments_scores": 1, "_cell_sums": 1, "_update": 1, "_adamw": 2}, per_step

@@ -334,11 +334,13 @@ def test_last_routing_is_a_snapshot(tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["triton", "torch"])
 @pytest.mark.parametrize("case", ["molf-epd-1", "molf-e-pfn-2"])
-def test_matches_reference_torch_kernel(case):
-    """The same equivalence on the torch kernel backend (`MOLF_DS_KERNEL=torch`, the GPU path), in a child
-    process so that a crash of the backend fails this test instead of killing the session."""
-    env = {**os.environ, "MOLF_DS_KERNEL": "torch", "OMP_NUM_THREADS": "1"}
+def test_matches_reference_other_kernels(case, kernel):
+    """The same equivalence on the Triton kernels (`MOLF_DS_KERNEL=triton`, the GPU path, interpreted on CPU) and on
+    the torch ones (the fallback), in a child process so that a crash of the backend fails this test instead of
+    killing the session."""
+    env = {**os.environ, "MOLF_DS_KERNEL": kernel, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     node = f"{Path(__file__).name}::test_matches_reference_qwen2[{case}]"
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", node],
                        cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300)

@@ -19,7 +19,7 @@ def bundled() -> list[str]:
 
 
 def load_config(name: str, gguf_file: str | None = None):
-    """A bench config (qwen2-h256, qwen2-h512), else what `molf_ds.commands.memory.load_config` accepts."""
+    """A bench config (qwen2-h64, qwen2-h256, qwen2-h512), else what `molf_ds.commands.memory.load_config` accepts."""
     path = CONFIGS / f"{name}.json"
     if path.is_file():
         values = json.loads(path.read_text())

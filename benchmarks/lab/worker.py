@@ -123,8 +123,8 @@ def optimizer_bytes(engine: Any) -> int:
     optimizer = engine.basic_optimizer
     counts = getattr(optimizer, "last_step_elements", None)
     if counts is not None:
-        return (20 * counts["moments"] + 12 * counts["speculative"] + 16 * counts["update"] + 8 * counts["restore"]
-                + 28 * counts["adamw"])
+        return int(20 * counts["moments"] + 12 * counts["speculative"] + 16 * counts["update"]  # update: a device
+                   + 8 * counts["restore"] + 28 * counts["adamw"])  # tensor on the Triton path (this syncs)
     return 28 * sum(flat.numel() for _, flat in _flat_groups(engine))
 
 

@@ -96,9 +96,11 @@ class MoLFAdamW(torch.optim.Optimizer):
         # Elements of the last step, per pass: "moments" (MoLF tensors: moments and scores), "speculative" (of
         # those, updated in that pass, with backup), "update" (winners' update pass), "restore" (wrong guesses
         # restored), "adamw" (plain AdamW tensors). Memory traffic = 20, +12, 16, 8 and 28 bytes per element.
+        # On the Triton path "update" is a 0-dim device tensor (reading it syncs with the device).
         self.last_step_elements = dict.fromkeys(STEP_PASSES, 0)
         self._counted_step = 0
         self._backups = WeakTensorKeyDictionary()  # param -> its old values during a speculative step
+        self.kernel_backend: str | None = None  # which kernels ("cpp", "triton", "torch") step the MoLF tensors
 
     def detach(self) -> None:
         """step() does nothing until `attach`: DeepSpeed may call it on zero grads while it builds the engine."""
@@ -142,6 +144,8 @@ class MoLFAdamW(torch.optim.Optimizer):
                 counts["adamw"] += sum(p.numel() for p in params)
                 continue
             routing = self._routing_of(t)
+            if self.kernel_backend is None:
+                self.kernel_backend = kernels.backend(*params, *grads, *exp_avgs, *exp_avg_sqs)
             segments = self._segments([self.router.layouts(p) for p in params], [p.numel() for p in params])
             speculate = routing.presumed is not None and kernels.can_speculate(
                 [*params, *grads, *exp_avgs, *exp_avg_sqs])

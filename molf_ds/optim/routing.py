@@ -9,8 +9,8 @@ Every expert of every MoLF module keeps exact Adam moments. Each step, per modul
 3. only the winners take the AdamW update (decoupled weight decay first), each segment with its kind's lr and decay.
 
 The element-wise passes of steps 1 and 3 run in `kernels` over flat tensors whose segments `layout.py` maps to
-(module, expert) cells: torch, or the fused C++ CPU kernel. Everything else (normalisation, top-k, which rows
-update) is defined here, once, for both.
+(module, expert) cells: torch, the fused C++ CPU kernel or the Triton GPU kernels. Everything else (normalisation,
+top-k, which rows update) is defined here, once, for all; it runs on the device the sums are on (no host sync).
 """
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ def top_k(scores: Tensor, took_part: Tensor, k: int) -> Tensor:
     """Winner mask [modules, experts] (step 2): per module the k highest scores, ties to the lower expert index
     (a stable descending sort), never an expert that took no part."""
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-    return torch.zeros(scores.shape, dtype=torch.bool).scatter_(1, order, True) & took_part.view(scores.shape)
+    winners = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(1, order, True)
+    return winners & took_part.view(scores.shape)
 
 
 class StepRouting:
@@ -107,6 +108,7 @@ class StepRouting:
         sums are summed over the data-parallel ranks first (each holds a partition of every expert), so every rank
         takes the same decision."""
         sums, took_part = self.sums.totals(), self.sums.took_part
+        sizes = kernels.to_device(sizes, sums.device)
         if reduce is not None:
             reduce(sums)
             took_part = sizes.view(-1) > 0  # partitioned gradients always exist

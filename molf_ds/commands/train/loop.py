@@ -142,6 +142,8 @@ class Loop:
             for step in range(start + 1, total + 1):
                 torch.manual_seed((seed * 1_000_003 + step) * 1_009 + self.rank)  # dropout: same on resume
                 record = self.step(step)
+                if step == start + 1 and (backend := self.trainee.kernel_backend()):
+                    _say(f"optimizer kernels: {backend}")
                 if metrics is not None:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()

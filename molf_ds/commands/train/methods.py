@@ -37,6 +37,10 @@ class Trainee:
             return None
         return {"routing": optimizer.routing_shares(), "routing_by_type": optimizer.routing_shares_by_type()}
 
+    def kernel_backend(self) -> str | None:
+        """Which kernels step the MoLF experts ("cpp", "triton" or "torch", molf_ds.optim.kernels), once stepped."""
+        return self.engine.basic_optimizer.kernel_backend if self.is_molf else None
+
     def before_step(self, step: int) -> None:
         """Called on every rank after the last backward of optimizer step `step`, before engine.step()."""
 
@@ -63,6 +67,10 @@ class Trainee:
 
 
 class AdaLoraTrainee(Trainee):
+    def kernel_backend(self) -> str | None:
+        """Which kernels step the MoLF experts ("cpp", "triton" or "torch", molf_ds.optim.kernels), once stepped."""
+        return self.engine.basic_optimizer.kernel_backend if self.is_molf else None
+
     def before_step(self, step: int) -> None:
         """PEFT's rank allocation reads p.grad and masks lora_E in place. Under ZeRO-1/2 the grads live in
         DeepSpeed's partitions and the optimizer steps fp32 copies: lend the full grads, then copy the masked

@@ -4,21 +4,26 @@ Segments of all tensors of a call are one int64 table [S, 5] of rows (tensor, of
 ``SegmentTable``. What the passes compute is defined in ``molf_ds.optim.routing``; here they run fast.
 
 - ``moments_and_scores_multi``: moments of every tensor; each row's score sum, times ``scale[kind]``,
-  goes into a ``ScoreSums`` (float64 per cell; one host transfer per step on non-CPU devices).
-- ``update_winners_multi``: the AdamW update inside the rows whose cell won, per-kind lr and decay.
+  goes into a ``ScoreSums`` (float64 per cell, on the tensors' device).
+- ``update_winners_multi``: the AdamW update inside the rows whose cell won, per-kind lr and decay (the Triton
+  kernel reads the winner mask on the device; the torch path reads it on the host, one sync per call).
 - ``moments_scores_speculate_multi`` / ``settle_multi`` (C++ only, see ``can_speculate``): the same step in one
   pass where the winners are guessed right: rows of presumed winners are updated inside the scoring pass (their
   old values kept in backups); once the winners are known, wrong guesses are restored and missed winners updated.
 - ``adamw_step_multi``: plain AdamW over every tensor.
 - ``dropout_zero``: the experts' input dropout on CPU (a counter-based mask, kept elements unscaled).
 
-Backend: the fused C++ kernel for contiguous fp32 CPU tensors (JIT-built once on first
-use), torch otherwise. A failed build warns once and falls back to torch (an error with
-``MOLF_DS_REQUIRE_CPP_KERNEL=1``, as in the test command). ``MOLF_DS_KERNEL=torch`` forces torch.
+Backend, per call: the fused C++ kernel for contiguous fp32 CPU tensors (JIT-built once on first use), the Triton
+kernels (``triton_impl``) for contiguous fp32 CUDA tensors where triton imports, torch otherwise. A failed C++
+build warns once and falls back to torch (an error with ``MOLF_DS_REQUIRE_CPP_KERNEL=1``, as in the test command).
+``MOLF_DS_KERNEL=torch`` forces torch; ``MOLF_DS_KERNEL=triton`` forces Triton for contiguous fp32 tensors (on CPU
+tensors only under Triton's interpreter, ``TRITON_INTERPRET=1``, which is how the tests run the Triton kernels).
+Score sums and the winner mask stay on the tensors' device: the Triton path makes no host sync.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from types import ModuleType
 
@@ -26,40 +31,68 @@ import torch
 
 from ...scores import SCORE_EPS, score_named
 from . import cpp_impl, torch_impl
+from .torch_impl import to_device
 
 __all__ = [
     "ScoreSums", "SegmentTable", "adamw_step_multi", "backend", "can_speculate", "cpp_enabled", "cpp_unavailable",
-    "dropout_zero", "moments_and_scores_multi", "moments_scores_speculate_multi", "settle_multi",
+    "dropout_zero", "moments_and_scores_multi", "moments_scores_speculate_multi", "settle_multi", "to_device",
     "update_winners_multi",
 ]
 
 ENV_VAR = "MOLF_DS_KERNEL"
+CHOICES = ("auto", "torch", "triton")
+INTERPRET_ENV = "TRITON_INTERPRET"
 
 
-def _forced_torch() -> bool:
-    choice = os.environ.get(ENV_VAR, "auto").strip().lower()
-    if choice not in ("", "auto", "torch"):
-        raise ValueError(f"{ENV_VAR}={choice!r}: expected 'auto' or 'torch'")
-    return choice == "torch"
+def _choice() -> str:
+    choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV_VAR}={choice!r}: expected one of {', '.join(CHOICES)}")
+    return choice
 
 
 def cpp_enabled() -> bool:
-    """Whether the C++ CPU kernels run here (built and not turned off by MOLF_DS_KERNEL=torch)."""
-    return not _forced_torch() and cpp_impl.load()
+    """Whether the C++ CPU kernels run here (built, and not turned off by MOLF_DS_KERNEL=torch or triton)."""
+    return _choice() == "auto" and cpp_impl.load()
 
 
 def cpp_unavailable() -> str | None:
     """Why the C++ CPU kernels do not run here (without warning about it), or None when they do."""
-    if _forced_torch():
-        return f"is turned off by {ENV_VAR}=torch"
+    choice = _choice()
+    if choice != "auto":
+        return f"is turned off by {ENV_VAR}={choice}"
     error = cpp_impl.build_error()
     return None if error is None else f"failed to build ({cpp_impl.cause(error)})"
 
 
+@functools.cache
+def _triton() -> ModuleType | None:
+    """The Triton kernels, or None where triton does not import (imported on first use: TRITON_INTERPRET is read
+    when the kernels are defined)."""
+    try:
+        from . import triton_impl
+    except ImportError:
+        return None
+    return triton_impl
+
+
 def _impl(tensors: list[torch.Tensor]) -> ModuleType:
-    """The backend for these tensors: C++ when all are contiguous fp32 on CPU and the kernel runs here."""
-    cpu_fp32 = all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-    return cpp_impl if cpu_fp32 and cpp_enabled() else torch_impl
+    """The backend for these tensors (see the module's doc)."""
+    choice = _choice()
+    fp32 = all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+    devices = {t.device.type for t in tensors}
+    if choice == "triton" and fp32:
+        if _triton() is None:
+            raise RuntimeError(f"{ENV_VAR}=triton, but triton does not import here: pip install 'molf-ds[triton]'")
+        if devices != {"cuda"} and os.environ.get(INTERPRET_ENV) != "1":
+            raise RuntimeError(f"{ENV_VAR}=triton on {'/'.join(sorted(devices))} tensors needs Triton's interpreter: "
+                               f"set {INTERPRET_ENV}=1 before starting Python (or unset {ENV_VAR})")
+        return _triton()
+    if choice == "auto" and fp32 and devices == {"cpu"} and cpp_impl.load():
+        return cpp_impl
+    if choice == "auto" and fp32 and devices == {"cuda"} and _triton() is not None:
+        return _triton()
+    return torch_impl
 
 
 def dropout_zero(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -83,8 +116,8 @@ class _ZeroDropped(torch.autograd.Function):
 
 
 def backend(*tensors: torch.Tensor) -> str:
-    """Name of the backend ("cpp" or "torch") that would run on these tensors."""
-    return "cpp" if _impl(list(tensors)) is cpp_impl else "torch"
+    """Name of the backend ("cpp", "triton" or "torch") that would run on these tensors."""
+    return _impl(list(tensors)).__name__.rsplit(".", 1)[-1].removesuffix("_impl")
 
 
 class SegmentTable:
@@ -107,28 +140,31 @@ class SegmentTable:
         self.cells = self.table[:, 3].clone()
         self.kinds = self.table[:, 4].clone()
         self.numels = list(numels)
-        self.plans: dict = {}  # the torch path's per-device plans (torch_impl.segment_sums_multi)
+        self.plans: dict = {}  # the torch and Triton paths' work per device, built on first use
 
 
 class ScoreSums:
-    """A step's score sums per cell (float64) and which cells took part. The C++ path adds into `sums`
-    directly; other devices keep their per-row sums on the device until `totals()`, one transfer per step."""
+    """A step's score sums per cell (float64) and which cells took part, on the device of the tensors scored (the
+    first call's device; the C++ path's CPU)."""
 
     def __init__(self, n_cells: int) -> None:
         self.sums = torch.zeros(n_cells, dtype=torch.float64)
         self.took_part = torch.zeros(n_cells, dtype=torch.bool)
-        self._pending: list[tuple[torch.Tensor, SegmentTable, torch.Tensor]] = []
+        self._fresh = True
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sums, took_part) on `device`, to add into."""
+        if self.sums.device != device:
+            if self._fresh:  # allocated there: no copy
+                self.sums = torch.zeros(self.sums.shape, dtype=torch.float64, device=device)
+                self.took_part = torch.zeros(self.took_part.shape, dtype=torch.bool, device=device)
+            else:
+                self.sums, self.took_part = self.sums.to(device), self.took_part.to(device)
+        self._fresh = False
+        return self.sums, self.took_part
 
     def totals(self) -> torch.Tensor:
-        """The sums with every pending row added, in call and row order (deterministic)."""
-        if self._pending:
-            values = torch.cat([v for v, _, _ in self._pending]).cpu()  # the step's one host sync
-            start = 0
-            for v, table, scale in self._pending:
-                part = values[start : start + v.numel()]
-                start += v.numel()
-                self.sums.index_add_(0, table.cells, part * scale[table.kinds])
-            self._pending.clear()
+        """The sums, in call and row order (deterministic)."""
         return self.sums
 
 
@@ -161,13 +197,16 @@ def moments_and_scores_multi(
     score_named(score)
     _check_batch(segments, grads, exp_avgs, exp_avg_sqs)
     impl = _impl([*grads, *exp_avgs, *exp_avg_sqs])
+    sums, took_part = out.on(grads[0].device if grads and impl is not cpp_impl else torch.device("cpu"))
     if impl is cpp_impl:
-        cpp_impl.moments_and_scores_multi(grads, exp_avgs, exp_avg_sqs, segments.table, scale, out.sums,
-                                          out.took_part, beta1, beta2, score, eps_s)
-        return
-    values = torch_impl.segment_sums_multi(grads, exp_avgs, exp_avg_sqs, segments, beta1, beta2, score, eps_s)
-    out._pending.append((values, segments, scale))
-    out.took_part[segments.cells] = True
+        cpp_impl.moments_and_scores_multi(grads, exp_avgs, exp_avg_sqs, segments.table, scale, sums, took_part,
+                                          beta1, beta2, score, eps_s)
+    elif impl is torch_impl:
+        values = torch_impl.segment_sums_multi(grads, exp_avgs, exp_avg_sqs, segments, beta1, beta2, score, eps_s)
+        torch_impl.add_row_sums(sums, took_part, values, segments, scale)
+    else:
+        impl.moments_and_scores_multi(grads, exp_avgs, exp_avg_sqs, segments, scale, sums, took_part, beta1, beta2,
+                                      score, eps_s)
 
 
 def update_winners_multi(
@@ -181,13 +220,13 @@ def update_winners_multi(
     bias_correction1: float,
     bias_correction2: float,
     eps: float,
-) -> int:
-    """AdamW update (lr and decay of the row's kind) inside every row whose cell won; returns the elements updated."""
+) -> int | torch.Tensor:
+    """AdamW update (lr and decay of the row's kind) inside every row whose cell won; returns the elements updated
+    (on the Triton path a 0-dim tensor on the device: reading it is a host sync)."""
     _check_batch(segments, params, exp_avgs, exp_avg_sqs)
-    return _impl([*params, *exp_avgs, *exp_avg_sqs]).update_winners_multi(
-        params, exp_avgs, exp_avg_sqs, segments.table, winners, lrs, weight_decays,
-        bias_correction1, bias_correction2, eps,
-    )
+    impl = _impl([*params, *exp_avgs, *exp_avg_sqs])
+    return impl.update_winners_multi(params, exp_avgs, exp_avg_sqs, segments if impl is _triton() else segments.table,
+                                     winners, lrs, weight_decays, bias_correction1, bias_correction2, eps)
 
 
 def can_speculate(tensors: list[torch.Tensor]) -> bool:

@@ -19,6 +19,46 @@ CHUNK = 1 << 20
 Piece = tuple[int, int]  # (start, length)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without a host sync (from pinned memory, non-blocking on CUDA)."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class _CellLayers:
+    """A table's rows in layers of distinct cells (the k-th row of every cell in layer k): adding layer after layer
+    with index_add_ adds each cell's rows in row order, without two rows of one cell in one launch (on CUDA those
+    would meet in atomics, in no fixed order)."""
+
+    def __init__(self, cells: torch.Tensor, kinds: torch.Tensor, device: torch.device) -> None:
+        seen: dict[int, int] = {}
+        layers: list[list[int]] = []
+        for row, cell in enumerate(cells.tolist()):
+            k = seen[cell] = seen.get(cell, -1) + 1
+            if k == len(layers):
+                layers.append([])
+            layers[k].append(row)
+        self.layers = [(torch.tensor(rows, device=device), cells[rows].to(device)) for rows in layers]
+        self.cells, self.kinds = cells.to(device), kinds.to(device)
+
+
+def add_row_sums(sums: torch.Tensor, took_part: torch.Tensor, values: torch.Tensor, segments,
+                 scale: torch.Tensor) -> None:
+    """sums[cell] += values[row] * scale[kind of row], rows of a cell in row order; took_part[cell] = True. All on
+    the device of `sums`."""
+    device = sums.device
+    layers = segments.plans.get(("layers", device))
+    if layers is None:
+        layers = segments.plans[("layers", device)] = _CellLayers(segments.cells, segments.kinds, device)
+    scaled = values * to_device(scale, device)[layers.kinds]
+    for rows, cells in layers.layers:
+        sums.index_add_(0, cells, scaled[rows])
+    took_part[layers.cells] = True
+
+
 
 def _split(offsets: torch.Tensor, lengths: torch.Tensor) -> tuple[list[Piece], list[int]]:
     """Pieces of at most CHUNK elements, in segment order, and the piece count per segment."""
