@@ -19,10 +19,10 @@ import pytest
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
+import molf_ds
 from helpers.reference_molf import ReferenceMoLF, is_molf_module
 from helpers.tiny_models import token_batches
 
-molf_ds = pytest.importorskip("molf_ds")
 
 STEPS = 30
 WARMUP = 5
