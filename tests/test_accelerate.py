@@ -1,5 +1,5 @@
 """`accelerate launch` with each preset in launch/accelerate/ (2 CPU processes, the preset's DeepSpeed JSON):
-MoLF through molf_ds.hf.accelerate_prepare writes the single-process reference's routing log."""
+MoLF through molf_ds.hf.accelerate_prepare writes the single-process reference's routing log (winners, scores)."""
 from __future__ import annotations
 
 import json
@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from helpers.demo_runs import scripts_env
 from helpers.distributed import free_port
 from helpers.tiny_models import token_batches
-from helpers.zero_runs import MOLF, reference_run
+from helpers.zero_runs import MOLF, assert_log_matches_reference, reference_run
 
 pytestmark = pytest.mark.slow  # `accelerate launch`, 2 processes per preset
 
@@ -51,7 +50,4 @@ def test_accelerate_launch_preset(model_dir, tmp_path, preset):
     assert done.returncode == 0, done.stderr[-3000:]
     reference = reference_run(model_dir, MOLF, token_batches(STEPS, 2, 16, seed=2), clip=ds["gradient_clipping"])
     lines = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
-    for line, winners in zip(lines, reference["winners"]):
-        got = torch.tensor([[e in m["winners"] for e in ("full", "lora0")] for m in line["modules"].values()])
-        assert torch.equal(got, winners), f"{preset}: step {line['step']}"
+    assert_log_matches_reference(reference, lines, STEPS, preset)
