@@ -132,6 +132,8 @@ def lr_factors(warmup: int | None, steps: int) -> list[float]:
 
 def _train(rank: int, world: int, model_dir: str, molf: dict, name: str, run: dict, batches: list,
            out: Path) -> dict[str, Any]:
+    """One run of deepspeed_worker on this rank: what the tests check (also each step's routing record, the final
+    parameters, and ZeRO-3's sub-group count)."""
     from transformers.integrations import HfDeepSpeedConfig
 
     log = out / f"{name}.routing.jsonl"
@@ -148,9 +150,10 @@ def _train(rank: int, world: int, model_dir: str, molf: dict, name: str, run: di
     record: dict[str, Any] = {"winners": [], "scores": [], "losses": [], "collectives": [], "cells": cells,
                               "built_partitioned": partitioned, "step_elements": [], "routing": []}
     resume_at = run.get("resume_at", ())
+    resume_at = resume_at if isinstance(resume_at, tuple) else (resume_at,)
     accumulation = run["ds"].get("gradient_accumulation_steps", 1)
     for step, ids in enumerate(batches):
-        if step in (resume_at if isinstance(resume_at, tuple) else (resume_at,)):  # a new engine on a fresh model
+        if step in resume_at:  # a new engine on a fresh model, from the checkpoint
             molf_ds.save_checkpoint(engine, out / f"{name}.ckpt", tag=f"step{step}")
             engine, *_ = molf_ds.initialize(load(model_dir, seed=99), cfg, run["ds"], lr_scheduler=lr_scheduler,
                                             routing_log=log)
