@@ -169,7 +169,7 @@ def test_low_precision_trains_and_logs(low_precision_runs, run):
     assert got.get("overflow_changed", []) == [0.0] * len(skipped), "an overflow step changed weights or moments"
 
 
-BF16_SCORE_RTOL = 0.05  # bf16 weights and gradients (8 bits of mantissa) against fp32, over the first steps
+BF16_SCORE_RTOL = 0.02  # bf16 weights and gradients against fp32 over the first steps (measured: up to 0.85%)
 BF16_TWINS = {"bf16_zero2": "fp32_zero2", "bf16_zero3": "fp32_zero3_offload"}
 
 
