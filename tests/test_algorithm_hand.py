@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-molf_ds = pytest.importorskip("molf_ds")
+import molf_ds
+
 
 B1, B2, EPS, EPS_S = 0.9, 0.999, 1e-4, 1e-8  # optimizer eps != score eps on purpose
 WD, LWD = 0.1, 0.01

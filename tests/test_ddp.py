@@ -15,12 +15,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import molf_ds
 from helpers.tiny_models import token_batches
 from molf_ds.distributed import free_port
 
 pytestmark = pytest.mark.slow  # 2 processes (torch.multiprocessing)
 
-molf_ds = pytest.importorskip("molf_ds")
 
 WORLD = 2
 STEPS = 10

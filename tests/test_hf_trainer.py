@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from helpers.distributed import spawn
 from helpers.tiny_models import token_batches
-from helpers.zero_runs import MOLF, load, reference_run
+from helpers.zero_runs import MOLF, assert_log_matches_reference, load, reference_run
 
 pytestmark = pytest.mark.slow  # the HF Trainer on 2 spawned ranks
 
@@ -60,13 +59,6 @@ def hf_runs(tmp_path_factory):
 def test_trainer_writes_the_reference_routing(hf_runs, stage):
     reference, root = hf_runs
     lines = [json.loads(line) for line in (root / f"zero{stage}.routing.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
-    for line, winners, scores in zip(lines, reference["winners"], reference["scores"]):
-        experts = ["full", "lora0"]
-        got = torch.tensor([[e in m["winners"] for e in experts] for m in line["modules"].values()])
-        assert torch.equal(got, winners), f"step {line['step']}"
-        got_scores = torch.tensor([[m["scores"][e] for e in experts] for m in line["modules"].values()],
-                                  dtype=torch.float64)
-        torch.testing.assert_close(got_scores, scores, rtol=1e-4, atol=1e-12)
+    assert_log_matches_reference(reference, lines, STEPS, f"zero{stage}")
     logged = json.loads((root / f"zero{stage}.logged.json").read_text())
     assert len(logged) == STEPS and all(0.0 <= entry["routing/full"] <= 1.0 for entry in logged)

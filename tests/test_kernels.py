@@ -272,17 +272,18 @@ def test_broken_compiler_warns_once_with_cause_and_cost(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_broken_compiler_fails_the_test_command(tmp_path: Path) -> None:
-    """launch/test.sh exports MOLF_DS_REQUIRE_CPP_KERNEL=1: the C++ tests then fail instead of skipping."""
+    """launch/test.sh and tests/conftest.py set MOLF_DS_REQUIRE_CPP_KERNEL=1: the C++ tests then fail instead of
+    skipping; with it "0" (a user's run) they skip."""
     assert f"{cpp_impl.REQUIRE_ENV}=1" in (REPO / "launch" / "test.sh").read_text()
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_kernels.py"),
                "-k", "test_dispatch or test_adamw_step_matches_torch_adamw"]
-    env = _broken_compiler_env(tmp_path, **{cpp_impl.REQUIRE_ENV: "1"})
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=tmp_path, env=_broken_compiler_env(tmp_path),  # unset: conftest sets it
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode != 0, done.stdout[-3000:]
     assert "failed to build and MOLF_DS_REQUIRE_CPP_KERNEL=1 requires it" in done.stdout
     assert " skipped" not in done.stdout.splitlines()[-1]
-    passing = subprocess.run(command, cwd=tmp_path, env=_broken_compiler_env(tmp_path / "users"),
-                             capture_output=True, text=True, timeout=300)
+    users = _broken_compiler_env(tmp_path / "users", **{cpp_impl.REQUIRE_ENV: "0"})
+    passing = subprocess.run(command, cwd=tmp_path, env=users, capture_output=True, text=True, timeout=300)
     assert passing.returncode == 0 and " skipped" in passing.stdout.splitlines()[-1], passing.stdout[-3000:]
 
 

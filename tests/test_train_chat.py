@@ -1,5 +1,5 @@
 """The `chat` and `alpaca` tasks: conversations rendered with the chat template and trained on their assistant
-turns only (a word-level tokenizer with a template, and SmolLM2's when it is cached), ShareGPT rows the same as
+turns only (a word-level tokenizer with a template, and SmolLM2's, prepared by a fixture), ShareGPT rows the same as
 messages rows, alpaca prompts, malformed rows named by file, row and field, a tokenizer without a chat template,
 the teacher-forced evaluation, and a 2-rank `molf-ds train` run on a chat JSONL."""
 from __future__ import annotations
@@ -15,15 +15,13 @@ import pytest
 import torch
 
 from helpers.chat_runs import SYSTEM, chat_records, chat_tokenizer, sharegpt, write_chat_run, write_jsonl
-from molf_ds.commands.models import model_dir
+from molf_ds.commands.models import prepare
 from molf_ds.commands.sources import SourceError, check_chat_template
 from molf_ds.commands.train.config import DataSection, EvalSection
 from molf_ds.commands.train.data import IGNORE_INDEX, Conversation, DataError, Example, Likelihood, load_task, tokenize
 from molf_ds.commands.train.data.alpaca import WITH_INPUT, WITHOUT_INPUT
 from molf_ds.commands.datagen.demo import build_model
 from molf_ds.commands.train.evaluate import evaluate
-
-SMOLLM2 = model_dir("smollm2-135m")
 
 
 def load(task: str, path: Path, max_length: int = 512, **eval_kw):
@@ -68,11 +66,17 @@ def test_chat_labels_are_the_assistant_turns_only(tmp_path, records, tokenizer):
     assert tokenize(data.train[:1], tokenizer, max_length=10) == ([], 1)
 
 
-@pytest.mark.skipif(not (SMOLLM2 / "chat_template.jinja").is_file(), reason="smollm2-135m is not prepared")
-def test_chat_labels_with_smollm2_template(tmp_path):
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct converted into the molf_ds cache (once; later runs reuse it)."""
+    return prepare("smollm2-135m")
+
+
+@pytest.mark.slow  # converts SmolLM2's GGUF on a clean cache
+def test_chat_labels_with_smollm2_template(tmp_path, smollm2):
     from transformers import AutoTokenizer
 
-    smol = AutoTokenizer.from_pretrained(SMOLLM2)
+    smol = AutoTokenizer.from_pretrained(smollm2)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
                 {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "2+2?"},
                 {"role": "assistant", "content": "4"}]

@@ -178,6 +178,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             self.last_step_elements = dict.fromkeys(STEP_PASSES, 0)
         return self.last_step_elements
 
+    @torch.no_grad()  # ZeRO-3 calls it from its post-step, outside step()'s no_grad
     def finish_routing(self) -> None:
         """Route on the scores gathered this step, update the winners and log the step. Called by step() itself,
         or, with a deferred router (ZeRO-3), by the adapter once every sub-group has been through step()."""
