@@ -2,6 +2,7 @@
 every MoLFConfig validation error; DeepSpeed config checks that run before any process group."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import molf_ds
-from molf_ds.zero.ds_config import check_deepspeed_version, prepare_ds_config
+from molf_ds.zero.ds_config import TESTED_DEEPSPEED, check_deepspeed_version, prepare_ds_config
 from helpers.distributed import spawn
 from helpers.tiny_models import token_batches
 
@@ -194,6 +195,12 @@ def test_bad_json_names_the_line(tmp_path):
     path.write_text('{\n  "zero_optimization": {"stage": 2,}\n}')
     with pytest.raises(ValueError, match="broken.json is not valid JSON: line 2"):
         prepare_ds_config(path)
+
+
+def test_pyproject_accepts_the_range_initialize_accepts():
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    low, high = TESTED_DEEPSPEED
+    assert re.findall(r'"deepspeed([^"]*)"', text) == [f">={low},<{high}"]
 
 
 def test_untested_deepspeed_is_refused(monkeypatch):
