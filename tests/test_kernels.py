@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -125,22 +126,28 @@ def test_update_winners(backend: str, layout: str) -> None:
     assert torch.equal(ours["param"][outside], before[outside])
 
 
-def test_adamw_step_matches_torch_adamw(backend: str) -> None:
-    numel = 100_003
+def _against_torch_adamw(numel: int, step: Callable[..., None]) -> tuple[torch.Tensor, ...]:
+    """3 steps of `step(p, grad, m, v, t)` beside torch's AdamW on the same gradients: (p, m, v, torch's param,
+    its exp_avg, its exp_avg_sq)."""
     param = torch.nn.Parameter(torch.randn(numel, generator=torch.Generator().manual_seed(0)))
     p, m, v = param.detach().clone(), torch.zeros(numel), torch.zeros(numel)
     opt = torch.optim.AdamW([param], betas=BETAS, foreach=False, **HYPER)
     for t in range(1, 4):
         param.grad = torch.randn(numel, generator=torch.Generator().manual_seed(t)) * 1e-2
         opt.step()
-        kernels.adamw_step_multi(
-            [p], [param.grad], [m], [v], HYPER["lr"], *BETAS, HYPER["eps"], HYPER["weight_decay"],
-            1 - BETAS[0] ** t, 1 - BETAS[1] ** t,
-        )
-    state = opt.state[param]
-    torch.testing.assert_close(m, state["exp_avg"], rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(v, state["exp_avg_sq"], rtol=1e-6, atol=1e-12)
-    torch.testing.assert_close(p, param.detach(), rtol=1e-6, atol=1e-7)
+        step(p, param.grad, m, v, t)
+    return p, m, v, param.detach(), opt.state[param]["exp_avg"], opt.state[param]["exp_avg_sq"]
+
+
+def test_adamw_step_matches_torch_adamw(backend: str) -> None:
+    def step(p, grad, m, v, t):
+        kernels.adamw_step_multi([p], [grad], [m], [v], HYPER["lr"], *BETAS, HYPER["eps"], HYPER["weight_decay"],
+                                 1 - BETAS[0] ** t, 1 - BETAS[1] ** t)
+
+    p, m, v, want_p, want_m, want_v = _against_torch_adamw(100_003, step)
+    torch.testing.assert_close(m, want_m, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(v, want_v, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(p, want_p, rtol=1e-6, atol=1e-7)
 
 
 def test_triton_path_fused_adamw_step() -> None:
@@ -150,16 +157,12 @@ def test_triton_path_fused_adamw_step() -> None:
 
     assert triton_impl._fused_step(*BETAS, 1 - BETAS[0] ** 7, 1 - BETAS[1] ** 7) == 7
     assert triton_impl._fused_step(*BETAS, 0.19, 0.002) is None  # not a step's: the Triton kernel runs
-    numel = 10_007
-    param = torch.nn.Parameter(torch.randn(numel, generator=torch.Generator().manual_seed(0)))
-    p, m, v = param.detach().clone(), torch.zeros(numel), torch.zeros(numel)
-    opt = torch.optim.AdamW([param], betas=BETAS, foreach=False, **HYPER)
-    for t in range(1, 4):
-        param.grad = torch.randn(numel, generator=torch.Generator().manual_seed(t)) * 1e-2
-        opt.step()
-        triton_impl.fused_adamw([p], [param.grad], [m], [v], t, HYPER["lr"], *BETAS, HYPER["eps"],
-                                HYPER["weight_decay"])
-    torch.testing.assert_close(p, param.detach(), rtol=1e-6, atol=1e-7)
+
+    def step(p, grad, m, v, t):
+        triton_impl.fused_adamw([p], [grad], [m], [v], t, HYPER["lr"], *BETAS, HYPER["eps"], HYPER["weight_decay"])
+
+    p, _, _, want_p, _, _ = _against_torch_adamw(10_007, step)
+    torch.testing.assert_close(p, want_p, rtol=1e-6, atol=1e-7)
 
 
 def test_multi_dim_tensors_index_flat(backend: str) -> None:
