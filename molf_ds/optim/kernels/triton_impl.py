@@ -33,6 +33,17 @@ REDUCE_BLOCK = 1024  # partial sums read at once by _cell_sums
 
 
 @triton.jit
+def _new_moments(g, m, v, w1, beta2, w2, SMALL_W1: tl.constexpr):
+    """m and v after one step, as torch's lerp_ and mul_/addcmul_ compute them."""
+    d = g - m
+    if SMALL_W1:  # torch's lerp: the branch on the weight
+        m = tl.fma(w1, d, m)
+    else:
+        m = tl.fma(-d, 1.0 - w1, g)
+    return m, v * beta2 + w2 * g * g
+
+
+@triton.jit
 def _moments_scores(ptrs, n_tensors, blocks, partials, w1, beta2, w2, eps_s, SMALL_W1: tl.constexpr,
                     SCORE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -48,12 +59,7 @@ def _moments_scores(ptrs, n_tensors, blocks, partials, w1, beta2, w2, eps_s, SMA
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    d = g - m
-    if SMALL_W1:  # torch's lerp: the branch on the weight
-        m = tl.fma(w1, d, m)
-    else:
-        m = tl.fma(-d, 1.0 - w1, g)
-    v = v * beta2 + w2 * g * g
+    m, v = _new_moments(g, m, v, w1, beta2, w2, SMALL_W1)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
     if row >= 0:
@@ -127,12 +133,7 @@ def _adamw(ptrs, n_tensors, blocks, w1, beta2, w2, decay, step, sqrt_bc2, eps, S
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    d = g - m
-    if SMALL_W1:
-        m = tl.fma(w1, d, m)
-    else:
-        m = tl.fma(-d, 1.0 - w1, g)
-    v = v * beta2 + w2 * g * g
+    m, v = _new_moments(g, m, v, w1, beta2, w2, SMALL_W1)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
     denom = tl.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps
