@@ -76,10 +76,11 @@ def _tensor(tensor: torch.Tensor, kind: str) -> tuple[np.ndarray, Any]:
     return quantize(data, qtype), qtype
 
 
-def _tokenizer(writer: Any, tokenizer: Any) -> None:
-    """The tokenizer's vocabulary (in id order), merges and token types, special token ids, whether BOS/EOS are
-    added, and the chat template; byte-level BPE as llama.cpp's `gpt2` model, byte-fallback BPE (sentencepiece
-    converted, as Gemma's) as its `llama` model, scored in id order (the merge order)."""
+def _tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
+    """The tokenizer's vocabulary (in id order, padded with unused `[PADi]` tokens to the embedding's
+    `vocab_size`), merges and token types, special token ids, whether BOS/EOS are added, and the chat template;
+    byte-level BPE as llama.cpp's `gpt2` model, byte-fallback BPE (sentencepiece converted, as Gemma's) as its
+    `llama` model, scored in id order (the merge order)."""
     from gguf import TokenType
 
     state = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -88,15 +89,20 @@ def _tokenizer(writer: Any, tokenizer: Any) -> None:
         raise ExportError(f"tokenizer model {model['type']!r}: only BPE tokenizers (byte-level or byte-fallback) "
                           "are written to GGUF")
     size = len(tokenizer)
+    if size > vocab_size:
+        raise ExportError(f"the tokenizer has {size} tokens, more than the model's vocab_size {vocab_size}")
     tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
     if any(t is None for t in tokens):
         raise ExportError("the tokenizer's ids are not contiguous from 0: cannot be written as a GGUF vocabulary")
+    tokens += [f"[PAD{i}]" for i in range(size, vocab_size)]
     special = set(tokenizer.all_special_ids)
     added = {t["id"]: t for t in state.get("added_tokens", [])}
     byte_fallback = bool(model.get("byte_fallback"))
     types = []
     for i, token in enumerate(tokens):
-        if i in special or added.get(i, {}).get("special"):
+        if i >= size:
+            types.append(TokenType.UNUSED)
+        elif i in special or added.get(i, {}).get("special"):
             types.append(TokenType.CONTROL)
         elif i in added:
             types.append(TokenType.USER_DEFINED)
@@ -109,13 +115,13 @@ def _tokenizer(writer: Any, tokenizer: Any) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     if byte_fallback:
-        writer.add_token_scores([-float(i) for i in range(size)])
+        writer.add_token_scores([-float(i) for i in range(vocab_size)])
         writer.add_add_space_prefix(False)
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
     for kind in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{kind}_token_id", None)
         if token_id is not None:
-            getattr(writer, f"add_{'unk' if kind == 'unk' else kind}_token_id")(token_id)
+            getattr(writer, f"add_{kind}_token_id")(token_id)
     bare = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a")["input_ids"]
     writer.add_add_bos_token(len(full) > len(bare) and full[0] == tokenizer.bos_token_id)
@@ -176,7 +182,7 @@ def write_gguf(model: Any, tokenizer: Any, out: str | Path, kind: str = "f32", p
                           "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0}[kind])
     writer.add_quantization_version(2)
     _metadata(writer, config, arch)
-    _tokenizer(writer, tokenizer)
+    _tokenizer(writer, tokenizer, config.vocab_size)
     state = model.state_dict()
     tied = getattr(config, "tie_word_embeddings", False)
     for key in tqdm(list(state), desc=f"GGUF {kind.upper()}", unit="tensor", disable=not progress):

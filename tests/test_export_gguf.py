@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from helpers.tiny_models import tiny_model
 from molf_ds.commands import models as pretrained
 from molf_ds.commands.cli import main
-from molf_ds.export_gguf import ExportError, write_gguf
+from molf_ds.export_gguf import ARCHITECTURES, ExportError, write_gguf
 
 TEXTS = ["The capital of Japan is Tokyo.", "SELECT name FROM users WHERE id = 42;",
          "  héllo\n\twörld 12345 <|im_end|>"]
@@ -43,7 +43,8 @@ def byte_level_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 @pytest.fixture
 def tiny_llama(tmp_path):
     tokenizer = byte_level_tokenizer(300)
-    model = tiny_model("llama", tmp_path / "llama", seed=1, vocab_size=len(tokenizer), tie_word_embeddings=False)
+    model = tiny_model("llama", tmp_path / "llama", seed=1, vocab_size=len(tokenizer) + 4,  # padded embedding
+                       tie_word_embeddings=False)
     tokenizer.save_pretrained(tmp_path / "llama")
     return model, tokenizer, tmp_path / "llama"
 
@@ -51,8 +52,7 @@ def tiny_llama(tmp_path):
 def assert_round_trip(model, tokenizer, path, kind: str) -> None:
     """`path` reads back with the gguf reader and transformers: same tokenizer, logits within TOLERANCE[kind]."""
     reader = GGUFReader(path)
-    assert reader.fields["general.architecture"].contents() == {"llama": "llama"}.get(
-        model.config.model_type, "gemma3")
+    assert reader.fields["general.architecture"].contents() == ARCHITECTURES[model.config.model_type]
     weights = {t.name: t.tensor_type for t in reader.tensors if t.name.endswith("attn_q.weight")}
     want = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "bf16": GGMLQuantizationType.BF16,
             "q8_0": GGMLQuantizationType.Q8_0}[kind]
