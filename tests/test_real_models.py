@@ -82,6 +82,19 @@ def test_smollm2_merged_final_has_the_wrapped_models_logits(smollm2_run):
     assert (trained - base_logits).abs().max() > 1e-2  # training moved the model
 
 
+def test_smollm2_run_exported_as_gguf_gives_the_merged_models_logits(smollm2_run, tmp_path):
+    out, _ = smollm2_run
+    gguf = tmp_path / "smollm2-molf.gguf"
+    done = run_command(sys.executable, "-m", "molf_ds.commands", "export", str(out), "--format", "gguf", "--out",
+                       str(gguf))
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == str(gguf), done.stderr[-3000:]
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, dtype=torch.float32)
+    prompts = _prompts()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**prompts).logits, final(**prompts).logits, rtol=0, atol=1e-4)
+
+
 def _prompts() -> dict[str, torch.Tensor]:
     tokenizer = AutoTokenizer.from_pretrained(pretrained.prepare(SMOLLM2))
     return tokenizer(["The Eiffel Tower is located in the city of", "The capital of Japan is"], return_tensors="pt",

@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from helpers.chat_runs import SYSTEM, chat_records, chat_tokenizer, sharegpt, write_chat_run, write_jsonl
 from molf_ds.commands.models import prepare
@@ -198,14 +200,18 @@ def test_evaluation_is_token_accuracy_and_mean_loss(tmp_path, records, tokenizer
 
 @pytest.mark.slow
 def test_two_rank_chat_run(tmp_path):
-    raw = write_chat_run(tmp_path, train={"output_dir": str(tmp_path / "out"), "max_steps": 3, "micro_batch_size": 4,
+    """Packed (data.packing): several conversations per sequence, attention kept within each."""
+    raw = write_chat_run(tmp_path, train={"output_dir": str(tmp_path / "out"), "max_steps": 3, "micro_batch_size": 2,
                                           "lr": 1e-3, "lora_lr": 1e-3})
+    raw["data"]["packing"] = True
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "molf_ds.commands.train", str(tmp_path / "run.yaml")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "eval before training (step 0): token_accuracy" in result.stdout
+    assert re.search(r"data.packing: 16 rows in \d+ sequences of at most 64 tokens", result.stdout + result.stderr)
     out = Path(raw["train"]["output_dir"])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(math.isfinite(m["loss"]) for m in metrics)

@@ -1,5 +1,5 @@
 """The `molf-ds` command: `train` (the training job) and the tools registered in `parser()` (estimate-memory,
-eval, generate, compare, plot-routing, models, bench)."""
+eval, generate, compare, plot-routing, models, export, bench)."""
 from __future__ import annotations
 
 import argparse
@@ -56,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
     _add(commands, "compare", "compare", "train and evaluate several methods and seeds; comparison table and plots")
     _add(commands, "plot-routing", "plot_routing", "draw a routing log: winners per module and step, full share")
     _add(commands, "models", "models", "real pretrained LMs from the package registry: list, prepare")
+    _add(commands, "export", "export", "a saved model, merged, as a GGUF file (llama.cpp) or transformers directory")
     _add(commands, "bench", "bench", "MoLF's step time, memory and collectives against FFT and LoRA, per ZeRO stage")
     return root
 

@@ -73,6 +73,7 @@ class DataSection:
     split: str = "train"
     max_length: int = 512
     max_samples: int | None = None
+    packing: bool = False  # rows concatenated up to max_length, attention and positions kept per row
 
 
 @dataclass
@@ -348,10 +349,26 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     elif cfg.molf:
         raise key_error("molf", f"is set but method is {cfg.method!r}: MoLF settings only apply to molf and molf-e "
                         "(override molf=null to drop them)")
+    if d.packing:
+        check_packing(m.attn_implementation)
     _check_eval_and_retention(cfg)
     _check_tracking(t)
     cfg.deepspeed = _check_deepspeed(cfg.deepspeed, t)
     return cfg
+
+
+# attention implementations that keep a packed row's attention within the row: transformers builds their mask (eager,
+# sdpa, flex) or variable-length calls (flash) from position_ids that restart at each row
+PACKED_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def check_packing(attn_implementation: str | None) -> None:
+    """data.packing needs an attention implementation that honours packed position_ids (None: transformers'
+    default, sdpa or eager)."""
+    if attn_implementation is not None and attn_implementation not in PACKED_ATTENTION:
+        raise key_error("data.packing", f"model.attn_implementation={attn_implementation!r} does not keep attention "
+                        f"within packed rows: set model.attn_implementation to one of {', '.join(PACKED_ATTENTION)} "
+                        "or data.packing=false")
 
 
 def _check_eval_and_retention(cfg: TrainConfig) -> None:

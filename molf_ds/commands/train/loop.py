@@ -24,8 +24,8 @@ from molf_ds.distributed import init_distributed
 from ..models import resolve
 from ..plot_routing import plot as plot_routing
 from . import checkpoints
-from .config import ModelSection, TrainConfig
-from .data import Collator, DataError, load_task, pad_id, tokenize
+from .config import ModelSection, TrainConfig, check_packing
+from .data import Collator, DataError, load_task, pack, pad_id, tokenize
 from .evaluate import evaluate
 from .methods import Trainee, build
 from .outputs import ROUTING_PNG, routing_summary, save_final
@@ -51,6 +51,9 @@ def run(cfg: TrainConfig) -> Path:
     if dropped:
         _say(f"{dropped} of {len(task.train)} training examples dropped: no completion token fits in "
              f"data.max_length={cfg.data.max_length}")
+    if cfg.data.packing:
+        rows, features = len(features), pack(features, cfg.data.max_length)
+        _say(f"data.packing: {rows} rows in {len(features)} sequences of at most {cfg.data.max_length} tokens")
     order = Order(len(features), cfg.deepspeed["train_micro_batch_size_per_gpu"], world,
                   cfg.deepspeed["gradient_accumulation_steps"], t.seed)
     total = t.max_steps or t.epochs * order.steps_per_epoch
@@ -65,7 +68,10 @@ def run(cfg: TrainConfig) -> Path:
     if resume and resume.universal:  # another world size or ZeRO stage: DeepSpeed reshards on load
         cfg.deepspeed["checkpoint"] = {**(cfg.deepspeed.get("checkpoint") or {}), "load_universal": True}
     torch.manual_seed(t.seed)  # LoRA experts start the same on every rank and in every run
-    trainee = build(cfg, _load_model(cfg.model, cfg.deepspeed), total, out / ROUTING)
+    model = _load_model(cfg.model, cfg.deepspeed)
+    if cfg.data.packing:  # the implementation transformers picked when model.attn_implementation is unset
+        check_packing(model.config._attn_implementation)
+    trainee = build(cfg, model, total, out / ROUTING)
     if resume:
         trainee.load_checkpoint(resume.directory, resume.tag)
         _say(f"resumed from {resume.directory / resume.tag} at step {start}")
@@ -166,15 +172,15 @@ class Loop:
         sums = torch.zeros(2, dtype=torch.float64)  # loss over micro-batches, tokens
         for a in range(self.accumulation):
             k = (step - 1) * self.accumulation + a
-            batch = self.collate([self.features[i] for i in self.order.indices(k, self.rank)])
-            batch = {key: value.to(self.engine.device) for key, value in batch.items()}
-            loss = self.engine(**batch).loss
+            features = [self.features[i] for i in self.order.indices(k, self.rank)]
+            batch = {key: value.to(self.engine.device) for key, value in self.collate(features).items()}
+            loss = self.engine(**batch, use_cache=False).loss
             self._check_finite(loss, step, a, k)
             self.engine.backward(loss)
             if a == self.accumulation - 1:
                 self.trainee.before_step(step)
             self.engine.step()
-            sums += torch.tensor([loss.item(), batch["attention_mask"].sum().item()], dtype=torch.float64)
+            sums += torch.tensor([loss.item(), sum(len(f["input_ids"]) for f in features)], dtype=torch.float64)
         reduced = sums.to(self.engine.device)
         dist.all_reduce(reduced)
         loss_sum, tokens = reduced.tolist()

@@ -8,7 +8,7 @@ from types import ModuleType
 from ..config import DataSection, EvalSection
 from . import alpaca, chat, fact, jsonl, med, sql
 from .base import Choice, Conversation, DataError, Example, Generation, Likelihood, open_table, rows
-from .tokenize import IGNORE_INDEX, Collator, encode, pad_id, tokenize
+from .tokenize import IGNORE_INDEX, Collator, encode, pack, pad_id, tokenize
 
 TASKS: dict[str, ModuleType] = {"sql": sql, "med": med, "fact": fact, "jsonl": jsonl, "chat": chat,
                                  "alpaca": alpaca}
@@ -50,4 +50,4 @@ def load_task(data: DataSection, evaluation: EvalSection) -> TaskData:
 
 
 __all__ = ["TASKS", "TaskData", "load_task", "Choice", "Generation", "Likelihood", "Example", "Conversation",
-           "DataError", "IGNORE_INDEX", "Collator", "encode", "pad_id", "tokenize"]
+           "DataError", "IGNORE_INDEX", "Collator", "encode", "pack", "pad_id", "tokenize"]

@@ -105,8 +105,27 @@ def tokenize(examples: Sequence[Example | Conversation], tokenizer: Any,
     return features, dropped
 
 
+def pack(features: Sequence[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
+    """Consecutive features concatenated into packs of at most `max_length` tokens (next fit, in order), each with
+    position_ids restarting at 0 for every row: the model's causal mask then keeps attention within each row
+    (transformers reads the restarts from position_ids when no attention_mask is given). A row's first label is
+    IGNORE_INDEX, as it is unpacked (no token predicts it), so the loss sees the same tokens."""
+    packs: list[dict[str, list[int]]] = []
+    for f in features:
+        n = len(f["input_ids"])
+        if not packs or len(packs[-1]["input_ids"]) + n > max_length:
+            packs.append({"input_ids": [], "labels": [], "position_ids": []})
+        last = packs[-1]
+        last["input_ids"] += f["input_ids"]
+        last["labels"] += [IGNORE_INDEX, *f["labels"][1:]]
+        last["position_ids"] += list(range(n))
+    return packs
+
+
 class Collator:
-    """Right-pads a list of features into input_ids / attention_mask / labels tensors."""
+    """Right-pads a list of features into input_ids / attention_mask / labels tensors; packed features (with
+    position_ids) into input_ids / position_ids / labels, the padding a row of its own, positions from 0 (called
+    with use_cache=False: transformers reads packed rows from position_ids only without a cache)."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
@@ -115,12 +134,19 @@ class Collator:
         width = max(len(f["input_ids"]) for f in features)
         ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        packed = "position_ids" in features[0]
         mask = torch.zeros((len(features), width), dtype=torch.long)
+        positions = torch.zeros((len(features), width), dtype=torch.long)
         for i, f in enumerate(features):
             n = len(f["input_ids"])
             ids[i, :n] = torch.tensor(f["input_ids"])
             labels[i, :n] = torch.tensor(f["labels"])
             mask[i, :n] = 1
+            if packed:
+                positions[i, :n] = torch.tensor(f["position_ids"])
+                positions[i, n:] = torch.arange(width - n)
+        if packed:
+            return {"input_ids": ids, "position_ids": positions, "labels": labels}
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
