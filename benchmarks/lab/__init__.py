@@ -171,11 +171,23 @@ def run_bench(settings: Settings, cells: list[tuple[int, bool, str]], world: int
         rows = [report.merge(ranks, timed) for ranks, timed in zip(alone, timing)]
         for row, names in zip(rows, partners):
             row["interleaved_with"] = names
-    report.add_ratios(rows)
+    report.add_ratios(rows, method_floors(settings))
     machine = {**_machine(settings.device), "load_average_before": load_before, "load_average_after": os.getloadavg()}
-    return {"settings": settings_dict, "world": world, "threads_per_rank": threads,
+    return {"settings": settings_dict, "world": world, "threads_per_rank": threads, "floors": method_floors(settings),
             "memory_per_cell": not shared_process, "interleaved": interleave, "huge_pages": huge_pages,
             "machine": machine, "rows": rows}
+
+
+def method_floors(settings: Settings) -> dict[str, float]:
+    """MoLF's and MoLF-E's compute floors against FFT and LoRA for the bench's model and ranks (`report.floors`)."""
+    from molf_ds.commands.memory import count
+
+    from . import report
+    from .models import load_config
+
+    counts = count(load_config(settings.model, settings.gguf_file))
+    return report.floors(counts.params, counts.lora_per_rank, settings.molf_ranks, settings.molf_e_ranks,
+                         settings.lora_rank)
 
 
 def _progress(items: list, show: bool, desc: str, label: Callable[[Any], str]) -> Iterator[tuple[int, Any]]:
