@@ -72,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--speculative-update", action="store_true",
                         help="MoLF's one-pass optimizer step (CPU kernel; +4 bytes per MoLF parameter element)")
+    parser.add_argument("--offload-param", action="store_true",
+                        help="ZeRO-3 cells with offload also offload the parameters to the CPU (offload_param)")
     parser.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
                         help="leave torch's CPU tensors on 4 KiB pages (default: THP_MEM_ALLOC_ENABLE=1 in every rank, "
                              "for every method alike)")
@@ -99,7 +101,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         molf_ranks=args.molf_ranks or molf, molf_e_ranks=args.molf_e_ranks or molf_e,
         lora_dropout=args.lora_dropout, lr=args.lr, lora_lr=args.lora_lr, baseline_optimizer=args.baseline_optimizer,
         reference_repeats=args.reference_repeats, activation_checkpointing=args.activation_checkpointing,
-        speculative_update=args.speculative_update,
+        speculative_update=args.speculative_update, offload_param=args.offload_param,
     )
 
 

@@ -45,6 +45,8 @@ def merge(ranks: list[dict[str, Any]], timed: list[dict[str, Any]] | None = None
         engine_step_ms=1e3 * _median_of_max(per_rank, "engine_step_s"),
         optimizer_ms=1e3 * _median_of_max(per_rank, "optimizer_s"),
         peak_rss_mib=max(r["peak_rss_bytes"] for r in ranks) / MIB,
+        peak_rss_total_mib=sum(r["peak_rss_bytes"] for r in ranks) / MIB,
+        peak_rss_above_start_mib=max(r["peak_rss_bytes"] - r.get("rss_start_bytes", 0) for r in ranks) / MIB,
         huge_page_mib=min(r["huge_page_bytes"] for r in ranks) / MIB,
         loss=statistics.fmean(s["loss"] for s in first["steps"]),
     )

@@ -105,25 +105,28 @@ def count(config, targets: tuple[str, ...] = DEFAULT_TARGETS) -> ModelCounts:
 
 def estimate(
     counts: ModelCounts, method: str, ranks: tuple[int, ...], stage: int, offload_optimizer: bool,
-    offload_param: bool, gpus_per_node: int, nodes: int, speculative_update: bool = False,
+    offload_param: bool, gpus_per_node: int, nodes: int, speculative_update: bool = False, weight_bytes: int = 2,
 ) -> Estimate:
+    """`weight_bytes` 2: mixed precision (16-bit weights and gradients beside the fp32 states); 4: fp32 training
+    (CPU), whose gradients are the fp32 ones counted in the states."""
     n = gpus_per_node * nodes
+    w = weight_bytes
     lora = counts.lora_per_rank * sum(ranks) if method != "fft" else 0
     trainable = {"fft": counts.params, "lora": lora, "molf": counts.params + lora, "molf-e": lora}[method]
     frozen = 0 if trains_base(method) else counts.params
     resident = lora if stage == 3 and is_molf(method) else 0
-    weights = 2 * (trainable + frozen)
+    weights = w * (trainable + frozen)
     if stage == 3:
-        weights = 2 * (trainable + frozen - resident) / n + 2 * resident + 4 * counts.largest
+        weights = w * (trainable + frozen - resident) / n + w * resident + 2 * w * counts.largest
     states = STATES32 * trainable / (n if stage >= 1 else 1)
-    grads = GRAD16 * trainable / (n if stage >= 2 else 1)
+    grads = (GRAD16 if w == 2 else 0) * trainable / (n if stage >= 2 else 1)
     gpu, cpu = weights + grads + states, 0.0
     if offload_optimizer:  # grads stream to the CPU's fp32 buffers as they are reduced
         gpu, cpu = gpu - states - grads, cpu + states * gpus_per_node
         if speculative_update and is_molf(method):
             cpu += BACKUP32 * trainable / (n if stage >= 1 else 1) * gpus_per_node
     if offload_param:
-        moved = 2 * (trainable + frozen - resident) / n
+        moved = w * (trainable + frozen - resident) / n
         gpu, cpu = gpu - moved, cpu + moved * gpus_per_node
     return Estimate(method, trainable, frozen, int(gpu), int(cpu))
 
@@ -187,6 +190,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-dropout", type=float, default=0.1, help="the experts' input dropout (default 0.1)")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="activations with checkpointing: each layer keeps its input")
+    parser.add_argument("--fp32", action="store_true", help="fp32 training (CPU): 4-byte weights, fp32 gradients only")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -204,8 +208,8 @@ def run(args: argparse.Namespace) -> int:
     if args.gpu_gib is not None:
         return _print_fits(args, config, counts, methods, ranks)
     setup = (args.stage, args.offload_optimizer, args.offload_param, args.gpus_per_node, args.nodes)
-    rows = [estimate(counts, m, ranks or DEFAULT_RANKS.get(m, (0,)), *setup, speculative_update=args.speculative_update)
-            for m in methods]
+    rows = [estimate(counts, m, ranks or DEFAULT_RANKS.get(m, (0,)), *setup, speculative_update=args.speculative_update,
+                     weight_bytes=4 if args.fp32 else 2) for m in methods]
     deepspeed_row = deepspeed_fft_estimate(counts, *setup)
     if args.json:
         print(json.dumps({"counts": asdict(counts), "estimates": [asdict(r) for r in rows],
