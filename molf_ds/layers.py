@@ -48,8 +48,15 @@ class MoLFLinear(nn.Module):
         h, keep_scale = self._dropout(rows)
         # the experts' weights are used directly, not through their modules: under ZeRO-3 they are resident
         # (molf_ds.zero.attach), so DeepSpeed need not run its gather/release hooks around them
-        weights = [a.weight for a in self.lora_A] + [b.weight for b in self.lora_B]
-        y = _Experts.apply(y, h, tuple(s * keep_scale for s in self.scaling), *weights)
+        if len(self.lora_A) == 1:
+            # y += s * (h A^T) B^T in one BLAS call, in place (the base's backward does not need y; the dropout's
+            # 1/(1-p) folded into alpha): no output-sized temporary, no copy of y
+            a, b = self.lora_A[0].weight, self.lora_B[0].weight
+            t = F.linear(h.to(a.dtype), a)
+            y.addmm_(t.to(y.dtype), b.t().to(y.dtype), alpha=self.scaling[0] * keep_scale)
+        else:
+            weights = [a.weight for a in self.lora_A] + [b.weight for b in self.lora_B]
+            y = _Experts.apply(y, h, tuple(s * keep_scale for s in self.scaling), *weights)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def _dropout(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -90,41 +97,35 @@ class MoLFLinear(nn.Module):
 
 
 class _Experts(torch.autograd.Function):
-    """y += sum_i s_i (h A_i^T) B_i^T, in place in y (the base's backward does not need y), as one autograd node:
-    the experts' A_i stacked into one matrix, so that k experts take one GEMM for h A^T, one for their sum into y
-    (B_i scaled by s_i, side by side), and in backward one GEMM for each of the gradients of A, B and h. One expert
-    uses its A and B as they are (no copy) and its scale as the GEMMs' alpha."""
+    """y += sum_i s_i (h A_i^T) B_i^T for k >= 2 experts, in place in y (the base's backward does not need y), as
+    one autograd node: their A_i stacked into one matrix and their B_i, scaled by s_i, side by side, so that k
+    experts take one GEMM for h A^T and one for their sum into y, and in backward one GEMM for each of the gradients
+    of A, B and h. (One expert runs as two plain ops: there this node measured no faster.)"""
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, h: torch.Tensor, scales: tuple[float, ...], *weights: torch.Tensor
                 ) -> torch.Tensor:
         k = len(scales)
         lora_a, lora_b = weights[:k], weights[k:]
-        a = lora_a[0] if k == 1 else torch.cat(lora_a)  # (R, in)
-        b = lora_b[0] if k == 1 else torch.cat([w * s for w, s in zip(lora_b, scales)], dim=1)  # (out, R)
-        alpha = scales[0] if k == 1 else 1.0
+        a = torch.cat(lora_a)  # (R, in)
+        b = torch.cat([w * s for w, s in zip(lora_b, scales)], dim=1)  # (out, R)
         t = F.linear(h.to(a.dtype), a)  # (N, R)
-        y.addmm_(t.to(y.dtype), b.t().to(y.dtype), alpha=alpha)
+        y.addmm_(t.to(y.dtype), b.t().to(y.dtype))
         ctx.mark_dirty(y)
         ctx.save_for_backward(h, t, a, b)
-        ctx.scales, ctx.alpha, ctx.ranks = scales, alpha, [w.shape[0] for w in lora_a]
+        ctx.scales, ctx.ranks = scales, [w.shape[0] for w in lora_a]
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         h, t, a, b = ctx.saved_tensors
         g = grad_y.to(b.dtype)
-        grad_t = torch.mm(g, b)  # (N, R): d loss / d t, the B_i already scaled (k > 1) ...
-        if ctx.alpha != 1.0:  # ... or by alpha (k == 1)
-            grad_t.mul_(ctx.alpha)
+        grad_t = torch.mm(g, b)  # (N, R): d loss / d t, the B_i already scaled
         grad_h = torch.mm(grad_t.to(a.dtype), a).to(h.dtype) if ctx.needs_input_grad[1] else None
         grad_a = torch.mm(grad_t.t().to(a.dtype), h.to(a.dtype)).split(ctx.ranks)  # rows of A_i
         grad_b = torch.mm(g.t(), t.to(b.dtype))  # (out, R), unscaled
-        if len(ctx.ranks) == 1:
-            grad_b = [grad_b.mul_(ctx.scales[0])]
-        else:
-            ends = _offsets(ctx.ranks)
-            grad_b = [grad_b[:, i:j] * s for s, i, j in zip(ctx.scales, ends[:-1], ends[1:])]
+        ends = _offsets(ctx.ranks)
+        grad_b = [grad_b[:, i:j] * s for s, i, j in zip(ctx.scales, ends[:-1], ends[1:])]
         return (grad_y, grad_h, None, *grad_a, *grad_b)
 
 
