@@ -105,35 +105,31 @@ class _Experts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: torch.Tensor, h: torch.Tensor, scales: tuple[float, ...], *weights: torch.Tensor
                 ) -> torch.Tensor:
-        k = len(scales)
-        lora_a, lora_b = weights[:k], weights[k:]
-        a = torch.cat(lora_a)  # (R, in)
-        b = torch.cat([w * s for w, s in zip(lora_b, scales)], dim=1)  # (out, R)
+        a, b = _Experts.stacked(scales, weights)
         t = F.linear(h.to(a.dtype), a)  # (N, R)
         y.addmm_(t.to(y.dtype), b.t().to(y.dtype))
         ctx.mark_dirty(y)
-        ctx.save_for_backward(h, t, a, b)
-        ctx.scales, ctx.ranks = scales, [w.shape[0] for w in lora_a]
+        ctx.save_for_backward(h, t, *weights)  # the weights, not their stacked copies: no activation memory
+        ctx.scales = scales
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        h, t, a, b = ctx.saved_tensors
+        h, t, *weights = ctx.saved_tensors
+        a, b = _Experts.stacked(ctx.scales, weights)
         g = grad_y.to(b.dtype)
         grad_t = torch.mm(g, b)  # (N, R): d loss / d t, the B_i already scaled
         grad_h = torch.mm(grad_t.to(a.dtype), a).to(h.dtype) if ctx.needs_input_grad[1] else None
-        grad_a = torch.mm(grad_t.t().to(a.dtype), h.to(a.dtype)).split(ctx.ranks)  # rows of A_i
-        grad_b = torch.mm(g.t(), t.to(b.dtype))  # (out, R), unscaled
-        ends = _offsets(ctx.ranks)
-        grad_b = [grad_b[:, i:j] * s for s, i, j in zip(ctx.scales, ends[:-1], ends[1:])]
-        return (grad_y, grad_h, None, *grad_a, *grad_b)
+        ranks = [w.shape[0] for w in weights[:len(ctx.scales)]]
+        grad_a = torch.mm(grad_t.t().to(a.dtype), h.to(a.dtype)).split(ranks)  # rows of A_i
+        grad_b = torch.mm(g.t(), t.to(b.dtype)).split(ranks, dim=1)  # (out, R), unscaled
+        return (grad_y, grad_h, None, *grad_a, *(gb * s for gb, s in zip(grad_b, ctx.scales)))
 
-
-def _offsets(ranks: list[int]) -> list[int]:
-    out = [0]
-    for r in ranks:
-        out.append(out[-1] + r)
-    return out
+    @staticmethod
+    def stacked(scales: tuple[float, ...], weights: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts' A_i one below the other (R, in), and their s_i B_i side by side (out, R)."""
+        k = len(scales)
+        return torch.cat(weights[:k]), torch.cat([w * s for w, s in zip(weights[k:], scales)], dim=1)
 
 
 def _full_parameters(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
