@@ -237,7 +237,8 @@ def _print_fits(args: argparse.Namespace, config, counts: ModelCounts, methods: 
         return 0
     print(f"{args.model}: {counts.params / 1e9:.2f}B parameters; what fits in {args.gpu_gib:g} GiB per GPU, "
           f"{args.nodes} x {args.gpus_per_node} GPUs, bf16, micro-batch {args.micro_batch} x {args.seq} tokens, "
-          f"LoRA dropout {args.lora_dropout:g}, activation checkpointing {'on' if args.activation_checkpointing else 'off'}")
+          f"LoRA dropout {args.lora_dropout:g}, activation checkpointing "
+          f"{'on' if args.activation_checkpointing else 'off'}")
     print(f"{'mode':<40}{'method':<8}{'states GiB':>11}{'activ. GiB':>11}{'GPU GiB':>9}{'CPU GiB/node':>14}  fits")
     for r in rows:
         print(f"{_mode(r):<40}{r['method']:<8}{r['states_bytes'] / GIB:>11.2f}{r['activation_bytes'] / GIB:>11.2f}"
