@@ -82,6 +82,12 @@ def test_ratios(bench_run):
             [per_step[0] * 3 / 4 + per_step[1] / 4, per_step[0] / 4 + per_step[1] * 3 / 4])
     assert not any(k.startswith("step_paired") for m in ("fft", "lora") for k in rows[m]["ratios"])
     assert "step_paired_vs_lora" not in rows["molf"]["ratios"]  # run beside FFT, not beside LoRA
+    for method, base in (("molf", "fft"), ("molf-e", "lora")):  # each paired ratio beside its compute floor
+        q = rows[method]["ratios"]
+        assert q["floor"] == bench_run[1]["floors"][method]
+        assert q["step_over_floor"] == pytest.approx(q[f"step_paired_vs_{base}"] / q["floor"])
+    assert bench_run[1]["floors"]["molf"] > 1 and bench_run[1]["floors"]["molf-e"] == 1.0  # LoRA's rank: their sum
+    assert "floor" not in rows["fft"]["ratios"]
     text = report.text(bench_run[1])
     assert "x FFT" in text and "x best AdamW" in text
 
@@ -108,6 +114,13 @@ def test_exactly_one_more_all_reduce(bench_run, molf, baseline):
     assert [n_modules * n_experts * 8] == [b for name, b in rows[molf]["engine_step_collectives"]
                                            if name == "allreduce" and b == n_modules * n_experts * 8]
     assert rows[molf]["ratios"][f"collectives_minus_{baseline}"] == 1
+
+
+def test_floors_by_hand():
+    """6 FLOPs per trained and 4 per frozen parameter and token: P = 1000, L(r) = 10 r."""
+    floors = report.floors(1000, 10, (20,), (4, 16), 20)
+    assert floors == {"molf": pytest.approx(1.2), "molf-e": 1.0}
+    assert report.floors(1000, 10, (20,), (4, 16), 10)["molf-e"] == pytest.approx((4000 + 1200) / (4000 + 600))
 
 
 def test_merge_takes_step_times_from_the_interleaved_run():

@@ -98,3 +98,54 @@ def test_activation_checkpointing_recomputes_the_same_mask(cpp):
     checkpoint(layer, x, use_reentrant=False).square().sum().backward()
     for expected, p in zip(plain, layer.parameters()):
         assert torch.equal(p.grad, expected)
+
+
+@pytest.mark.parametrize("ranks", [(8,), (4, 8), (2, 4, 8)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_one_node_equals_the_composition_without_dropout(ranks, with_bias):
+    """Without dropout the experts' autograd node (stacked A, side-by-side scaled B) gives the output and the
+    gradients of base(x) + sum_i s_i B_i(A_i(x)) built from torch ops, within fp32 rounding."""
+    torch.manual_seed(0)
+    layer = MoLFLinear(torch.nn.Linear(48, 40, bias=with_bias), ranks=ranks, alphas=[8.0] * len(ranks), dropout=0.0)
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.weight.normal_()
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    grad_out = torch.randn(3, 5, 40)
+    layer(x).backward(grad_out)
+    ours = [x.grad] + [p.grad for p in layer.parameters()]
+    x.grad = None
+    layer.zero_grad()
+    y = layer.base_layer(x)
+    for a, b, s in zip(layer.lora_A, layer.lora_B, layer.scaling):
+        y = y + s * b(a(x))
+    y.backward(grad_out)
+    for got, expected in zip(ours, [x.grad] + [p.grad for p in layer.parameters()]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+
+
+def test_modules_sharing_an_input_draw_independent_masks(cpp, monkeypatch):
+    """q, k and v read the same input; each module keeps its own mask (the paper's per-module dropout): keep rate
+    1 - p in each, and two modules agree on an element as independent masks do, (1-p)^2 + p^2 of the time."""
+    masks = []
+    real = kernels.dropout_zero
+
+    def recording(x, p):
+        out = real(x, p)
+        masks.append(out != 0)
+        return out
+
+    monkeypatch.setattr(kernels, "dropout_zero", recording)
+    torch.manual_seed(0)
+    modules = [MoLFLinear(torch.nn.Linear(256, 64), ranks=(4,), alphas=(8.0,), dropout=P).train() for _ in range(3)]
+    x = torch.randn(64, 256) + 10.0  # no exact zeros: a zero in the output is a dropped element
+    for m in modules:
+        m(x).sum().backward()
+    assert len(masks) == 3
+    n = masks[0].numel()
+    for i, mask in enumerate(masks):
+        assert abs(mask.float().mean().item() - (1 - P)) < 4 * math.sqrt(P * (1 - P) / n)
+        for other in masks[i + 1:]:
+            agree = (mask == other).float().mean().item()
+            expected = (1 - P) ** 2 + P**2
+            assert abs(agree - expected) < 4 * math.sqrt(expected * (1 - expected) / n)

@@ -4,8 +4,12 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 
-from molf_ds.commands.memory import count, deepspeed_fft_estimate, estimate, load_config
+from molf_ds.commands.activations import activations
+from molf_ds.commands.memory import count, deepspeed_fft_estimate, estimate, fits, load_config
+from molf_ds.config import MoLFConfig
+from molf_ds.wrapping import wrap_model
 from molf_ds.commands.methods import MEMORY_METHODS as METHODS
 
 
@@ -63,3 +67,54 @@ def test_speculative_update_backup_lands_on_the_cpu_only(qwen3b):
     assert spec.cpu_bytes_per_node - plain.cpu_bytes_per_node == pytest.approx(4 * plain.trainable / 8 * 4, abs=4)
     on_gpu = [estimate(qwen3b, "molf", (128,), 2, False, False, 1, 1, speculative_update=s) for s in (False, True)]
     assert on_gpu[0] == on_gpu[1]  # no CPU optimizer, no speculative step
+
+
+def _saved_bytes(model, ids) -> tuple[int, int]:
+    """What autograd keeps for backward in a real forward on CPU: each storage once, parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    sizes = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            sizes[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    return sum(sizes.values()), max(sizes.values()), loss
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+@pytest.mark.parametrize("method, ranks", [("fft", ()), ("molf", (8,)), ("molf-e", (4, 8))])
+def test_activations_equal_a_real_forwards_saved_tensors(tiny, arch, method, ranks):
+    """Counted on meta with one and two layers, extrapolated to four: the bytes a real fp32 forward of the
+    four-layer model saves for backward, plus its largest saved tensor's gradient."""
+    model = tiny(arch, num_hidden_layers=4).train()
+    config = model.config
+    if method != "fft":
+        cfg = MoLFConfig(variant=method, lora_ranks=ranks, lora_alphas=[16.0] * len(ranks), lora_dropout=0.0)
+        model = wrap_model(model, cfg)
+    model.config._attn_implementation = "sdpa"
+    ids = torch.randint(0, config.vocab_size, (2, 24))
+    saved, largest, loss = _saved_bytes(model, ids)
+    counted = activations(config, method, ranks, 24, 2, 0.0, torch.float32)
+    assert counted.total() == pytest.approx(saved + largest, rel=0.02)
+    assert counted.total(checkpointing=True) < counted.total()
+    loss.backward()
+
+
+@pytest.mark.slow
+def test_what_fits():
+    """qwen2.5-7b at 1024 tokens on an 8 GiB GPU: nothing but ZeRO-3 with both offloads fits MoLF-E, MoLF fits
+    nowhere without checkpointing; activations come on top of model states in every row."""
+    config = load_config("qwen2.5-7b")
+    counts = count(config)
+    assert 7.6e9 < counts.params < 7.7e9
+    rows = fits(config, counts, ("molf", "molf-e"), None, 8, 1024, 1, 0.1, checkpointing=False)
+    assert len(rows) == 2 * 8 and all(r["gpu_bytes"] == r["states_bytes"] + r["activation_bytes"] > 0 for r in rows)
+    fitting = {(r["stage"], r["offload_optimizer"], r["offload_param"], r["method"]) for r in rows if r["fits"]}
+    assert fitting <= {(3, True, True, "molf-e")}
+    small = fits(config, counts, ("molf",), None, 8, 1024, 1, 0.1, checkpointing=True)
+    assert [r["fits"] for r in small][-1] and all(a["activation_bytes"] > b["activation_bytes"]
+                                                  for a, b in zip(rows[::2], small))

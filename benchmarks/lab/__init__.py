@@ -72,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--speculative-update", action="store_true",
                         help="MoLF's one-pass optimizer step (CPU kernel; +4 bytes per MoLF parameter element)")
+    parser.add_argument("--offload-param", action="store_true",
+                        help="ZeRO-3 cells with offload also offload the parameters to the CPU (offload_param)")
     parser.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
                         help="leave torch's CPU tensors on 4 KiB pages (default: THP_MEM_ALLOC_ENABLE=1 in every rank, "
                              "for every method alike)")
@@ -99,7 +101,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         molf_ranks=args.molf_ranks or molf, molf_e_ranks=args.molf_e_ranks or molf_e,
         lora_dropout=args.lora_dropout, lr=args.lr, lora_lr=args.lora_lr, baseline_optimizer=args.baseline_optimizer,
         reference_repeats=args.reference_repeats, activation_checkpointing=args.activation_checkpointing,
-        speculative_update=args.speculative_update,
+        speculative_update=args.speculative_update, offload_param=args.offload_param,
     )
 
 
@@ -171,11 +173,23 @@ def run_bench(settings: Settings, cells: list[tuple[int, bool, str]], world: int
         rows = [report.merge(ranks, timed) for ranks, timed in zip(alone, timing)]
         for row, names in zip(rows, partners):
             row["interleaved_with"] = names
-    report.add_ratios(rows)
+    report.add_ratios(rows, method_floors(settings))
     machine = {**_machine(settings.device), "load_average_before": load_before, "load_average_after": os.getloadavg()}
-    return {"settings": settings_dict, "world": world, "threads_per_rank": threads,
+    return {"settings": settings_dict, "world": world, "threads_per_rank": threads, "floors": method_floors(settings),
             "memory_per_cell": not shared_process, "interleaved": interleave, "huge_pages": huge_pages,
             "machine": machine, "rows": rows}
+
+
+def method_floors(settings: Settings) -> dict[str, float]:
+    """MoLF's and MoLF-E's compute floors against FFT and LoRA for the bench's model and ranks (`report.floors`)."""
+    from molf_ds.commands.memory import count
+
+    from . import report
+    from .models import load_config
+
+    counts = count(load_config(settings.model, settings.gguf_file))
+    return report.floors(counts.params, counts.lora_per_rank, settings.molf_ranks, settings.molf_e_ranks,
+                         settings.lora_rank)
 
 
 def _progress(items: list, show: bool, desc: str, label: Callable[[Any], str]) -> Iterator[tuple[int, Any]]:

@@ -47,6 +47,7 @@ class Settings:
     reference_repeats: int = 10  # steps of the plain AdamW references on the optimizer's flat tensors
     activation_checkpointing: bool = False
     speculative_update: bool = False  # MoLFConfig.speculative_update for molf / molf-e
+    offload_param: bool = False  # ZeRO-3 offload cells also offload parameters (offload_param: cpu)
     seed: int = 0
     extra_ds: dict[str, Any] = field(default_factory=dict)  # merged into zero_optimization
 
@@ -72,6 +73,8 @@ def ds_config(s: Settings, stage: int, offload: bool) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": stage, **({"reduce_scatter": False} if stage in (1, 2) else {}), **s.extra_ds}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": s.device == "cuda"}
+        if stage == 3 and s.offload_param:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": s.device == "cuda"}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": s.micro_batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
         "steps_per_print": 10**9, "wall_clock_breakdown": False, "zero_optimization": zero,

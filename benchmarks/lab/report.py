@@ -45,6 +45,8 @@ def merge(ranks: list[dict[str, Any]], timed: list[dict[str, Any]] | None = None
         engine_step_ms=1e3 * _median_of_max(per_rank, "engine_step_s"),
         optimizer_ms=1e3 * _median_of_max(per_rank, "optimizer_s"),
         peak_rss_mib=max(r["peak_rss_bytes"] for r in ranks) / MIB,
+        peak_rss_total_mib=sum(r["peak_rss_bytes"] for r in ranks) / MIB,
+        peak_rss_above_start_mib=max(r["peak_rss_bytes"] - r.get("rss_start_bytes", 0) for r in ranks) / MIB,
         huge_page_mib=min(r["huge_page_bytes"] for r in ranks) / MIB,
         loss=statistics.fmean(s["loss"] for s in first["steps"]),
     )
@@ -87,12 +89,26 @@ def merge(ranks: list[dict[str, Any]], timed: list[dict[str, Any]] | None = None
     return row
 
 
+def floors(params: int, lora_per_rank: int, molf_ranks: tuple[int, ...], molf_e_ranks: tuple[int, ...],
+           lora_rank: int) -> dict[str, float]:
+    """The compute floor of each method against its baseline: the ratio of their training-step FLOPs per token.
+    A weight of N elements that trains costs 6N (forward 2N, input gradient 2N, weight gradient 2N), a frozen one
+    4N (no weight gradient); attention's sequence-squared terms, norms, the loss and the optimizer are left out.
+    P = the model's parameters (tied weights once), L(r) = lora_per_rank x r (A and B of every target linear):
+    MoLF / FFT = 6(P + L(molf ranks)) / 6P; MoLF-E / LoRA = (4P + 6L(molf-e ranks)) / (4P + 6L(lora rank)),
+    1 where LoRA's rank is their sum (the bench's LoRA)."""
+    frozen_base = lambda rank: 4 * params + 6 * lora_per_rank * rank  # noqa: E731
+    return {"molf": 1 + lora_per_rank * sum(molf_ranks) / params,
+            "molf-e": frozen_base(sum(molf_e_ranks)) / frozen_base(lora_rank)}
+
+
 def mode_name(stage: int, offload: bool) -> str:
     return f"ZeRO-{stage}{' + offload' if offload else ''}"
 
 
-def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Step time, optimizer time and peak memory of every row against FFT and LoRA of the same mode."""
+def add_ratios(rows: list[dict[str, Any]], method_floors: dict[str, float] | None = None) -> None:
+    """Step time, optimizer time and peak memory of every row against FFT and LoRA of the same mode; with
+    `method_floors` (see `floors`), each MoLF row's floor against its baseline and its step ratio over it."""
     by_mode: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         by_mode.setdefault((row["stage"], row["offload"]), {})[row["method"]] = row
@@ -115,6 +131,11 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
                 ratios[f"collectives_minus_{base}"] = row["collectives_per_step"] - ref["collectives_per_step"]
                 if ref is not row and ref["cell"] in row.get("interleaved_with", ()):
                     ratios.update(_paired(row, ref, base))
+            floor = (method_floors or {}).get(row["method"])
+            base = "fft" if row["method"] == "molf" else "lora"
+            step = ratios.get(f"step_paired_vs_{base}", ratios.get(f"step_vs_{base}"))
+            if floor is not None and step is not None:
+                ratios["floor"], ratios["step_over_floor"] = floor, step / floor
             row["ratios"] = ratios
 
 
@@ -158,7 +179,8 @@ def _shares(row: dict) -> str:
 
 
 def step_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    head = ["mode", "method", "step ms", "tokens/s", "x FFT", "x LoRA", "paired x baseline (quartiles)", "CPU x FFT",
+    head = ["mode", "method", "step ms", "tokens/s", "x FFT", "x LoRA", "paired x baseline (quartiles)", "floor",
+            "/ floor", "CPU x FFT",
             "CPU x LoRA", "fwd+bwd ms", "engine.step ms", "peak MiB", "x FFT mem", "collectives/step", "MiB/step"]
     body = []
     for r in rows:
@@ -169,7 +191,8 @@ def step_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         q = r.get("ratios", {})
         body.append([
             mode, r["method"], _fmt(r["step_ms"], ".1f"), _fmt(r["tokens_per_s"], ".0f"),
-            _fmt(q.get("step_vs_fft")), _fmt(q.get("step_vs_lora")), _fmt_paired(q),
+            _fmt(q.get("step_vs_fft")), _fmt(q.get("step_vs_lora")), _fmt_paired(q), _fmt(q.get("floor")),
+            _fmt(q.get("step_over_floor")),
             _fmt(q.get("step_cpu_vs_fft")), _fmt(q.get("step_cpu_vs_lora")), _fmt(r["forward_backward_ms"], ".1f"),
             _fmt(r["engine_step_ms"], ".1f"),
             _fmt(r.get("peak_gpu_mib", r["peak_rss_mib"]), ".0f"), _fmt(q.get("peak_rss_vs_fft")),
@@ -225,7 +248,9 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
         + (" Step times: each method trained in turn with its baseline in the same ranks (FFT with MoLF, LoRA with "
            "MoLF-E); `x LoRA` of FFT and MoLF, `x FFT` of LoRA and MoLF-E compare separate runs. `paired x baseline`: "
            "the median of each step's ratio to the baseline's step beside it, quartiles in parentheses." if
-           report.get("interleaved") else "") + "\n"
+           report.get("interleaved") else "")
+        + " `floor`: the method's training-step FLOPs over its baseline's (6 per trained and 4 per frozen parameter "
+          "and token; docs/performance.md); `/ floor`: the paired ratio (else the ratio of medians) over it.\n"
     )
     parts.append("Training step\n\n" + markdown_table(*step_table(report["rows"])) + "\n")
     parts.append("Optimizer step: `train opt ms` is the basic optimizer's time inside engine.step() (slowest rank); "

@@ -22,7 +22,7 @@ from molf_ds.distributed import init_distributed
 
 from . import models
 from .collectives import count_collectives
-from .methods import Settings, build_engine, optimizer_name, trainable_params
+from .methods import Settings, build_engine, ds_config, optimizer_name, trainable_params
 
 Cell = tuple[int, bool, str]  # (ZeRO stage, optimizer offload, method)
 
@@ -249,7 +249,8 @@ class _Trainer:
         stage, offload, method = cell
         self.cell, self.s, self.rank = cell, s, rank
         self.clock = _Clock(s.device)
-        model = models.build(s.model, s.seed, torch.float32, s.gguf_file)
+        with _construction(s, stage, offload):
+            model = models.build(s.model, s.seed, torch.float32, s.gguf_file)
         if s.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.vocab = model.config.vocab_size
@@ -293,6 +294,16 @@ class _Trainer:
         if self.shares:
             out["routing_shares"] = {e: statistics.fmean(r[e] for r in self.shares) for e in self.shares[0]}
         return out
+
+
+def _construction(s: Settings, stage: int, offload: bool) -> contextlib.AbstractContextManager:
+    """With parameter offload the model is built partitioned (deepspeed.zero.Init), as a model too large for one
+    rank must be: no rank ever holds all of it."""
+    if stage == 3 and offload and s.offload_param:
+        import deepspeed
+
+        return deepspeed.zero.Init(config_dict_or_path=ds_config(s, stage, offload))
+    return contextlib.nullcontext()
 
 
 def _identity(cell: Cell, rank: int, world: int) -> dict[str, Any]:

@@ -5,6 +5,8 @@ conventions follow DeepSpeed's own estimators for mixed-precision Adam: 2 bytes 
 and per trainable parameter 2 (16-bit grad) + 4 (fp32 grad) + 4 (fp32 master) + 8 (two moments).
 Under ZeRO-3, MoLF's LoRA experts are kept resident (replicated) on every GPU. (DeepSpeed's ZeRO-3
 estimator counts 2 bytes less per parameter than its ZeRO-2 one; we count the fp32 gradient whole.)
+`--gpu-gib N` answers what fits: every ZeRO stage and offload mode, each method's model states plus its activations
+(molf_ds.commands.activations: counted on the architecture for `--seq` x `--micro-batch` tokens) against N GiB.
 `speculative_update` adds a 4-byte backup per MoLF trainable parameter beside the offloaded optimizer states
 (it runs in the CPU kernel only, so without optimizer offload it costs nothing on the GPU).
 """
@@ -23,6 +25,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from molf_ds.config import DEFAULT_TARGETS
+from .activations import activations
 from .methods import MEMORY_METHODS, is_molf, trains_base
 from .models import MODELS, resolve
 from .sources import SourceError, check_model
@@ -32,6 +35,8 @@ DEFAULT_RANKS = {"lora": (128,), "molf": (128,), "molf-e": (32, 128)}
 GRAD16, STATES32 = 2, 16  # bytes per trainable parameter: 16-bit grad; fp32 grad + master + m + v
 BACKUP32 = 4  # bytes per MoLF trainable parameter with speculative_update (CPU optimizer)
 GIB = 2**30
+MODES = ((0, False, False), (1, False, False), (1, True, False), (2, False, False), (2, True, False),
+         (3, False, False), (3, True, False), (3, True, True))  # (stage, offload optimizer, offload params)
 
 
 @dataclass(frozen=True)
@@ -100,25 +105,28 @@ def count(config, targets: tuple[str, ...] = DEFAULT_TARGETS) -> ModelCounts:
 
 def estimate(
     counts: ModelCounts, method: str, ranks: tuple[int, ...], stage: int, offload_optimizer: bool,
-    offload_param: bool, gpus_per_node: int, nodes: int, speculative_update: bool = False,
+    offload_param: bool, gpus_per_node: int, nodes: int, speculative_update: bool = False, weight_bytes: int = 2,
 ) -> Estimate:
+    """`weight_bytes` 2: mixed precision (16-bit weights and gradients beside the fp32 states); 4: fp32 training
+    (CPU), whose gradients are the fp32 ones counted in the states."""
     n = gpus_per_node * nodes
+    w = weight_bytes
     lora = counts.lora_per_rank * sum(ranks) if method != "fft" else 0
     trainable = {"fft": counts.params, "lora": lora, "molf": counts.params + lora, "molf-e": lora}[method]
     frozen = 0 if trains_base(method) else counts.params
     resident = lora if stage == 3 and is_molf(method) else 0
-    weights = 2 * (trainable + frozen)
+    weights = w * (trainable + frozen)
     if stage == 3:
-        weights = 2 * (trainable + frozen - resident) / n + 2 * resident + 4 * counts.largest
+        weights = w * (trainable + frozen - resident) / n + w * resident + 2 * w * counts.largest
     states = STATES32 * trainable / (n if stage >= 1 else 1)
-    grads = GRAD16 * trainable / (n if stage >= 2 else 1)
+    grads = (GRAD16 if w == 2 else 0) * trainable / (n if stage >= 2 else 1)
     gpu, cpu = weights + grads + states, 0.0
     if offload_optimizer:  # grads stream to the CPU's fp32 buffers as they are reduced
         gpu, cpu = gpu - states - grads, cpu + states * gpus_per_node
         if speculative_update and is_molf(method):
             cpu += BACKUP32 * trainable / (n if stage >= 1 else 1) * gpus_per_node
     if offload_param:
-        moved = 2 * (trainable + frozen - resident) / n
+        moved = w * (trainable + frozen - resident) / n
         gpu, cpu = gpu - moved, cpu + moved * gpus_per_node
     return Estimate(method, trainable, frozen, int(gpu), int(cpu))
 
@@ -139,6 +147,29 @@ def deepspeed_fft_estimate(counts: ModelCounts, stage: int, offload_optimizer: b
     return None
 
 
+def fits(config, counts: ModelCounts, methods: Sequence[str], ranks: tuple[int, ...] | None, gpu_gib: float,
+         seq: int, micro_batch: int, lora_dropout: float, checkpointing: bool, gpus_per_node: int = 1,
+         nodes: int = 1) -> list[dict]:
+    """For every ZeRO mode and method: GPU bytes of model states and of activations, and whether their sum fits
+    in `gpu_gib` GiB; host bytes per node beside them."""
+    acts = {m: activations(config, m, ranks or DEFAULT_RANKS.get(m, (0,)), seq, micro_batch, lora_dropout).total(
+        checkpointing) for m in methods}
+    rows = []
+    for stage, opt, param in MODES:
+        for m in methods:
+            e = estimate(counts, m, ranks or DEFAULT_RANKS.get(m, (0,)), stage, opt, param, gpus_per_node, nodes)
+            gpu = e.gpu_bytes + acts[m]
+            rows.append({"stage": stage, "offload_optimizer": opt, "offload_param": param, "method": m,
+                         "states_bytes": e.gpu_bytes, "activation_bytes": acts[m], "gpu_bytes": gpu,
+                         "cpu_bytes_per_node": e.cpu_bytes_per_node, "fits": gpu <= gpu_gib * GIB})
+    return rows
+
+
+def _mode(row: dict) -> str:
+    offload = [name for name, on in (("optimizer", row["offload_optimizer"]), ("params", row["offload_param"])) if on]
+    return f"ZeRO-{row['stage']}" + (f" + offload {' + '.join(offload)}" if offload else "")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="gemma-3-1b, qwen2.5-1.5b, qwen2.5-3b, a `molf-ds models` name (smollm2-135m, "
                                       "gemma3-270m), a config.json or a model folder")
@@ -152,6 +183,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--speculative-update", action="store_true",
                         help="MoLF's speculative_update: a 4-byte backup per MoLF parameter (with --offload-optimizer)")
+    parser.add_argument("--gpu-gib", type=float, help="what fits in this much GPU memory: every stage and offload "
+                                                      "mode, model states plus activations")
+    parser.add_argument("--seq", type=int, default=1024, help="tokens per sequence for the activations (default 1024)")
+    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU for the activations (default 1)")
+    parser.add_argument("--lora-dropout", type=float, default=0.1, help="the experts' input dropout (default 0.1)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="activations with checkpointing: each layer keeps its input")
+    parser.add_argument("--fp32", action="store_true", help="fp32 training (CPU): 4-byte weights, fp32 gradients only")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -166,9 +205,11 @@ def run(args: argparse.Namespace) -> int:
     counts = count(config)
     methods = MEMORY_METHODS if args.method == "all" else (args.method,)
     ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else None
+    if args.gpu_gib is not None:
+        return _print_fits(args, config, counts, methods, ranks)
     setup = (args.stage, args.offload_optimizer, args.offload_param, args.gpus_per_node, args.nodes)
-    rows = [estimate(counts, m, ranks or DEFAULT_RANKS.get(m, (0,)), *setup, speculative_update=args.speculative_update)
-            for m in methods]
+    rows = [estimate(counts, m, ranks or DEFAULT_RANKS.get(m, (0,)), *setup, speculative_update=args.speculative_update,
+                     weight_bytes=4 if args.fp32 else 2) for m in methods]
     deepspeed_row = deepspeed_fft_estimate(counts, *setup)
     if args.json:
         print(json.dumps({"counts": asdict(counts), "estimates": [asdict(r) for r in rows],
@@ -184,4 +225,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'fft (DeepSpeed est.)':<22}{counts.params:>14,}{gpu / GIB:>10.2f}{cpu / GIB:>14.2f}")
     print("Model states only: activations, logits and buffers come on top "
           "(DeepSpeed's own estimate adds a 1.5x buffer on the CPU side).")
+    return 0
+
+
+def _print_fits(args: argparse.Namespace, config, counts: ModelCounts, methods: Sequence[str],
+                ranks: tuple[int, ...] | None) -> int:
+    rows = fits(config, counts, methods, ranks, args.gpu_gib, args.seq, args.micro_batch, args.lora_dropout,
+                args.activation_checkpointing, args.gpus_per_node, args.nodes)
+    if args.json:
+        print(json.dumps({"counts": asdict(counts), "gpu_gib": args.gpu_gib, "fits": rows}, indent=2))
+        return 0
+    print(f"{args.model}: {counts.params / 1e9:.2f}B parameters; what fits in {args.gpu_gib:g} GiB per GPU, "
+          f"{args.nodes} x {args.gpus_per_node} GPUs, bf16, micro-batch {args.micro_batch} x {args.seq} tokens, "
+          f"LoRA dropout {args.lora_dropout:g}, activation checkpointing "
+          f"{'on' if args.activation_checkpointing else 'off'}")
+    print(f"{'mode':<40}{'method':<8}{'states GiB':>11}{'activ. GiB':>11}{'GPU GiB':>9}{'CPU GiB/node':>14}  fits")
+    for r in rows:
+        print(f"{_mode(r):<40}{r['method']:<8}{r['states_bytes'] / GIB:>11.2f}{r['activation_bytes'] / GIB:>11.2f}"
+              f"{r['gpu_bytes'] / GIB:>9.2f}{r['cpu_bytes_per_node'] / GIB:>14.2f}  {'yes' if r['fits'] else 'no'}")
+    print("GPU: model states (molf_ds's byte conventions) + activations counted on the architecture (saved tensors, "
+          "the logits' gradient); allocator fragmentation and communication buffers come on top.")
     return 0
