@@ -35,10 +35,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench_results/host_memory.json"))
+    parser.add_argument("--zero", action="append", default=[], metavar="KEY=VALUE",
+                        help="a zero_optimization setting, e.g. reduce_bucket_size=5e7 (repeatable)")
     args = parser.parse_args()
     molf_ranks, _ = default_ranks(int(load_config(args.model).hidden_size))
     s = Settings(model=args.model, seq=args.seq, warmup=args.warmup, steps=args.steps, molf_ranks=molf_ranks,
-                 molf_e_ranks=(1, 1), reference_repeats=0, offload_param=True)
+                 molf_e_ranks=(1, 1), reference_repeats=0, offload_param=True,
+                 extra_ds={key: int(float(value)) for key, value in (item.split("=", 1) for item in args.zero)})
     cells = [(3, True, m) for m in args.methods.split(",")]
     result = run_bench(s, cells, args.world, interleave=False)
     counts = count(load_config(args.model))
