@@ -91,7 +91,7 @@ def select(directories: list[Path], wanted: list[str], table: Path, sets_file: P
     if len(tasks) > 1:
         print(f"report.py select: runs of several tasks: {sorted(tasks)}", file=sys.stderr)
         return 1
-    metrics = TASKS[tasks.pop()].METRICS
+    metrics = TASKS[tasks.pop()].metrics
     rows = sorted(((variant(c), c["train"]["lr"], c["train"]["lora_lr"], score(r, metrics), r) for c, r in found),
                   key=lambda row: (row[0], row[1], row[2]))
     best: dict[str, tuple] = {}
@@ -153,7 +153,7 @@ def summary(directories: list[Path], base: Path | None, output: Path) -> int:
     if not found:
         print("report.py summary: no finished runs", file=sys.stderr)
         return 1
-    metrics = TASKS[found[0][1]["data"]["task"]].METRICS
+    metrics = TASKS[found[0][1]["data"]["task"]].metrics
     columns = [*metrics, "score"]
     per_variant: dict[str, list[tuple[dict[str, Any], RunResult]]] = {}
     for label, config, result in found:

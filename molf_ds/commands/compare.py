@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
     from .train.data import TASKS
 
-    metrics = list(TASKS[cfg.data.task].METRICS)
+    metrics = list(TASKS[cfg.data.task].metrics)
     metric = args.metric or metrics[0]
     launcher = shlex.split(args.launcher) if args.launcher else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),

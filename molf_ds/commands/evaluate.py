@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from .loading import check_model_sources, load_model
+from .train.data import TASKS, DataError, open_table, rows
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model directory, run output directory (uses final/), PEFT adapter, run "
                                       "checkpoint (OUT/checkpoints/stepN), or a `molf-ds models` name")
     parser.add_argument("--gguf-file", help="a GGUF checkpoint inside the model directory")
-    parser.add_argument("--task", required=True, choices=("sql", "med", "fact", "jsonl", "chat", "alpaca"))
+    parser.add_argument("--task", required=True, choices=tuple(TASKS))
     parser.add_argument("--data", required=True, help="local .json/.jsonl/.parquet/.csv file or hub dataset id")
     parser.add_argument("--split", default="validation", help="hub split [validation]")
     parser.add_argument("--tokenizer", help="tokenizer directory or id [the model's]")
@@ -38,7 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from molf_ds.distributed import end_process_group, report_before_group
     from .sources import SourceError
-    from .train.data import DataError
 
     started_here = _rank() is None  # the group evaluate_model starts under a multi-rank launcher is ended here
     try:
@@ -72,23 +72,22 @@ def evaluate_model(
 
     from molf_ds.distributed import init_distributed
 
-    from .train.data import TASKS, DataError, open_table, rows
     from .train.evaluate import evaluate
 
     if batch_size < 1 or skip < 0 or (max_samples is not None and max_samples < 1):
         raise ValueError("--batch-size and --max-samples must be >= 1, --skip >= 0")
     check_sources(model, data, tokenizer, gguf_file)
     init_distributed(device="cuda" if torch.cuda.is_available() else "cpu", alone=False)  # one process: no group
-    module = TASKS[task]
+    spec = TASKS[task]
     where, table = open_table(data, split)
     stop = len(table) if max_samples is None else min(len(table), skip + max_samples)
     if skip >= stop:
         raise DataError(f"{where}: {len(table)} rows, none left after --skip {skip}")
-    items = [item for row in rows(where, table, range(skip, stop)) for item in module.evals(row)]
+    items = [item for row in rows(where, table, range(skip, stop)) for item in spec.evals(row)]
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
     net, tok = load_model(model, tokenizer, dtype, gguf_file)
     net.to(device)
-    scores = evaluate(net, tok, items, module.METRICS, batch_size, max_new_tokens, device, progress=progress)
+    scores = evaluate(net, tok, items, spec.metrics, batch_size, max_new_tokens, device, progress=progress)
     return {**scores, "items": len(items), "rows": stop - skip}
 
 

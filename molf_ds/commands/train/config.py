@@ -22,8 +22,8 @@ from molf_ds.config import DEFAULT_TARGETS, MoLFConfig
 
 from ..methods import TRAIN_METHODS, is_molf
 from .aliases import alias_hint
+from .data import TASKS
 
-TASKS = ("sql", "med", "fact", "jsonl", "chat", "alpaca")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")  # transformers.get_scheduler names that need no extra arguments
@@ -302,7 +302,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     m, d, e, t, lo = cfg.model, cfg.data, cfg.eval, cfg.train, cfg.lora
     _choice("method", cfg.method, TRAIN_METHODS)
     _choice("model.dtype", m.dtype, DTYPES)
-    _choice("data.task", d.task, TASKS)
+    _choice("data.task", d.task, tuple(TASKS))
     _choice("train.scheduler", t.scheduler, SCHEDULERS)
     for key, value in (("data.max_length", d.max_length), ("eval.batch_size", e.batch_size),
                        ("eval.max_new_tokens", e.max_new_tokens), ("lora.r", lo.r), ("lora.init_r", lo.init_r),
@@ -356,15 +356,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 def _check_eval_and_retention(cfg: TrainConfig) -> None:
     """eval.steps, eval.metric, train.save_total_limit, train.load_best_model_at_end."""
-    from .data import TASKS as TASK_MODULES
-
     e, t = cfg.eval, cfg.train
     if e.steps < 0:
         raise key_error("eval.steps", f"must be >= 0, got {e.steps}")
     if e.steps and not e.enabled:
         raise key_error("eval.steps", "evaluates during training but there is no evaluation data: set eval.data or "
                         "eval.holdout")
-    metrics = TASK_MODULES[cfg.data.task].METRICS
+    metrics = TASKS[cfg.data.task].metrics
     if e.metric is not None and e.metric not in metrics:
         raise key_error("eval.metric", f"{e.metric!r} is not a metric of task {cfg.data.task!r}: "
                         f"{', '.join(metrics)}")
