@@ -231,12 +231,12 @@ def test_zero3_evaluation_with_unequal_rank_shares_does_not_hang(tmp_path, tiny)
 def test_lora_rest_trains_the_parameters_outside_the_wrapped_layers(tiny):
     from peft import LoraConfig, get_peft_model
 
-    from molf_ds.commands.train.methods import _rest_groups
+    from molf_ds.commands.train.methods import rest_groups
 
     model, tokenizer, _ = tiny
     fresh = build_model(tokenizer, seed=5)
     peft_model = get_peft_model(fresh, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    groups = _rest_groups(peft_model, 1e-3, 0.1)
+    groups = rest_groups(peft_model, 1e-3, 0.1)
     in_groups = {id(p) for g in groups for p in g["params"]}
     names = {n: p for n, p in peft_model.named_parameters()}
     assert all(g["lr"] == 1e-3 for g in groups) and [g["weight_decay"] for g in groups] == [0.1, 0.0]

@@ -99,27 +99,16 @@ def load_checkpoint(path: Path, tokenizer: str | None = None, dtype: str = "floa
     import torch
     from transformers import AutoModelForCausalLM
 
-    from molf_ds.wrapping import merge_and_unwrap, wrap_model
+    from .train.config import saved_config
+    from .train.methods import merged_model, shaped_model
 
-    from .methods import is_molf
-    from .train.config import _build
-    from .train.methods import _peft
-
-    cfg = _build(_run_config(path))  # the saved config as parsed, without the checks of its data files
+    cfg = saved_config(_run_config(path))  # the saved config as parsed, without the checks of its data files
     m = cfg.model
     kwargs: dict[str, Any] = {"dtype": torch.float32, **({"gguf_file": m.gguf_file} if m.gguf_file else {})}
-    model = AutoModelForCausalLM.from_pretrained(resolve(m.name_or_path), **kwargs)
-    if is_molf(cfg.method):
-        model = wrap_model(model, cfg.molf_config())
-    elif cfg.method != "fft":
-        total = cfg.train.max_steps or cfg.lora.tinit + cfg.lora.tfinal + 1  # AdaLoRA's schedule: shapes only
-        model = _peft(cfg, model, total)
+    model = shaped_model(cfg, AutoModelForCausalLM.from_pretrained(resolve(m.name_or_path), **kwargs))
     model.load_state_dict(_checkpoint_weights(path, int((cfg.deepspeed.get("zero_optimization") or {})
                                                         .get("stage", 0))), strict=True)
-    if is_molf(cfg.method):
-        model = merge_and_unwrap(model)
-    elif cfg.method != "fft":
-        model = model.merge_and_unload()
+    model = merged_model(cfg.method, model)
     model.to(getattr(torch, dtype)).eval()
     source = tokenizer or (resolve(m.tokenizer) if m.tokenizer else None)
     if source is None and m.gguf_file:

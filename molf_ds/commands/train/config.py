@@ -20,7 +20,7 @@ import yaml
 
 from molf_ds.config import DEFAULT_TARGETS, MoLFConfig
 
-from ..methods import TRAIN_METHODS, is_molf
+from ..methods import REGISTRY, TRAIN_METHODS, is_molf
 from .aliases import alias_hint
 from .data import TASKS
 
@@ -332,7 +332,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise key_error("eval.holdout", "give eval.data or eval.holdout, not both")
     if t.resume is not None and t.resume != "auto" and not Path(t.resume).is_dir():
         raise key_error("train.resume", f"{t.resume!r} is neither 'auto' nor a checkpoint directory")
-    if cfg.method == "adalora" and t.max_steps is not None and lo.tinit >= t.max_steps - lo.tfinal:
+    if REGISTRY[cfg.method].adapter == "adalora" and t.max_steps is not None and lo.tinit >= t.max_steps - lo.tfinal:
         raise key_error("lora.tinit", f"AdaLoRA needs lora.tinit < train.max_steps - lora.tfinal ({t.max_steps} - "
                         f"{lo.tfinal})")
     if lo.target_r > lo.init_r:

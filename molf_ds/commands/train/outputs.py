@@ -14,7 +14,7 @@ import transformers
 from molf_ds.export import export_peft, gathered, save_merged
 from molf_ds.optim.routing_log import is_rank_zero
 from molf_ds.zero.surface import HF_ZERO3_CONFIG, require
-from ..methods import DEGENERATE
+from ..methods import DEGENERATE, REGISTRY
 from .methods import Trainee
 
 FINAL, FINAL_PEFT, ROUTING_PNG = "final", "final_peft", "routing.png"
@@ -22,26 +22,26 @@ FINAL, FINAL_PEFT, ROUTING_PNG = "final", "final_peft", "routing.png"
 
 def save_final(trainee: Trainee, tokenizer: Any, out_dir: Path) -> list[Path]:
     """Every rank calls it; rank 0 writes. Returns the directories written."""
-    engine, method = trainee.engine, trainee.method
+    engine, spec = trainee.engine, REGISTRY[trainee.method]
     final, peft_dir = out_dir / FINAL, out_dir / FINAL_PEFT
-    if trainee.is_molf:
+    written = [final, peft_dir] if spec.exports_peft else [final]
+    if spec.molf:
         save_merged(engine, final, tokenizer)
-        if method == "molf-e":
+        if spec.exports_peft:
             export_peft(engine, peft_dir)
-            return [final, peft_dir]
-        return [final]
+        return written
     model = engine.module
     # ZeRO-3: every rank gathers the full parameters (the run is over; merging may modify them in place)
     with gathered([p for p in model.parameters() if hasattr(p, "ds_id")]), _zero3_off():
-        _save_baseline(model, method, final, peft_dir, tokenizer)
+        _save_baseline(model, spec.peft, final, peft_dir, tokenizer)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-    return [final] if method == "fft" else [final, peft_dir]
+    return written
 
 
-def _save_baseline(model: Any, method: str, final: Path, peft_dir: Path, tokenizer: Any) -> None:
+def _save_baseline(model: Any, peft: bool, final: Path, peft_dir: Path, tokenizer: Any) -> None:
     if is_rank_zero():
-        if method == "fft":
+        if not peft:
             model.save_pretrained(final)
         else:  # PEFT: the adapter, then the merged model (merging changes the model: the run is over)
             model.save_pretrained(peft_dir)
