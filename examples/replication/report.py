@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from molf_ds.commands.compare import WITHIN_PERCENT, RunResult, collect, gap_percent
+from molf_ds.commands.run_dir import CONFIG, METRICS
 from molf_ds.commands.train.data import TASKS
 
 
@@ -48,8 +49,8 @@ def runs(directories: list[Path]) -> list[tuple[dict[str, Any], RunResult]]:
     """(config, result) of every run under each directory's runs/, in a stable order."""
     found = []
     for run_dir in sorted(d for directory in directories for d in directory.glob("runs/*")):
-        if (run_dir / "config.yaml").is_file():
-            config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        if (run_dir / CONFIG).is_file():
+            config = yaml.safe_load((run_dir / CONFIG).read_text())
             found.append((config, collect(config["method"], config["train"]["seed"], run_dir)))
     return found
 
@@ -126,7 +127,7 @@ def routing(directories: list[Path], output: Path) -> int:
     for label, _, result in labelled(directories):
         if not result.routing:
             continue
-        records = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (result.out / METRICS).read_text().splitlines()]
         by_type = [r["routing_by_type"] for r in records if "routing_by_type" in r]
         shares = {"all": result.routing}
         shares.update({kind: {e: statistics.fmean(step[kind][e] for step in by_type) for e in by_type[0][kind]}

@@ -34,7 +34,8 @@ import yaml
 
 from .compare_settings import (SETTINGS, baseline_overrides, baselines_line, describe, expert_settings, expert_source,
                                trainable_parameters)
-from .methods import COMPARE_METHODS, DEGENERATE, EXPERT_BASELINES, MOLF_METHODS
+from .methods import COMPARE_METHODS, DEGENERATE, EXPERT_BASELINES, MOLF_METHODS, lone_expert
+from .run_dir import CONFIG, EVAL, METRICS
 
 if TYPE_CHECKING:
     from .train.config import TrainConfig
@@ -84,7 +85,7 @@ class RunResult:
 
     @property
     def degenerate(self) -> bool:
-        return bool(self.routing) and max(self.routing.values()) > DEGENERATE
+        return lone_expert(self.routing) is not None
 
     @property
     def final_loss(self) -> float:
@@ -221,11 +222,11 @@ def stale_reason(run_dir: Path, expected: dict[str, Any], hashes: dict[str, str]
     a local data file's content differs from the one it trained on (`hashes` now, its compare_run.json then)."""
     if _final_eval(run_dir) is None:
         return "it has no final evaluation"
-    if not (run_dir / "config.yaml").is_file():
-        return "it has no config.yaml"
+    if not (run_dir / CONFIG).is_file():
+        return f"it has no {CONFIG}"
     from .train.config import ConfigError, saved_config
 
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved = yaml.safe_load((run_dir / CONFIG).read_text())
     try:  # keys added to the schema since the run was trained count at their defaults
         saved = saved_config(saved).to_dict()
     except (ConfigError, TypeError):
@@ -286,8 +287,8 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _final_eval(run_dir: Path) -> dict[str, Any] | None:
-    records = _jsonl(run_dir / "eval.jsonl")
-    metrics = _jsonl(run_dir / "metrics.jsonl")
+    records = _jsonl(run_dir / EVAL)
+    metrics = _jsonl(run_dir / METRICS)
     if not records or not metrics or records[-1]["step"] != metrics[-1]["step"] or records[-1]["step"] == 0:
         return None
     return records[-1]
@@ -298,17 +299,17 @@ def collect(method: str, seed: int, run_dir: Path, status: str = "ok") -> RunRes
     result = RunResult(method, seed, run_dir, status)
     final = _final_eval(run_dir)
     if final is None and status == "ok":
-        result.status = f"no final evaluation in {run_dir / 'eval.jsonl'}"
+        result.status = f"no final evaluation in {run_dir / EVAL}"
     if final is not None:
         result.scores = {k: v for k, v in final.items() if k != "step"}
-    first = _jsonl(run_dir / "eval.jsonl")
+    first = _jsonl(run_dir / EVAL)
     if first and first[0]["step"] == 0:
         result.before = {k: v for k, v in first[0].items() if k != "step"}
     if (run_dir / RUN_RECORD).exists():
         result.wall_s = json.loads((run_dir / RUN_RECORD).read_text())["wall_s"]
-    if (run_dir / "config.yaml").is_file():
-        result.config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    for record in _jsonl(run_dir / "metrics.jsonl"):
+    if (run_dir / CONFIG).is_file():
+        result.config = yaml.safe_load((run_dir / CONFIG).read_text())
+    for record in _jsonl(run_dir / METRICS):
         result.losses.append((record["step"], record["loss"]))
         if "routing" in record:
             result.routing_curve.append((record["step"], record["routing"]))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .models import resolve
+from .run_dir import COMPLETE, CONFIG, FINAL, of_checkpoint
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's module weights (ZeRO-0/1/2: full tensors)
 
@@ -16,15 +17,13 @@ MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's module weights (ZeRO-
 def model_directory(path: str) -> Path:
     """`path`, or the `final/` of a run output directory."""
     directory = Path(path)
-    if directory.is_dir() and not (directory / "config.json").exists() and (directory / "final").is_dir():
-        return directory / "final"
+    if directory.is_dir() and not (directory / "config.json").exists() and (directory / FINAL).is_dir():
+        return directory / FINAL
     return directory
 
 
 def is_checkpoint(path: str | Path) -> bool:
     """A DeepSpeed checkpoint tag directory a run wrote (`OUT/checkpoints/stepN`)."""
-    from .train.checkpoints import COMPLETE
-
     path = Path(path)
     return path.is_dir() and ((path / COMPLETE).is_file() or (path / MODEL_STATES).is_file()
                               or any(path.glob("zero_pp_rank_*_model_states.pt")))
@@ -137,9 +136,7 @@ def _checkpoint_weights(path: Path, stage: int) -> dict[str, Any]:
 
 def _run_config_file(checkpoint: Path) -> Path:
     """OUT/config.yaml of the checkpoint OUT/checkpoints/stepN: the config `molf-ds train` saved."""
-    from .train.loop import CONFIG
-
-    return checkpoint.resolve().parent.parent / CONFIG
+    return of_checkpoint(checkpoint) / CONFIG
 
 
 def _run_config(checkpoint: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ times them. A new method is one row here (plus its name in the command tuples be
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,6 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
 )}
 
 MOLF_METHODS = tuple(n for n, m in REGISTRY.items() if m.molf)  # ("molf", "molf-e")
-DEGENERATE = 0.99  # a MoLF run where one expert took more of the routing decisions than this trained it alone
 MOLF_WRAPPED = tuple(n for n, m in REGISTRY.items() if m.wrapped)  # ("molf", "molf-e", "ds-adamw")
 TRAIN_METHODS = ("molf", "molf-e", "fft", "lora", "lora-rest", "adalora")  # molf-ds train's `method:`
 COMPARE_METHODS = ("fft", "lora", "lora-rest", "adalora", "molf", "molf-e")  # molf-ds compare's default order
@@ -77,6 +77,18 @@ def uses_lrs(method: str, freeze_non_linear: bool = False) -> tuple[bool, bool]:
     spec = REGISTRY[method]
     rest = spec.trains_rest or (spec.molf and not freeze_non_linear)
     return spec.trains_base or rest, spec.has_lora
+
+
+DEGENERATE = 0.99  # a MoLF run where one expert took more of the routing decisions than this trained it alone
+
+
+def lone_expert(decisions: Mapping[str, float]) -> str | None:
+    """The expert that took more than DEGENERATE of the routing decisions, None where none did (`decisions`: per
+    expert, its shares summed over any steps; under top_k > 1 a step's shares sum to k)."""
+    if not decisions:
+        return None
+    winner = max(decisions, key=decisions.__getitem__)
+    return winner if decisions[winner] > DEGENERATE * (sum(decisions.values()) or 1.0) else None
 
 
 def baseline_of(method: str) -> str:

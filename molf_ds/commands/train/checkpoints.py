@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..run_dir import CHECKPOINTS, COMPLETE, CONFIG
 from .config import key_error
 from .data import direction
 
-COMPLETE = "molf_ds_complete.json"
 _TAG = re.compile(r"step(\d+)")
 
 
@@ -159,7 +159,7 @@ def set_aside(out: Path, start: int, logs: tuple[str, ...]) -> Path | None:
     checkpoints of later steps belong to a branch this run leaves, and resume=auto would pick them over this run's.
     Move them, with the log records after `start` (trimmed from `logs`) and that branch's config.yaml, to
     out/checkpoints/abandoned-<UTC time>/; say so in one line on stderr. Returns that directory, or None."""
-    directory = out / "checkpoints"
+    directory = out / CHECKPOINTS
     later = [c for c in complete(directory) if c.step > start]
     cut = {name: trim_jsonl(out / name, start) for name in logs}
     if not later:
@@ -171,8 +171,8 @@ def set_aside(out: Path, start: int, logs: tuple[str, ...]) -> Path | None:
     for name, lines in cut.items():
         if lines:
             (aside / name).write_text(lines)
-    if (out / "config.yaml").is_file():
-        shutil.copy2(out / "config.yaml", aside / "config.yaml")
+    if (out / CONFIG).is_file():
+        shutil.copy2(out / CONFIG, aside / CONFIG)
     tags = ", ".join(c.tag for c in later)
     print(f"molf-ds train: this run starts at step {start}; the later checkpoints {tags} (another branch of this "
           f"output directory) moved to {aside}/, so resume=auto continues this run", file=sys.stderr, flush=True)

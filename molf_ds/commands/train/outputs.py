@@ -14,10 +14,9 @@ import transformers
 from molf_ds.export import export_peft, gathered, save_merged
 from molf_ds.optim.routing_log import is_rank_zero
 from molf_ds.zero.surface import HF_ZERO3_CONFIG, require
-from ..methods import DEGENERATE, REGISTRY
+from ..methods import DEGENERATE, REGISTRY, lone_expert
+from ..run_dir import FINAL, FINAL_PEFT
 from .methods import Trainee
-
-FINAL, FINAL_PEFT, ROUTING_PNG = "final", "final_peft", "routing.png"
 
 
 def save_final(trainee: Trainee, tokenizer: Any, out_dir: Path) -> list[Path]:
@@ -78,9 +77,8 @@ def routing_summary(metrics_path: Path) -> str | None:
     by_type = ", ".join(f"{k} {mean([r['routing_by_type'][k][experts[0]] for r in records]):.0%}" for k in kinds)
     line = (f"routing over {len(records)} steps: {overall}"
             + (f"; share of '{experts[0]}' per projection type: {by_type}" if by_type else ""))
-    totals = {e: sum(r["routing"][e] for r in records) for e in experts}  # top_k > 1: shares sum to k a step
-    winner = max(totals, key=totals.get)
-    if totals[winner] > DEGENERATE * (sum(totals.values()) or 1.0):
+    winner = lone_expert({e: sum(r["routing"][e] for r in records) for e in experts})
+    if winner is not None:
         line += (f"\nwarning: '{winner}' took more than {DEGENERATE:.0%} of the routing decisions, so this run "
                  "trained that expert alone. EPD scores grow with each expert's lr and scaling: compare "
                  "train.lr with train.lora_lr, and molf.lora_alphas / sqrt(molf.lora_ranks) across the experts")
