@@ -36,6 +36,7 @@ from .compare_settings import (SETTINGS, baseline_overrides, baselines_line, des
                                trainable_parameters)
 from .methods import COMPARE_METHODS, DEGENERATE, EXPERT_BASELINES, MOLF_METHODS, lone_expert
 from .run_dir import CONFIG, EVAL, METRICS
+from .sources import is_local
 
 if TYPE_CHECKING:
     from .train.config import TrainConfig
@@ -199,8 +200,6 @@ def method_overrides(config: str, common: list[str], per_method: dict[str, list[
 
 def data_sha256(cfg: TrainConfig) -> dict[str, str]:
     """SHA-256 of each local data file the run reads (data.train, eval.data), by key; hub datasets have none."""
-    from .train.data.base import is_local
-
     digests = {}
     for key, source in (("data.train", cfg.data.train), ("eval.data", cfg.eval.data)):
         if source is not None and is_local(source):

@@ -14,13 +14,17 @@ import functools
 import importlib.util
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 if TYPE_CHECKING:
     from .train.config import TrainConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 CONFIG_KEY = re.compile(r"[a-z_]+(\.[a-z_]+)+")
+FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}  # local file -> datasets loader
+# train.report_to backend -> (module that must be importable, pip package); the extras in pyproject carry the names
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+                    "mlflow": ("mlflow", "mlflow-skinny")}
 
 
 class SourceError(ValueError):
@@ -47,12 +51,26 @@ def check_config(cfg: TrainConfig) -> None:
     check_trackers("train.report_to", cfg.train.report_to)
 
 
+def is_local(source: str) -> bool:
+    """A data source that is a local file (a known suffix, or it exists), not a hub dataset id."""
+    return Path(source).suffix in FORMATS or Path(source).exists()
+
+
 def check_trackers(key: str, report_to: list[str]) -> None:
     """The experiment trackers named in `report_to` are installed (molf_ds.commands.train.tracking)."""
-    from .train.tracking import missing
-
-    if problem := missing(report_to):
+    if problem := missing_trackers(report_to):
         raise SourceError(key, problem)
+
+
+def missing_trackers(report_to: Iterable[str]) -> str | None:
+    """The problem with the first backend of `report_to` that is not installed, one line with the pip command;
+    None when all are."""
+    for name in report_to:
+        if name in TRACKER_PACKAGES:
+            module, package = TRACKER_PACKAGES[name]
+            if importlib.util.find_spec(module) is None:
+                return f"{name} is not installed: pip install {package} (or \"molf-ds[{name}]\")"
+    return None
 
 
 def check_model(key: str, name_or_path: str, gguf_file: str | None = None, *,
@@ -145,8 +163,6 @@ def check_chat_template(key: str, name_or_path: str) -> None:
 
 def check_dataset(key: str, source: str) -> None:
     """A local .json/.jsonl/.parquet/.csv file, or a hub dataset that is cached or on a reachable hub."""
-    from .train.data.base import FORMATS, is_local
-
     if not (is_local(source) or _is_path(key, source, _dataset_cached)):
         files = ", ".join(FORMATS)
         _check_hub(key, source, "dataset", _dataset_cached, f"{_point(key, 'FILE')}, one of its {files} files")

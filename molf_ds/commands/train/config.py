@@ -21,12 +21,14 @@ import yaml
 from molf_ds.config import DEFAULT_TARGETS, MoLFConfig
 
 from ..methods import REGISTRY, TRAIN_METHODS, is_molf
+from ..sources import SourceError, check_dataset, is_local
 from .aliases import alias_hint
 from .data import TASKS
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")  # transformers.get_scheduler names that need no extra arguments
+TRACKERS = ("tensorboard", "wandb", "mlflow", "csv")  # train.report_to (train/tracking.py)
 SHARED_OPTIMIZER_FIELDS = ("lr", "lora_lr", "weight_decay", "lora_weight_decay", "betas", "eps")  # train.*
 REQUIRED = object()
 
@@ -296,9 +298,6 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 # ---- validation ----------------------------------------------------------------------------------
 def validate(cfg: TrainConfig) -> TrainConfig:
-    from ..sources import SourceError, check_dataset
-    from .data.base import is_local
-
     m, d, e, t, lo = cfg.model, cfg.data, cfg.eval, cfg.train, cfg.lora
     _choice("method", cfg.method, TRAIN_METHODS)
     _choice("model.dtype", m.dtype, DTYPES)
@@ -390,10 +389,8 @@ def _positive(key: str, value: int) -> None:
 
 def _check_tracking(t: TrainSection) -> None:
     """train.report_to and train.logging_steps; whether the backends are installed: sources.check_config."""
-    from .tracking import BACKENDS
-
     for i, name in enumerate(t.report_to):
-        _choice(f"train.report_to[{i}]", name, BACKENDS)
+        _choice(f"train.report_to[{i}]", name, TRACKERS)
         if name in t.report_to[:i]:
             raise key_error(f"train.report_to[{i}]", f"{name!r} is listed twice")
     _positive("train.logging_steps", t.logging_steps)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+from ...sources import FORMATS, is_local
+
 
 
 class DataError(ValueError):
@@ -142,10 +143,6 @@ class Task:
     def direction(self, metric: str) -> int:
         """+1 where a higher `metric` is better, -1 where a lower one is."""
         return -1 if metric in self.lower_is_better else 1
-
-
-def is_local(source: str) -> bool:
-    return Path(source).suffix in FORMATS or Path(source).exists()
 
 
 def open_table(source: str, split: str) -> tuple[str, Any]:
