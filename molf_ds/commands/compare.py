@@ -36,7 +36,9 @@ from .compare_settings import (SETTINGS, baseline_overrides, baselines_line, des
                                trainable_parameters)
 from .methods import COMPARE_METHODS, DEGENERATE, EXPERT_BASELINES, MOLF_METHODS, lone_expert
 from .run_dir import CONFIG, EVAL, METRICS
-from .sources import is_local
+from .sources import SourceError, check_config, is_local
+from .train.config import ConfigError, load_config, raw_config, saved_config
+from .train.data import TASKS, direction
 
 if TYPE_CHECKING:
     from .train.config import TrainConfig
@@ -95,9 +97,6 @@ class RunResult:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .sources import SourceError, check_config
-    from .train.config import ConfigError, load_config
-
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     per_method: dict[str, list[str]] = {m: [] for m in methods}
     for item in args.set:
@@ -130,8 +129,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if line:
         print(line, file=sys.stderr, flush=True)
-    from .train.data import TASKS
-
     metrics = list(TASKS[cfg.data.task].metrics)
     metric = args.metric or metrics[0]
     launcher = shlex.split(args.launcher) if args.launcher else [
@@ -179,8 +176,6 @@ def method_overrides(config: str, common: list[str], per_method: dict[str, list[
                      out: Path) -> tuple[dict[str, list[str]], str]:
     """Each method's own overrides: its --set ones, after (for lora and lora-rest) the lora.* settings of MoLF's
     LoRA expert for every key the user left unset; and the line saying which settings each baseline took."""
-    from .train.config import load_config, raw_config
-
     def resolved(method: str) -> TrainConfig:
         return load_config(config, run_overrides(common, method, per_method.get(method, []), 0, out / "runs" / "x"))
 
@@ -223,8 +218,6 @@ def stale_reason(run_dir: Path, expected: dict[str, Any], hashes: dict[str, str]
         return "it has no final evaluation"
     if not (run_dir / CONFIG).is_file():
         return f"it has no {CONFIG}"
-    from .train.config import ConfigError, saved_config
-
     saved = yaml.safe_load((run_dir / CONFIG).read_text())
     try:  # keys added to the schema since the run was trained count at their defaults
         saved = saved_config(saved).to_dict()
@@ -344,8 +337,6 @@ def summarise(results: list[RunResult], metrics: list[str]) -> dict[str, dict[st
 def gap_percent(table: dict[str, dict[str, tuple[float, float, int]]], method: str, metric: str) -> float | None:
     """How much better (+) or worse (-) `method` is than the better of fft and lora, in percent of it (for loss,
     lower is better); None without a reference."""
-    from .train.data import direction
-
     refs = [table[m][metric][0] for m in ("fft", "lora") if m in table and table[m][metric][2] > 0]
     if method not in table or not refs or table[method][metric][2] == 0:
         return None
@@ -397,8 +388,6 @@ def write_report(results: list[RunResult], out: Path, metrics: list[str], metric
             trainable = f"{int(d['trainable_params']):,}" if d["trainable_params"] else ""
             lines.append(f"| {method} | {d['ranks']} | {d['alphas']} | {d['rslora']} | {d['scaling']} | "
                          f"{d['dropout']} | {trainable} | {d['lr']} | {d['lora_lr']} |")
-    from .train.data import direction
-
     lines += ["", f"## Gap to the better of FFT and LoRA (`{metric}`; + is better)", ""]
     for method in MOLF_METHODS:
         if method in table:
@@ -436,8 +425,6 @@ def write_report(results: list[RunResult], out: Path, metrics: list[str], metric
 def run_settings(results: list[RunResult]) -> list[dict[str, str]]:
     """compare_settings.describe of each run's config.yaml ({} without one, or one this version cannot read);
     the trainable parameters counted once per distinct model and method setup."""
-    from .train.config import ConfigError, saved_config
-
     counted: dict[str, int | None] = {}
     described = []
     for r in results:

@@ -13,7 +13,10 @@ import math
 import warnings
 from typing import TYPE_CHECKING, Any
 
+from .memory import load_config as model_config
 from .methods import EXPERT_BASELINES, MOLF_METHODS, REGISTRY, is_molf, trains_base, uses_lrs
+from .sources import SourceError
+from .train.methods import shaped_model
 
 if TYPE_CHECKING:
     from .train.config import TrainConfig
@@ -123,10 +126,6 @@ def trainable_parameters(config: TrainConfig) -> int | None:
     sets it up (MoLF wrapping, PEFT, lora-rest's extra parameters); None where the model's config is not at hand."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .memory import load_config as model_config
-    from .sources import SourceError
-    from .train.methods import shaped_model
 
     m = config.model
     try:

@@ -15,8 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from molf_ds.distributed import end_process_group, init_distributed, report_before_group
+
 from .loading import check_model_sources, load_model
+from .sources import SourceError, check_dataset
 from .train.data import TASKS, DataError, open_table, rows
+from .train.evaluate import evaluate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,9 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from molf_ds.distributed import end_process_group, report_before_group
-    from .sources import SourceError
-
     started_here = _rank() is None  # the group evaluate_model starts under a multi-rank launcher is ended here
     try:
         result = evaluate_model(args.model, args.task, args.data, split=args.split, tokenizer=args.tokenizer,
@@ -70,10 +71,6 @@ def evaluate_model(
 ) -> dict[str, Any]:
     import torch
 
-    from molf_ds.distributed import init_distributed
-
-    from .train.evaluate import evaluate
-
     if batch_size < 1 or skip < 0 or (max_samples is not None and max_samples < 1):
         raise ValueError("--batch-size and --max-samples must be >= 1, --skip >= 0")
     check_sources(model, data, tokenizer, gguf_file)
@@ -94,8 +91,6 @@ def evaluate_model(
 def check_sources(model: str, data: str, tokenizer: str | None = None, gguf_file: str | None = None) -> None:
     """MODEL (an adapter's base model too; with --gguf-file the folder holding it), its tokenizer and --data can be
     loaded: `SourceError` otherwise."""
-    from .sources import check_dataset
-
     check_model_sources(model, tokenizer, gguf_file)
     check_dataset("--data", data)
 

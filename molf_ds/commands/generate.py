@@ -13,6 +13,9 @@ import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
 
+from .loading import check_model_sources, load_model
+from .sources import SourceError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL",
@@ -35,9 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import transformers
-
-    from .loading import check_model_sources, load_model
-    from .sources import SourceError
 
     transformers.utils.logging.disable_progress_bar()
     problem = _check(args)

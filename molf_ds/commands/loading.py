@@ -4,12 +4,17 @@ base model), a checkpoint of a run (`OUT/checkpoints/stepN`: the run's model reb
 checkpoint's weights, then merged), a `molf-ds models` name or a hub id, or a directory and a GGUF file in it."""
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from .models import resolve
 from .run_dir import COMPLETE, CONFIG, FINAL, of_checkpoint
+from .sources import SourceError, check_model, check_tokenizer
+from .train.config import saved_config
+from .train.methods import merged_model, shaped_model
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's module weights (ZeRO-0/1/2: full tensors)
 
@@ -32,8 +37,6 @@ def is_checkpoint(path: str | Path) -> bool:
 def check_model_sources(model: str, tokenizer: str | None = None, gguf_file: str | None = None) -> None:
     """MODEL (an adapter's base model too, a checkpoint's run config and base model; with --gguf-file the folder
     holding it) and its tokenizer can be loaded: `SourceError` otherwise."""
-    from .sources import SourceError, check_model, check_tokenizer
-
     own: str | None = None  # where the tokenizer comes from without --tokenizer (None: the GGUF checkpoint)
     if gguf_file is not None:
         check_model("MODEL", model, gguf_file, gguf_key="--gguf-file")
@@ -98,9 +101,6 @@ def load_checkpoint(path: Path, tokenizer: str | None = None, dtype: str = "floa
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .train.config import saved_config
-    from .train.methods import merged_model, shaped_model
-
     cfg = saved_config(_run_config(path))  # the saved config as parsed, without the checks of its data files
     m = cfg.model
     kwargs: dict[str, Any] = {"dtype": torch.float32, **({"gguf_file": m.gguf_file} if m.gguf_file else {})}
@@ -125,9 +125,6 @@ def _checkpoint_weights(path: Path, stage: int) -> dict[str, Any]:
     full = path / MODEL_STATES
     if full.is_file() and (stage < 3 or (path / "zero").is_dir()):
         return torch.load(full, map_location="cpu", weights_only=False)["module"]
-    import contextlib
-    import sys
-
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(sys.stderr):  # its progress lines: stdout is generate's text
@@ -141,8 +138,6 @@ def _run_config_file(checkpoint: Path) -> Path:
 
 def _run_config(checkpoint: Path) -> dict[str, Any]:
     import yaml
-
-    from .sources import SourceError
 
     config = _run_config_file(checkpoint)
     if not config.is_file():

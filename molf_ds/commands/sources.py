@@ -12,9 +12,12 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib.util
+import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
+
+from .models import MODELS, is_prepared, model_dir
 
 if TYPE_CHECKING:
     from .train.config import TrainConfig
@@ -129,11 +132,7 @@ def check_tokenizer(key: str, name_or_path: str, default_of: str | None = None) 
 def check_chat_template(key: str, name_or_path: str) -> None:
     """The tokenizer (`data.task: chat`) has a chat template, where that shows without loading it: a local or
     prepared `molf-ds models` directory, or a hub tokenizer whose files are cached; otherwise loading checks."""
-    import json
-
     from huggingface_hub import try_to_load_from_cache
-
-    from .models import MODELS, is_prepared, model_dir
 
     names = ("chat_template.jinja", "chat_template.json")
     if name_or_path in MODELS and not Path(name_or_path).exists():
@@ -200,8 +199,6 @@ def _is_path(key: str, value: str, cached: Callable[[str], bool]) -> bool:
 
 def _registry(key: str, value: str) -> bool:
     """Whether `value` is a `molf-ds models` name (not shadowed by a local path) that can be prepared."""
-    from .models import MODELS, is_prepared
-
     if value not in MODELS or Path(value).exists():
         return False
     entry = MODELS[value]

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -42,8 +43,6 @@ class Checkpoint:
 def to_universal(source: Path, target: Path) -> Checkpoint:
     """Convert the complete checkpoint `source` (.../checkpoints/stepN) into a universal one at `target`
     (any directory; its name becomes the tag), marked complete with the same step."""
-    import subprocess
-
     marker = source / COMPLETE
     if not marker.is_file():
         raise key_error("train.resume", f"{source} is not a complete molf_ds checkpoint (no {COMPLETE})")

@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 
 from molf_ds.config import DEFAULT_TARGETS, MoLFConfig
+from molf_ds.optim.molf_adamw import check_speculative_update
+from molf_ds.zero.ds_config import prepare_ds_config
 
 from ..methods import REGISTRY, TRAIN_METHODS, is_molf
 from ..sources import SourceError, check_dataset, is_local
@@ -397,8 +399,6 @@ def _check_tracking(t: TrainSection) -> None:
 
 
 def _check_molf(cfg: TrainConfig) -> None:
-    from molf_ds.optim.molf_adamw import check_speculative_update
-
     own = [f.name for f in fields(MoLFConfig) if f.name not in SHARED_OPTIMIZER_FIELDS + ("variant",)]
     for name in cfg.molf:
         if name in SHARED_OPTIMIZER_FIELDS:
@@ -418,8 +418,6 @@ def _check_molf(cfg: TrainConfig) -> None:
 
 def _check_deepspeed(ds: dict[str, Any], t: TrainSection) -> dict[str, Any]:
     """The YAML's batch numbers go into the DeepSpeed config; then molf_ds's DeepSpeed checks."""
-    from molf_ds.zero.ds_config import prepare_ds_config
-
     ds = copy.deepcopy(ds)
     for key, value in (("train_micro_batch_size_per_gpu", t.micro_batch_size),
                        ("gradient_accumulation_steps", t.gradient_accumulation_steps)):
