@@ -463,7 +463,7 @@ def _pm(mean: float, std: float) -> str:
 
 
 def write_plots(results: list[RunResult], table: dict, out: Path, metric: str) -> list[Path]:
-    import matplotlib
+    import matplotlib  # deferred: slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -13,6 +13,8 @@ import math
 import warnings
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from .memory import load_config as model_config
 from .methods import EXPERT_BASELINES, MOLF_METHODS, REGISTRY, is_molf, trains_base, uses_lrs
 from .sources import SourceError
@@ -124,8 +126,7 @@ def describe(config: TrainConfig, trainable: int | None) -> dict[str, str]:
 def trainable_parameters(config: TrainConfig) -> int | None:
     """The run's trainable parameters, counted on its architecture built on the meta device and set up as the run
     sets it up (MoLF wrapping, PEFT, lora-rest's extra parameters); None where the model's config is not at hand."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # deferred: slow to import
 
     m = config.model
     try:

@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from molf_ds.distributed import end_process_group, init_distributed, report_before_group
 
 from .loading import check_model_sources, load_model
@@ -69,8 +72,6 @@ def evaluate_model(
     max_samples: int | None = None, skip: int = 0, batch_size: int = 16, max_new_tokens: int = 128,
     dtype: str = "float32", gguf_file: str | None = None, progress: bool = True,
 ) -> dict[str, Any]:
-    import torch
-
     if batch_size < 1 or skip < 0 or (max_samples is not None and max_samples < 1):
         raise ValueError("--batch-size and --max-samples must be >= 1, --skip >= 0")
     check_sources(model, data, tokenizer, gguf_file)
@@ -97,6 +98,4 @@ def check_sources(model: str, data: str, tokenizer: str | None = None, gguf_file
 
 def _rank() -> int | None:
     """This process's rank; None without a process group."""
-    import torch.distributed as dist
-
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else None

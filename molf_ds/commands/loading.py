@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+
 from .models import resolve
 from .run_dir import COMPLETE, CONFIG, FINAL, of_checkpoint
 from .sources import SourceError, check_model, check_tokenizer
@@ -68,8 +71,7 @@ def load_model(path: str, tokenizer: str | None = None, dtype: str = "float32", 
                ) -> tuple[Any, Any]:
     """(model, tokenizer) from a model directory, a run output directory, a PEFT adapter directory, a run's
     checkpoint directory, a `molf-ds models` name or hub id, or a directory and the GGUF checkpoint in it."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: slow to import
 
     if gguf_file:
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=getattr(torch, dtype))
@@ -98,8 +100,7 @@ def load_checkpoint(path: Path, tokenizer: str | None = None, dtype: str = "floa
     """The model of a run's checkpoint `OUT/checkpoints/stepN`, merged into the vanilla architecture as the run's
     `final/` would be: the base model of OUT/config.yaml, wrapped as its method wraps it (MoLF, PEFT or none),
     the checkpoint's weights loaded, the experts folded in."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # deferred: slow to import
 
     cfg = saved_config(_run_config(path))  # the saved config as parsed, without the checks of its data files
     m = cfg.model
@@ -120,12 +121,10 @@ def load_checkpoint(path: Path, tokenizer: str | None = None, dtype: str = "floa
 def _checkpoint_weights(path: Path, stage: int) -> dict[str, Any]:
     """The module's state dict: DeepSpeed's model states (full tensors under ZeRO-0/1/2 and in a universal
     checkpoint), or under ZeRO-3 the fp32 weights gathered from the ranks' partitions."""
-    import torch
-
     full = path / MODEL_STATES
     if full.is_file() and (stage < 3 or (path / "zero").is_dir()):
         return torch.load(full, map_location="cpu", weights_only=False)["module"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # deferred: slow to import
 
     with contextlib.redirect_stdout(sys.stderr):  # its progress lines: stdout is generate's text
         return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
@@ -137,8 +136,6 @@ def _run_config_file(checkpoint: Path) -> Path:
 
 
 def _run_config(checkpoint: Path) -> dict[str, Any]:
-    import yaml
-
     config = _run_config_file(checkpoint)
     if not config.is_file():
         raise SourceError("MODEL", f"{checkpoint} is a checkpoint, but {config} (the run's config, which says how "
@@ -150,7 +147,7 @@ def load_tokenizer(source: str) -> Any:
     """AutoTokenizer, except for a plain `tokenizers` tokenizer saved beside a model's config.json: transformers
     5 then picks the model type's tokenizer class (e.g. Qwen2Tokenizer) and replaces its pre-tokenizer, so it is
     loaded as the class its tokenizer_config.json names."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # deferred: slow to import
 
     config = Path(source) / "tokenizer_config.json"
     if config.is_file() and json.loads(config.read_text()).get("tokenizer_class") in (

@@ -132,7 +132,7 @@ def check_tokenizer(key: str, name_or_path: str, default_of: str | None = None) 
 def check_chat_template(key: str, name_or_path: str) -> None:
     """The tokenizer (`data.task: chat`) has a chat template, where that shows without loading it: a local or
     prepared `molf-ds models` directory, or a hub tokenizer whose files are cached; otherwise loading checks."""
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # deferred: slow to import
 
     names = ("chat_template.jinja", "chat_template.json")
     if name_or_path in MODELS and not Path(name_or_path).exists():
@@ -180,7 +180,7 @@ def check_dataset(key: str, source: str) -> None:
 def _is_path(key: str, value: str, cached: Callable[[str], bool]) -> bool:
     """Whether `value` is checked as a local path; False: a hub id (NAME or OWNER/NAME) that does not look like a
     path, or is cached although it does (./Qwen/ beside the hub id Qwen/Qwen2.5-3B)."""
-    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.errors import HFValidationError  # deferred: slow to import
     from huggingface_hub.utils import validate_repo_id
 
     if not value.strip():
@@ -232,14 +232,14 @@ def _check_gguf(key: str, directory: str, gguf_key: str, gguf_file: str) -> None
 # ---- hub ids -------------------------------------------------------------------------------------
 def _hub_cached(repo_id: str, files: tuple[str, ...]) -> bool:
     """Whether the hub cache holds one of `files` of the model `repo_id` (its main revision)."""
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # deferred: slow to import
 
     return any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in files)
 
 
 def _dataset_cached(repo_id: str) -> bool:
     """A dataset `load_dataset` prepared before: offline it reads that, never the hub cache."""
-    from datasets import config
+    from datasets import config  # deferred: slow to import
     from datasets.naming import camelcase_to_snakecase
 
     *owner, name = repo_id.split("/")
@@ -249,7 +249,7 @@ def _dataset_cached(repo_id: str) -> bool:
 
 def _check_hub(key: str, repo_id: str, repo_type: str, cached: Callable[[str], bool], point: str) -> None:
     """Passes when `cached(repo_id)`, or when the hub is asked and has it (the loader then downloads it)."""
-    from huggingface_hub import constants, is_offline_mode
+    from huggingface_hub import constants, is_offline_mode  # deferred: slow to import
 
     if cached(repo_id):
         return
@@ -276,7 +276,7 @@ def _check_hub(key: str, repo_id: str, repo_type: str, cached: Callable[[str], b
 @functools.lru_cache(maxsize=None)
 def _hub_lookup(repo_id: str, repo_type: str) -> str | None:
     """None when the hub has the repository, "not found", or why the hub could not be asked."""
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi, constants  # deferred: slow to import
     from huggingface_hub.errors import RepositoryNotFoundError
 
     try:

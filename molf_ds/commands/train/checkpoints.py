@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..run_dir import CHECKPOINTS, COMPLETE, CONFIG
 from .config import key_error
 from .data import direction
@@ -79,8 +81,6 @@ def _full_model_states(target: Path) -> None:
     """From a ZeRO-3 source, ds_to_universal keeps the per-rank model states, whose module tensors are empty
     partitions: ZeRO-0/1/2 load `mp_rank_00_model_states.pt` with full weights. Write it from rank 0's file
     (client state, MoLF state, scheduler) and the universal fp32 weights (tied weights through shared_params)."""
-    import torch
-
     full, partitioned = target / "mp_rank_00_model_states.pt", target / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     if full.exists() or not partitioned.exists():
         return

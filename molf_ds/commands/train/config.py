@@ -440,7 +440,7 @@ def _check_deepspeed(ds: dict[str, Any], t: TrainSection) -> dict[str, Any]:
 def _check_deepspeed_models(ds: dict[str, Any]) -> None:
     """DeepSpeed's own schemas (pydantic) for the sections it validates, here rather than inside
     deepspeed.initialize: a wrong type, range or unknown key is one line naming it, before any process group."""
-    import pydantic
+    import pydantic  # deferred: slow to import
     from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
@@ -473,7 +473,7 @@ def _check_deepspeed_models(ds: dict[str, Any]) -> None:
 def _check_fp16_kernels() -> None:
     """deepspeed.initialize refuses fp16 on a CPU whose oneDNN has no fp16 kernels (no AVX512-FP16 / AMX-FP16):
     one line here instead, before any process group."""
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # deferred: slow to import
 
     accelerator = get_accelerator()
     if accelerator.is_fp16_supported():

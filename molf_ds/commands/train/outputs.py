@@ -52,7 +52,7 @@ def _save_baseline(model: Any, peft: bool, final: Path, peft_dir: Path, tokenize
 def _zero3_off():
     """transformers' save_pretrained and PEFT's merge treat every parameter as partitioned while a ZeRO-3
     HfDeepSpeedConfig is alive; inside a full gather they must not."""
-    from transformers.integrations import deepspeed as hf_deepspeed
+    from transformers.integrations import deepspeed as hf_deepspeed  # deferred: slow to import
 
     saved = require(hf_deepspeed, HF_ZERO3_CONFIG, "transformers", transformers.__version__)
     setattr(hf_deepspeed, HF_ZERO3_CONFIG.name, None)

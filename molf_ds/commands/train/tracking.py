@@ -53,7 +53,7 @@ class Tracker:
 
 class TensorBoard(Tracker):
     def __init__(self, out: Path, config: dict[str, Any], start: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # deferred: optional dependency
 
         # a resumed run hides what the interrupted one logged after its checkpoint
         self.writer = SummaryWriter(str(out / TENSORBOARD), purge_step=start + 1 if start else None)
@@ -71,7 +71,7 @@ class WandB(Tracker):
     def __init__(self, out: Path, config: dict[str, Any], start: int) -> None:
         os.environ["WANDB_MODE"] = "offline"  # never the network; `wandb sync` uploads the run afterwards
         os.environ.setdefault("WANDB_SILENT", "true")
-        import wandb
+        import wandb  # deferred: optional dependency
 
         (out / WANDB).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=PROJECT, name=out.name, dir=str(out), mode="offline", config=config)
@@ -87,7 +87,7 @@ class MLflow(Tracker):
     def __init__(self, out: Path, config: dict[str, Any], start: int) -> None:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # mlflow 3 keeps the file store behind this switch
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # deferred: optional dependency
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=(out.resolve() / MLRUNS).as_uri())
@@ -99,7 +99,7 @@ class MLflow(Tracker):
             self.client.log_batch(self.run_id, params=params[i:i + 100])
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # deferred: optional dependency
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
