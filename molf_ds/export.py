@@ -25,7 +25,7 @@ def _barrier() -> None:
 
 def gathered(params: list[nn.Parameter]):
     """Full parameters inside the block under ZeRO-3 (a no-op for ordinary parameters)."""
-    import deepspeed
+    import deepspeed  # deferred: slow to import
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
@@ -114,7 +114,7 @@ def peft_adapter(model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
 
 def export_peft(engine_or_model: Any, out_dir: str | Path) -> Path:
     """Rank 0 writes MoLF-E's experts as a standard PEFT LoRA adapter (adapter_config.json + safetensors)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # deferred: only the export needs it
 
     out_dir = Path(out_dir)
     config, weights = peft_adapter(_module_of(engine_or_model))

@@ -137,6 +137,6 @@ def _full_parameters(params: list[nn.Parameter]) -> contextlib.AbstractContextMa
     (rank 0's values win); for ordinary parameters nothing happens."""
     if not any(hasattr(p, "ds_id") for p in params):
         return contextlib.nullcontext()
-    import deepspeed
+    import deepspeed  # deferred: slow to import
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)

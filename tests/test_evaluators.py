@@ -128,7 +128,7 @@ def test_fact_efficacy_paraphrase_neighborhood(tmp_path):
     tokenizer = word_tokenizer([i.prompt for i in items] + ["Paris Rome Berlin Madrid Oslo Lima"])
     model = Unigram(tokenizer, {"Paris": 2, "Rome": 1, "Berlin": 0, "Madrid": 3, "Oslo": 5, "Lima": 4})
     # new beats true in cases 0 and 2: efficacy 2/3; paraphrases 2 + 0 + 1 of 4; neighborhood 0 + 2 + 0 of 4
-    scores = evaluate(model, tokenizer, items, TASKS["fact"].METRICS, 4, 8, "cpu")
+    scores = evaluate(model, tokenizer, items, TASKS["fact"].metrics, 4, 8, "cpu")
     assert scores == {"efficacy": pytest.approx(2 / 3), "paraphrase": 0.75, "neighborhood": 0.5}
 
 
@@ -160,7 +160,7 @@ def test_eval_cli_on_a_saved_model(tiny, tmp_path, capsys):
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     items = load_items("fact", path)
-    want = evaluate(model, tokenizer, items, TASKS["fact"].METRICS, 7, 8, "cpu")
+    want = evaluate(model, tokenizer, items, TASKS["fact"].metrics, 7, 8, "cpu")
     assert printed == {**want, "items": len(items), "rows": len(records)}
     assert json.loads((tmp_path / "scores.json").read_text()) == printed
     assert main(["eval", str(tmp_path / "model"), "--task", "fact", "--data", str(tmp_path / "none.json")]) == 2
@@ -200,7 +200,7 @@ def _zero3_worker(rank, world, out):
     for stage in (2, 3):  # the chat task's Likelihood evaluator, on the same model under each
         module = _engine(build_model(tokenizer, seed=5), stage).module
         assert stage == 2 or all(p.numel() == 0 for p in module.parameters())  # ZeRO-3: only partitions held
-        scores[f"chat-zero{stage}"] = evaluate(module, tokenizer, chats, TASKS["chat"].METRICS, 2, 3, "cpu")
+        scores[f"chat-zero{stage}"] = evaluate(module, tokenizer, chats, TASKS["chat"].metrics, 2, 3, "cpu")
     if rank == 0:
         with open(out, "w") as f:
             json.dump(scores, f)
@@ -224,19 +224,19 @@ def test_zero3_evaluation_with_unequal_rank_shares_does_not_hang(tmp_path, tiny)
     assert got["fact"] == pytest.approx(evaluate(model, tokenizer, facts, FACT_METRICS, 2, 3, "cpu"))
     assert got["chat-zero3"] == got["chat-zero2"]
     tokenizer = chat_tokenizer(chat_records(5))
-    want = evaluate(build_model(tokenizer, seed=5).eval(), tokenizer, chats, TASKS["chat"].METRICS, 2, 3, "cpu")
+    want = evaluate(build_model(tokenizer, seed=5).eval(), tokenizer, chats, TASKS["chat"].metrics, 2, 3, "cpu")
     assert set(want) == {"token_accuracy", "loss"} and got["chat-zero3"] == pytest.approx(want)
 
 
 def test_lora_rest_trains_the_parameters_outside_the_wrapped_layers(tiny):
     from peft import LoraConfig, get_peft_model
 
-    from molf_ds.commands.train.methods import _rest_groups
+    from molf_ds.commands.train.methods import rest_groups
 
     model, tokenizer, _ = tiny
     fresh = build_model(tokenizer, seed=5)
     peft_model = get_peft_model(fresh, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    groups = _rest_groups(peft_model, 1e-3, 0.1)
+    groups = rest_groups(peft_model, 1e-3, 0.1)
     in_groups = {id(p) for g in groups for p in g["params"]}
     names = {n: p for n, p in peft_model.named_parameters()}
     assert all(g["lr"] == 1e-3 for g in groups) and [g["weight_decay"] for g in groups] == [0.1, 0.0]

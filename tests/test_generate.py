@@ -15,8 +15,12 @@ from transformers import AutoModelForCausalLM
 
 from helpers.demo_runs import REPO, ZERO2, write_demo_run
 from molf_ds.commands.cli import main
+from molf_ds.commands.datagen.demo import build_model, build_tokenizer, counterfact_records
 from molf_ds.commands.generate import Generator
 from molf_ds.commands.loading import load_model, load_tokenizer
+from molf_ds.commands.methods import REGISTRY, TRAIN_METHODS
+from molf_ds.commands.train.config import saved_config
+from molf_ds.commands.train.methods import merged_model, shaped_model
 
 PROMPTS = ["Renzel Mivas is located in the country of", "The profession of Miren Findorpra is"]  # demo seed 3
 
@@ -114,3 +118,22 @@ def test_bad_arguments_are_one_line(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "none"), "hi"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("molf-ds generate: argument MODEL: ") and "does not exist" in err and "\n" not in err, err
+
+
+@pytest.mark.parametrize("method", TRAIN_METHODS)
+def test_every_method_rebuilds_and_merges_back_into_the_vanilla_model(method):
+    """What loading does to a checkpoint, from the method's registry entry alone: shaped_model adds the method's
+    parameters (none for fft), merged_model folds them back; untrained, that is the model it started from."""
+    records = counterfact_records(4)
+    tokenizer = build_tokenizer(records)
+    initial = build_model(tokenizer, seed=1).state_dict()
+    cfg = saved_config({"model": {"name_or_path": "m"}, "method": method, "data": {"task": "fact", "train": "t.json"},
+                        "train": {"max_steps": 4, "output_dir": "o"}, "deepspeed": {},
+                        "lora": {"r": 4, "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1},
+                        **({"molf": {"lora_ranks": [2, 4]}} if REGISTRY[method].molf else {})})
+    shaped = shaped_model(cfg, build_model(tokenizer, seed=1))
+    added = set(shaped.state_dict()) - set(initial)
+    assert bool(added) == REGISTRY[method].has_lora, method
+    merged = merged_model(method, shaped).state_dict()
+    assert set(merged) == set(initial)
+    assert all(torch.allclose(merged[k], initial[k]) for k in initial), method

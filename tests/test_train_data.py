@@ -151,3 +151,23 @@ def test_loss_mask_covers_completion_tokens_only():
     # a completion cut off entirely by max_length drops the example
     cut, dropped = tokenize(examples, tokenizer, max_length=len(tokenizer(examples[0].prompt)["input_ids"]))
     assert dropped == 1 and len(cut) == 1
+
+
+def test_task_registry_is_what_every_command_reads():
+    """config validation, `molf-ds eval --task`, the CLI help and the metric directions read the one TASKS."""
+    from molf_ds.commands.cli import parser
+    from molf_ds.commands.train.config import ConfigError, saved_config, validate
+    from molf_ds.commands.train.data import TASKS, direction
+
+    root = parser()
+    subcommands = root._subparsers._group_actions[0]
+    task_option = next(a for a in subcommands.choices["eval"]._actions if a.dest == "task")
+    assert tuple(task_option.choices) == tuple(TASKS) == ("sql", "med", "fact", "jsonl", "chat", "alpaca")
+    eval_help = next(a.help for a in subcommands._choices_actions if a.dest == "eval")
+    assert all(name in eval_help for name in TASKS)
+    assert direction("loss") == -1 and direction("exact_match") == direction("token_accuracy") == 1
+    assert all(t.metrics and t.direction("loss") == direction("loss") for t in TASKS.values() if "loss" in t.metrics)
+    with pytest.raises(ConfigError, match="'data.task': 'nope' is not one of sql, med, fact, jsonl, chat, alpaca"):
+        validate(saved_config({"model": {"name_or_path": "m"}, "data": {"task": "nope", "train": "t.jsonl"},
+                               "train": {"max_steps": 1, "output_dir": "o"}, "deepspeed": {}}))
+

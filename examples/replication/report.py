@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from molf_ds.commands.compare import WITHIN_PERCENT, RunResult, collect, gap_percent
+from molf_ds.commands.run_dir import CONFIG, METRICS
 from molf_ds.commands.train.data import TASKS
 
 
@@ -48,8 +49,8 @@ def runs(directories: list[Path]) -> list[tuple[dict[str, Any], RunResult]]:
     """(config, result) of every run under each directory's runs/, in a stable order."""
     found = []
     for run_dir in sorted(d for directory in directories for d in directory.glob("runs/*")):
-        if (run_dir / "config.yaml").is_file():
-            config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        if (run_dir / CONFIG).is_file():
+            config = yaml.safe_load((run_dir / CONFIG).read_text())
             found.append((config, collect(config["method"], config["train"]["seed"], run_dir)))
     return found
 
@@ -91,7 +92,7 @@ def select(directories: list[Path], wanted: list[str], table: Path, sets_file: P
     if len(tasks) > 1:
         print(f"report.py select: runs of several tasks: {sorted(tasks)}", file=sys.stderr)
         return 1
-    metrics = TASKS[tasks.pop()].METRICS
+    metrics = TASKS[tasks.pop()].metrics
     rows = sorted(((variant(c), c["train"]["lr"], c["train"]["lora_lr"], score(r, metrics), r) for c, r in found),
                   key=lambda row: (row[0], row[1], row[2]))
     best: dict[str, tuple] = {}
@@ -126,7 +127,7 @@ def routing(directories: list[Path], output: Path) -> int:
     for label, _, result in labelled(directories):
         if not result.routing:
             continue
-        records = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (result.out / METRICS).read_text().splitlines()]
         by_type = [r["routing_by_type"] for r in records if "routing_by_type" in r]
         shares = {"all": result.routing}
         shares.update({kind: {e: statistics.fmean(step[kind][e] for step in by_type) for e in by_type[0][kind]}
@@ -153,7 +154,7 @@ def summary(directories: list[Path], base: Path | None, output: Path) -> int:
     if not found:
         print("report.py summary: no finished runs", file=sys.stderr)
         return 1
-    metrics = TASKS[found[0][1]["data"]["task"]].METRICS
+    metrics = TASKS[found[0][1]["data"]["task"]].metrics
     columns = [*metrics, "score"]
     per_variant: dict[str, list[tuple[dict[str, Any], RunResult]]] = {}
     for label, config, result in found:

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from .train.data import TASKS
+
 
 def _train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
@@ -51,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     train.set_defaults(func=_train)
     _add(commands, "estimate-memory", "memory", "bytes of model states per GPU and per node, for each method")
-    _add(commands, "eval", "evaluate", "a task's metrics (sql / med / fact / jsonl / chat / alpaca) for a saved model")
+    _add(commands, "eval", "evaluate", f"a task's metrics ({' / '.join(TASKS)}) for a saved model")
     _add(commands, "generate", "generate", "text from a saved model, a run or a checkpoint for prompts (or stdin)")
     _add(commands, "compare", "compare", "train and evaluate several methods and seeds; comparison table and plots")
     _add(commands, "plot-routing", "plot_routing", "draw a routing log: winners per module and step, full share")

@@ -34,7 +34,11 @@ import yaml
 
 from .compare_settings import (SETTINGS, baseline_overrides, baselines_line, describe, expert_settings, expert_source,
                                trainable_parameters)
-from .methods import COMPARE_METHODS, DEGENERATE, EXPERT_BASELINES, MOLF_METHODS
+from .methods import COMPARE_METHODS, DEGENERATE, EXPERT_BASELINES, MOLF_METHODS, lone_expert
+from .run_dir import CONFIG, EVAL, METRICS
+from .sources import SourceError, check_config, is_local
+from .train.config import ConfigError, load_config, raw_config, saved_config
+from .train.data import TASKS, direction
 
 if TYPE_CHECKING:
     from .train.config import TrainConfig
@@ -84,7 +88,7 @@ class RunResult:
 
     @property
     def degenerate(self) -> bool:
-        return bool(self.routing) and max(self.routing.values()) > DEGENERATE
+        return lone_expert(self.routing) is not None
 
     @property
     def final_loss(self) -> float:
@@ -93,9 +97,6 @@ class RunResult:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .sources import SourceError, check_config
-    from .train.config import ConfigError, load_config
-
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     per_method: dict[str, list[str]] = {m: [] for m in methods}
     for item in args.set:
@@ -128,9 +129,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if line:
         print(line, file=sys.stderr, flush=True)
-    from .train.data import TASKS
-
-    metrics = list(TASKS[cfg.data.task].METRICS)
+    metrics = list(TASKS[cfg.data.task].metrics)
     metric = args.metric or metrics[0]
     launcher = shlex.split(args.launcher) if args.launcher else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
@@ -177,8 +176,6 @@ def method_overrides(config: str, common: list[str], per_method: dict[str, list[
                      out: Path) -> tuple[dict[str, list[str]], str]:
     """Each method's own overrides: its --set ones, after (for lora and lora-rest) the lora.* settings of MoLF's
     LoRA expert for every key the user left unset; and the line saying which settings each baseline took."""
-    from .train.config import load_config, raw_config
-
     def resolved(method: str) -> TrainConfig:
         return load_config(config, run_overrides(common, method, per_method.get(method, []), 0, out / "runs" / "x"))
 
@@ -198,8 +195,6 @@ def method_overrides(config: str, common: list[str], per_method: dict[str, list[
 
 def data_sha256(cfg: TrainConfig) -> dict[str, str]:
     """SHA-256 of each local data file the run reads (data.train, eval.data), by key; hub datasets have none."""
-    from .train.data.base import is_local
-
     digests = {}
     for key, source in (("data.train", cfg.data.train), ("eval.data", cfg.eval.data)):
         if source is not None and is_local(source):
@@ -221,11 +216,9 @@ def stale_reason(run_dir: Path, expected: dict[str, Any], hashes: dict[str, str]
     a local data file's content differs from the one it trained on (`hashes` now, its compare_run.json then)."""
     if _final_eval(run_dir) is None:
         return "it has no final evaluation"
-    if not (run_dir / "config.yaml").is_file():
-        return "it has no config.yaml"
-    from .train.config import ConfigError, saved_config
-
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    if not (run_dir / CONFIG).is_file():
+        return f"it has no {CONFIG}"
+    saved = yaml.safe_load((run_dir / CONFIG).read_text())
     try:  # keys added to the schema since the run was trained count at their defaults
         saved = saved_config(saved).to_dict()
     except (ConfigError, TypeError):
@@ -286,8 +279,8 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _final_eval(run_dir: Path) -> dict[str, Any] | None:
-    records = _jsonl(run_dir / "eval.jsonl")
-    metrics = _jsonl(run_dir / "metrics.jsonl")
+    records = _jsonl(run_dir / EVAL)
+    metrics = _jsonl(run_dir / METRICS)
     if not records or not metrics or records[-1]["step"] != metrics[-1]["step"] or records[-1]["step"] == 0:
         return None
     return records[-1]
@@ -298,17 +291,17 @@ def collect(method: str, seed: int, run_dir: Path, status: str = "ok") -> RunRes
     result = RunResult(method, seed, run_dir, status)
     final = _final_eval(run_dir)
     if final is None and status == "ok":
-        result.status = f"no final evaluation in {run_dir / 'eval.jsonl'}"
+        result.status = f"no final evaluation in {run_dir / EVAL}"
     if final is not None:
         result.scores = {k: v for k, v in final.items() if k != "step"}
-    first = _jsonl(run_dir / "eval.jsonl")
+    first = _jsonl(run_dir / EVAL)
     if first and first[0]["step"] == 0:
         result.before = {k: v for k, v in first[0].items() if k != "step"}
     if (run_dir / RUN_RECORD).exists():
         result.wall_s = json.loads((run_dir / RUN_RECORD).read_text())["wall_s"]
-    if (run_dir / "config.yaml").is_file():
-        result.config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    for record in _jsonl(run_dir / "metrics.jsonl"):
+    if (run_dir / CONFIG).is_file():
+        result.config = yaml.safe_load((run_dir / CONFIG).read_text())
+    for record in _jsonl(run_dir / METRICS):
         result.losses.append((record["step"], record["loss"]))
         if "routing" in record:
             result.routing_curve.append((record["step"], record["routing"]))
@@ -344,8 +337,6 @@ def summarise(results: list[RunResult], metrics: list[str]) -> dict[str, dict[st
 def gap_percent(table: dict[str, dict[str, tuple[float, float, int]]], method: str, metric: str) -> float | None:
     """How much better (+) or worse (-) `method` is than the better of fft and lora, in percent of it (for loss,
     lower is better); None without a reference."""
-    from .train.data import direction
-
     refs = [table[m][metric][0] for m in ("fft", "lora") if m in table and table[m][metric][2] > 0]
     if method not in table or not refs or table[method][metric][2] == 0:
         return None
@@ -397,8 +388,6 @@ def write_report(results: list[RunResult], out: Path, metrics: list[str], metric
             trainable = f"{int(d['trainable_params']):,}" if d["trainable_params"] else ""
             lines.append(f"| {method} | {d['ranks']} | {d['alphas']} | {d['rslora']} | {d['scaling']} | "
                          f"{d['dropout']} | {trainable} | {d['lr']} | {d['lora_lr']} |")
-    from .train.data import direction
-
     lines += ["", f"## Gap to the better of FFT and LoRA (`{metric}`; + is better)", ""]
     for method in MOLF_METHODS:
         if method in table:
@@ -436,8 +425,6 @@ def write_report(results: list[RunResult], out: Path, metrics: list[str], metric
 def run_settings(results: list[RunResult]) -> list[dict[str, str]]:
     """compare_settings.describe of each run's config.yaml ({} without one, or one this version cannot read);
     the trainable parameters counted once per distinct model and method setup."""
-    from .train.config import ConfigError, saved_config
-
     counted: dict[str, int | None] = {}
     described = []
     for r in results:
@@ -476,7 +463,7 @@ def _pm(mean: float, std: float) -> str:
 
 
 def write_plots(results: list[RunResult], table: dict, out: Path, metric: str) -> list[Path]:
-    import matplotlib
+    import matplotlib  # deferred: slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -13,7 +13,12 @@ import math
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from .methods import EXPERT_BASELINES, MOLF_METHODS, REGISTRY, is_molf, uses_lrs
+import torch
+
+from .memory import load_config as model_config
+from .methods import EXPERT_BASELINES, MOLF_METHODS, REGISTRY, is_molf, trains_base, uses_lrs
+from .sources import SourceError
+from .train.methods import shaped_model
 
 if TYPE_CHECKING:
     from .train.config import TrainConfig
@@ -36,7 +41,7 @@ def expert_settings(source: TrainConfig) -> dict[str, tuple[Any, str]]:
     def where(field: str, part: str = "") -> str:
         return f"molf.{field}{part}" if field in given else f"MoLF's default {field}{part}"
 
-    if source.method == "molf-e":
+    if not trains_base(source.method):  # molf-e: its experts as one LoRA of their total rank
         r = (sum(molf.lora_ranks), f"sum of molf-e's {where('lora_ranks')}")
     else:
         r = (molf.lora_ranks[0], where("lora_ranks", "[0]"))
@@ -72,7 +77,7 @@ def baselines_line(source: TrainConfig | None, said: dict[str, str], adalora: Tr
     for method in EXPERT_BASELINES:
         if method in said:
             groups.setdefault(said[method], []).append(method)
-    took = "molf-e's experts as one LoRA of their total rank" if source and source.method == "molf-e" else \
+    took = "molf-e's experts as one LoRA of their total rank" if source and not trains_base(source.method) else \
         "molf's LoRA expert"
     parts = [f"{' and '.join(names)} take{'s' if len(names) == 1 else ''} {took} where lora.* is unset: {text}"
              for text, names in groups.items()]
@@ -97,7 +102,7 @@ def describe(config: TrainConfig, trainable: int | None) -> dict[str, str]:
         ranks, alphas = list(molf.lora_ranks), list(molf.lora_alphas)
         rslora, dropout = molf.use_rslora, molf.lora_dropout
         freeze = bool(molf.freeze_non_linear)
-    elif method == "adalora":  # PEFT scales by alpha / init_r (its ranknum)
+    elif REGISTRY[method].adapter == "adalora":  # PEFT scales by alpha / init_r (its ranknum)
         ranks, alphas, rslora, dropout = [lo.init_r], [lo.alpha], False, lo.dropout
     elif REGISTRY[method].peft:
         ranks, alphas, rslora, dropout = [lo.r], [lo.alpha], lo.use_rslora, lo.dropout
@@ -105,8 +110,9 @@ def describe(config: TrainConfig, trainable: int | None) -> dict[str, str]:
         ranks, alphas, rslora, dropout = [], [], False, None
     scaling = [a / (math.sqrt(r) if rslora else r) for r, a in zip(ranks, alphas)]
     uses_lr, uses_lora_lr = uses_lrs(method, freeze)
+    adalora = REGISTRY[method].adapter == "adalora"
     return {
-        "ranks": f"{lo.init_r}->{lo.target_r}" if method == "adalora" else "/".join(map(str, ranks)),
+        "ranks": f"{lo.init_r}->{lo.target_r}" if adalora else "/".join(map(str, ranks)),
         "alphas": "/".join(f"{a:g}" for a in alphas),
         "scaling": "/".join(f"{s:.6g}" for s in scaling),
         "rslora": str(rslora).lower() if ranks else "",
@@ -120,14 +126,7 @@ def describe(config: TrainConfig, trainable: int | None) -> dict[str, str]:
 def trainable_parameters(config: TrainConfig) -> int | None:
     """The run's trainable parameters, counted on its architecture built on the meta device and set up as the run
     sets it up (MoLF wrapping, PEFT, lora-rest's extra parameters); None where the model's config is not at hand."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from molf_ds.wrapping import wrap_model
-
-    from .memory import load_config as model_config
-    from .sources import SourceError
-    from .train.methods import _peft, _rest_groups
+    from transformers import AutoConfig, AutoModelForCausalLM  # deferred: slow to import
 
     m = config.model
     try:
@@ -137,14 +136,7 @@ def trainable_parameters(config: TrainConfig) -> int | None:
             architecture = AutoConfig.from_pretrained(m.name_or_path, gguf_file=m.gguf_file)
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecations that PEFT calls into
-            model = AutoModelForCausalLM.from_config(architecture)
-            if is_molf(config.method):
-                wrap_model(model, config.molf_config())
-            elif REGISTRY[config.method].peft:
-                lo, steps = config.lora, config.train.max_steps
-                model = _peft(config, model, steps if steps is not None else lo.tinit + lo.tfinal + 1)
-                if config.method == "lora-rest":
-                    _rest_groups(model, config.train.lr, config.train.weight_decay)
+            model = shaped_model(config, AutoModelForCausalLM.from_config(architecture))
     except (OSError, ValueError, RuntimeError, ImportError):  # the table goes on without the count
         return None
     return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())

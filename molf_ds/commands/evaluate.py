@@ -15,14 +15,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
+from molf_ds.distributed import end_process_group, init_distributed, report_before_group
+
 from .loading import check_model_sources, load_model
+from .sources import SourceError, check_dataset
+from .train.data import TASKS, DataError, open_table, rows
+from .train.evaluate import evaluate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model directory, run output directory (uses final/), PEFT adapter, run "
                                       "checkpoint (OUT/checkpoints/stepN), or a `molf-ds models` name")
     parser.add_argument("--gguf-file", help="a GGUF checkpoint inside the model directory")
-    parser.add_argument("--task", required=True, choices=("sql", "med", "fact", "jsonl", "chat", "alpaca"))
+    parser.add_argument("--task", required=True, choices=tuple(TASKS))
     parser.add_argument("--data", required=True, help="local .json/.jsonl/.parquet/.csv file or hub dataset id")
     parser.add_argument("--split", default="validation", help="hub split [validation]")
     parser.add_argument("--tokenizer", help="tokenizer directory or id [the model's]")
@@ -36,10 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from molf_ds.distributed import end_process_group, report_before_group
-    from .sources import SourceError
-    from .train.data import DataError
-
     started_here = _rank() is None  # the group evaluate_model starts under a multi-rank launcher is ended here
     try:
         result = evaluate_model(args.model, args.task, args.data, split=args.split, tokenizer=args.tokenizer,
@@ -68,41 +72,30 @@ def evaluate_model(
     max_samples: int | None = None, skip: int = 0, batch_size: int = 16, max_new_tokens: int = 128,
     dtype: str = "float32", gguf_file: str | None = None, progress: bool = True,
 ) -> dict[str, Any]:
-    import torch
-
-    from molf_ds.distributed import init_distributed
-
-    from .train.data import TASKS, DataError, open_table, rows
-    from .train.evaluate import evaluate
-
     if batch_size < 1 or skip < 0 or (max_samples is not None and max_samples < 1):
         raise ValueError("--batch-size and --max-samples must be >= 1, --skip >= 0")
     check_sources(model, data, tokenizer, gguf_file)
     init_distributed(device="cuda" if torch.cuda.is_available() else "cpu", alone=False)  # one process: no group
-    module = TASKS[task]
+    spec = TASKS[task]
     where, table = open_table(data, split)
     stop = len(table) if max_samples is None else min(len(table), skip + max_samples)
     if skip >= stop:
         raise DataError(f"{where}: {len(table)} rows, none left after --skip {skip}")
-    items = [item for row in rows(where, table, range(skip, stop)) for item in module.evals(row)]
+    items = [item for row in rows(where, table, range(skip, stop)) for item in spec.evals(row)]
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
     net, tok = load_model(model, tokenizer, dtype, gguf_file)
     net.to(device)
-    scores = evaluate(net, tok, items, module.METRICS, batch_size, max_new_tokens, device, progress=progress)
+    scores = evaluate(net, tok, items, spec.metrics, batch_size, max_new_tokens, device, progress=progress)
     return {**scores, "items": len(items), "rows": stop - skip}
 
 
 def check_sources(model: str, data: str, tokenizer: str | None = None, gguf_file: str | None = None) -> None:
     """MODEL (an adapter's base model too; with --gguf-file the folder holding it), its tokenizer and --data can be
     loaded: `SourceError` otherwise."""
-    from .sources import check_dataset
-
     check_model_sources(model, tokenizer, gguf_file)
     check_dataset("--data", data)
 
 
 def _rank() -> int | None:
     """This process's rank; None without a process group."""
-    import torch.distributed as dist
-
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else None

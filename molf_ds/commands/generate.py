@@ -13,6 +13,11 @@ import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
 
+import torch
+
+from .loading import check_model_sources, load_model
+from .sources import SourceError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL",
@@ -34,10 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import transformers
-
-    from .loading import check_model_sources, load_model
-    from .sources import SourceError
+    import transformers  # deferred: slow to import
 
     transformers.utils.logging.disable_progress_bar()
     problem = _check(args)
@@ -92,8 +94,6 @@ class Generator:
 
     def __init__(self, model: Any, tokenizer: Any, max_new_tokens: int = 128, temperature: float | None = None,
                  top_p: float | None = None, seed: int | None = None, chat: bool = True) -> None:
-        import torch
-
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -117,8 +117,6 @@ class Generator:
         return self.tokenizer(prompt, return_tensors="pt")
 
     def __call__(self, prompt: str) -> str:
-        import torch
-
         batch = {k: v.to(self.device) for k, v in self.encode(prompt).items() if k in ("input_ids", "attention_mask")}
         if self.seed is not None:
             torch.manual_seed(self.seed)

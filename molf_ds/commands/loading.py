@@ -4,11 +4,20 @@ base model), a checkpoint of a run (`OUT/checkpoints/stepN`: the run's model reb
 checkpoint's weights, then merged), a `molf-ds models` name or a hub id, or a directory and a GGUF file in it."""
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+
 from .models import resolve
+from .run_dir import COMPLETE, CONFIG, FINAL, of_checkpoint
+from .sources import SourceError, check_model, check_tokenizer
+from .train.config import saved_config
+from .train.methods import merged_model, shaped_model
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's module weights (ZeRO-0/1/2: full tensors)
 
@@ -16,15 +25,13 @@ MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's module weights (ZeRO-
 def model_directory(path: str) -> Path:
     """`path`, or the `final/` of a run output directory."""
     directory = Path(path)
-    if directory.is_dir() and not (directory / "config.json").exists() and (directory / "final").is_dir():
-        return directory / "final"
+    if directory.is_dir() and not (directory / "config.json").exists() and (directory / FINAL).is_dir():
+        return directory / FINAL
     return directory
 
 
 def is_checkpoint(path: str | Path) -> bool:
     """A DeepSpeed checkpoint tag directory a run wrote (`OUT/checkpoints/stepN`)."""
-    from .train.checkpoints import COMPLETE
-
     path = Path(path)
     return path.is_dir() and ((path / COMPLETE).is_file() or (path / MODEL_STATES).is_file()
                               or any(path.glob("zero_pp_rank_*_model_states.pt")))
@@ -33,8 +40,6 @@ def is_checkpoint(path: str | Path) -> bool:
 def check_model_sources(model: str, tokenizer: str | None = None, gguf_file: str | None = None) -> None:
     """MODEL (an adapter's base model too, a checkpoint's run config and base model; with --gguf-file the folder
     holding it) and its tokenizer can be loaded: `SourceError` otherwise."""
-    from .sources import SourceError, check_model, check_tokenizer
-
     own: str | None = None  # where the tokenizer comes from without --tokenizer (None: the GGUF checkpoint)
     if gguf_file is not None:
         check_model("MODEL", model, gguf_file, gguf_key="--gguf-file")
@@ -66,8 +71,7 @@ def load_model(path: str, tokenizer: str | None = None, dtype: str = "float32", 
                ) -> tuple[Any, Any]:
     """(model, tokenizer) from a model directory, a run output directory, a PEFT adapter directory, a run's
     checkpoint directory, a `molf-ds models` name or hub id, or a directory and the GGUF checkpoint in it."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: slow to import
 
     if gguf_file:
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=getattr(torch, dtype))
@@ -96,30 +100,15 @@ def load_checkpoint(path: Path, tokenizer: str | None = None, dtype: str = "floa
     """The model of a run's checkpoint `OUT/checkpoints/stepN`, merged into the vanilla architecture as the run's
     `final/` would be: the base model of OUT/config.yaml, wrapped as its method wraps it (MoLF, PEFT or none),
     the checkpoint's weights loaded, the experts folded in."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # deferred: slow to import
 
-    from molf_ds.wrapping import merge_and_unwrap, wrap_model
-
-    from .methods import is_molf
-    from .train.config import _build
-    from .train.methods import _peft
-
-    cfg = _build(_run_config(path))  # the saved config as parsed, without the checks of its data files
+    cfg = saved_config(_run_config(path))  # the saved config as parsed, without the checks of its data files
     m = cfg.model
     kwargs: dict[str, Any] = {"dtype": torch.float32, **({"gguf_file": m.gguf_file} if m.gguf_file else {})}
-    model = AutoModelForCausalLM.from_pretrained(resolve(m.name_or_path), **kwargs)
-    if is_molf(cfg.method):
-        model = wrap_model(model, cfg.molf_config())
-    elif cfg.method != "fft":
-        total = cfg.train.max_steps or cfg.lora.tinit + cfg.lora.tfinal + 1  # AdaLoRA's schedule: shapes only
-        model = _peft(cfg, model, total)
+    model = shaped_model(cfg, AutoModelForCausalLM.from_pretrained(resolve(m.name_or_path), **kwargs))
     model.load_state_dict(_checkpoint_weights(path, int((cfg.deepspeed.get("zero_optimization") or {})
                                                         .get("stage", 0))), strict=True)
-    if is_molf(cfg.method):
-        model = merge_and_unwrap(model)
-    elif cfg.method != "fft":
-        model = model.merge_and_unload()
+    model = merged_model(cfg.method, model)
     model.to(getattr(torch, dtype)).eval()
     source = tokenizer or (resolve(m.tokenizer) if m.tokenizer else None)
     if source is None and m.gguf_file:
@@ -132,15 +121,10 @@ def load_checkpoint(path: Path, tokenizer: str | None = None, dtype: str = "floa
 def _checkpoint_weights(path: Path, stage: int) -> dict[str, Any]:
     """The module's state dict: DeepSpeed's model states (full tensors under ZeRO-0/1/2 and in a universal
     checkpoint), or under ZeRO-3 the fp32 weights gathered from the ranks' partitions."""
-    import torch
-
     full = path / MODEL_STATES
     if full.is_file() and (stage < 3 or (path / "zero").is_dir()):
         return torch.load(full, map_location="cpu", weights_only=False)["module"]
-    import contextlib
-    import sys
-
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # deferred: slow to import
 
     with contextlib.redirect_stdout(sys.stderr):  # its progress lines: stdout is generate's text
         return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
@@ -148,16 +132,10 @@ def _checkpoint_weights(path: Path, stage: int) -> dict[str, Any]:
 
 def _run_config_file(checkpoint: Path) -> Path:
     """OUT/config.yaml of the checkpoint OUT/checkpoints/stepN: the config `molf-ds train` saved."""
-    from .train.loop import CONFIG
-
-    return checkpoint.resolve().parent.parent / CONFIG
+    return of_checkpoint(checkpoint) / CONFIG
 
 
 def _run_config(checkpoint: Path) -> dict[str, Any]:
-    import yaml
-
-    from .sources import SourceError
-
     config = _run_config_file(checkpoint)
     if not config.is_file():
         raise SourceError("MODEL", f"{checkpoint} is a checkpoint, but {config} (the run's config, which says how "
@@ -169,7 +147,7 @@ def load_tokenizer(source: str) -> Any:
     """AutoTokenizer, except for a plain `tokenizers` tokenizer saved beside a model's config.json: transformers
     5 then picks the model type's tokenizer class (e.g. Qwen2Tokenizer) and replaces its pre-tokenizer, so it is
     loaded as the class its tokenizer_config.json names."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # deferred: slow to import
 
     config = Path(source) / "tokenizer_config.json"
     if config.is_file() and json.loads(config.read_text()).get("tokenizer_class") in (

@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from molf_ds.config import DEFAULT_TARGETS
 from .activations import activations
-from .methods import MEMORY_METHODS, is_molf, trains_base
+from .methods import MEMORY_METHODS, REGISTRY
 from .models import MODELS, resolve
 from .sources import SourceError, check_model
 
@@ -111,10 +111,11 @@ def estimate(
     (CPU), whose gradients are the fp32 ones counted in the states."""
     n = gpus_per_node * nodes
     w = weight_bytes
-    lora = counts.lora_per_rank * sum(ranks) if method != "fft" else 0
-    trainable = {"fft": counts.params, "lora": lora, "molf": counts.params + lora, "molf-e": lora}[method]
-    frozen = 0 if trains_base(method) else counts.params
-    resident = lora if stage == 3 and is_molf(method) else 0
+    spec = REGISTRY[method]
+    lora = counts.lora_per_rank * sum(ranks) if spec.has_lora else 0
+    trainable = (counts.params if spec.trains_base else 0) + lora
+    frozen = 0 if spec.trains_base else counts.params
+    resident = lora if stage == 3 and spec.molf else 0
     weights = w * (trainable + frozen)
     if stage == 3:
         weights = w * (trainable + frozen - resident) / n + w * resident + 2 * w * counts.largest
@@ -123,7 +124,7 @@ def estimate(
     gpu, cpu = weights + grads + states, 0.0
     if offload_optimizer:  # grads stream to the CPU's fp32 buffers as they are reduced
         gpu, cpu = gpu - states - grads, cpu + states * gpus_per_node
-        if speculative_update and is_molf(method):
+        if speculative_update and spec.molf:
             cpu += BACKUP32 * trainable / (n if stage >= 1 else 1) * gpus_per_node
     if offload_param:
         moved = w * (trainable + frozen - resident) / n

@@ -146,7 +146,7 @@ def convert_gguf(gguf: Path, out: Path, progress: bool = False) -> None:
     """Dequantize a GGUF checkpoint to fp32 and save it as an ordinary transformers directory. transformers
     refuses to save a GGUF-loaded model, so the weights move into a fresh model built from its config."""
     import torch
-    import transformers
+    import transformers  # deferred: slow to import
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not progress:

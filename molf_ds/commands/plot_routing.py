@@ -29,7 +29,7 @@ def read_log(path: Path) -> tuple[list[int], list[str], list[str], np.ndarray]:
 def plot(path: Path, out: Path) -> Path:
     """Four panels: each expert's share of all decisions; the share of the first expert (`full`, or `lora0` for
     MoLF-E) per projection type and per layer over training; and the winner of every module at every step."""
-    import matplotlib
+    import matplotlib  # deferred: slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

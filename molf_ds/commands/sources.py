@@ -12,15 +12,22 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib.util
+import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from .models import MODELS, is_prepared, model_dir
 
 if TYPE_CHECKING:
     from .train.config import TrainConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 CONFIG_KEY = re.compile(r"[a-z_]+(\.[a-z_]+)+")
+FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}  # local file -> datasets loader
+# train.report_to backend -> (module that must be importable, pip package); the extras in pyproject carry the names
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+                    "mlflow": ("mlflow", "mlflow-skinny")}
 
 
 class SourceError(ValueError):
@@ -47,12 +54,26 @@ def check_config(cfg: TrainConfig) -> None:
     check_trackers("train.report_to", cfg.train.report_to)
 
 
+def is_local(source: str) -> bool:
+    """A data source that is a local file (a known suffix, or it exists), not a hub dataset id."""
+    return Path(source).suffix in FORMATS or Path(source).exists()
+
+
 def check_trackers(key: str, report_to: list[str]) -> None:
     """The experiment trackers named in `report_to` are installed (molf_ds.commands.train.tracking)."""
-    from .train.tracking import missing
-
-    if problem := missing(report_to):
+    if problem := missing_trackers(report_to):
         raise SourceError(key, problem)
+
+
+def missing_trackers(report_to: Iterable[str]) -> str | None:
+    """The problem with the first backend of `report_to` that is not installed, one line with the pip command;
+    None when all are."""
+    for name in report_to:
+        if name in TRACKER_PACKAGES:
+            module, package = TRACKER_PACKAGES[name]
+            if importlib.util.find_spec(module) is None:
+                return f"{name} is not installed: pip install {package} (or \"molf-ds[{name}]\")"
+    return None
 
 
 def check_model(key: str, name_or_path: str, gguf_file: str | None = None, *,
@@ -111,11 +132,7 @@ def check_tokenizer(key: str, name_or_path: str, default_of: str | None = None) 
 def check_chat_template(key: str, name_or_path: str) -> None:
     """The tokenizer (`data.task: chat`) has a chat template, where that shows without loading it: a local or
     prepared `molf-ds models` directory, or a hub tokenizer whose files are cached; otherwise loading checks."""
-    import json
-
-    from huggingface_hub import try_to_load_from_cache
-
-    from .models import MODELS, is_prepared, model_dir
+    from huggingface_hub import try_to_load_from_cache  # deferred: slow to import
 
     names = ("chat_template.jinja", "chat_template.json")
     if name_or_path in MODELS and not Path(name_or_path).exists():
@@ -145,8 +162,6 @@ def check_chat_template(key: str, name_or_path: str) -> None:
 
 def check_dataset(key: str, source: str) -> None:
     """A local .json/.jsonl/.parquet/.csv file, or a hub dataset that is cached or on a reachable hub."""
-    from .train.data.base import FORMATS, is_local
-
     if not (is_local(source) or _is_path(key, source, _dataset_cached)):
         files = ", ".join(FORMATS)
         _check_hub(key, source, "dataset", _dataset_cached, f"{_point(key, 'FILE')}, one of its {files} files")
@@ -165,7 +180,7 @@ def check_dataset(key: str, source: str) -> None:
 def _is_path(key: str, value: str, cached: Callable[[str], bool]) -> bool:
     """Whether `value` is checked as a local path; False: a hub id (NAME or OWNER/NAME) that does not look like a
     path, or is cached although it does (./Qwen/ beside the hub id Qwen/Qwen2.5-3B)."""
-    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.errors import HFValidationError  # deferred: slow to import
     from huggingface_hub.utils import validate_repo_id
 
     if not value.strip():
@@ -184,8 +199,6 @@ def _is_path(key: str, value: str, cached: Callable[[str], bool]) -> bool:
 
 def _registry(key: str, value: str) -> bool:
     """Whether `value` is a `molf-ds models` name (not shadowed by a local path) that can be prepared."""
-    from .models import MODELS, is_prepared
-
     if value not in MODELS or Path(value).exists():
         return False
     entry = MODELS[value]
@@ -219,14 +232,14 @@ def _check_gguf(key: str, directory: str, gguf_key: str, gguf_file: str) -> None
 # ---- hub ids -------------------------------------------------------------------------------------
 def _hub_cached(repo_id: str, files: tuple[str, ...]) -> bool:
     """Whether the hub cache holds one of `files` of the model `repo_id` (its main revision)."""
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # deferred: slow to import
 
     return any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in files)
 
 
 def _dataset_cached(repo_id: str) -> bool:
     """A dataset `load_dataset` prepared before: offline it reads that, never the hub cache."""
-    from datasets import config
+    from datasets import config  # deferred: slow to import
     from datasets.naming import camelcase_to_snakecase
 
     *owner, name = repo_id.split("/")
@@ -236,7 +249,7 @@ def _dataset_cached(repo_id: str) -> bool:
 
 def _check_hub(key: str, repo_id: str, repo_type: str, cached: Callable[[str], bool], point: str) -> None:
     """Passes when `cached(repo_id)`, or when the hub is asked and has it (the loader then downloads it)."""
-    from huggingface_hub import constants, is_offline_mode
+    from huggingface_hub import constants, is_offline_mode  # deferred: slow to import
 
     if cached(repo_id):
         return
@@ -263,7 +276,7 @@ def _check_hub(key: str, repo_id: str, repo_type: str, cached: Callable[[str], b
 @functools.lru_cache(maxsize=None)
 def _hub_lookup(repo_id: str, repo_type: str) -> str | None:
     """None when the hub has the repository, "not found", or why the hub could not be asked."""
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi, constants  # deferred: slow to import
     from huggingface_hub.errors import RepositoryNotFoundError
 
     try:

@@ -71,7 +71,7 @@ def counterfact_records(n_cases: int = 256, seed: int = 0, per_relation: int = 9
 
 def build_tokenizer(records: list[dict[str, Any]]) -> Any:
     """A word-level tokenizer over every word of the task, as a transformers PreTrainedTokenizerFast."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers  # deferred: slow to import
     from transformers import PreTrainedTokenizerFast
 
     pre = pre_tokenizers.Whitespace()
@@ -91,7 +91,7 @@ def build_tokenizer(records: list[dict[str, Any]]) -> Any:
 def build_model(tokenizer: Any, seed: int = 0) -> Any:
     """A tiny Qwen2 (2 layers, hidden 128), random init."""
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM, Qwen2Config  # deferred: slow to import
 
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -116,7 +116,7 @@ def generate(out_dir: str | Path, n_cases: int = 256, seed: int = 0) -> dict[str
 
 
 def main() -> None:
-    import transformers
+    import transformers  # deferred: slow to import
 
     parser = argparse.ArgumentParser(prog="python -m molf_ds.commands.datagen.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", nargs="?", default="runs/demo-tiny")

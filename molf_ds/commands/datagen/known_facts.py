@@ -17,6 +17,11 @@ import random
 from pathlib import Path
 from typing import Any
 
+from ..loading import load_model
+from ..train.data.base import Row
+from ..train.data.fact import evals
+from ..train.evaluate import mean_logliks
+
 NEIGHBOURS = 3  # neighbourhood prompts per rewrite, at most
 # relation id -> (rewrite prompt, paraphrase prompts...), {true object: subjects}
 RELATIONS: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
@@ -97,10 +102,6 @@ def counterfact_records(seed: int = 0) -> list[dict[str, Any]]:
 
 def known(model: Any, tokenizer: Any, records: list[dict[str, Any]], batch_size: int = 32) -> list[dict[str, Any]]:
     """The records whose true object the model prefers to the new one on the rewrite prompt."""
-    from ..train.data.base import Row
-    from ..train.data.fact import evals
-    from ..train.evaluate import mean_logliks
-
     firsts = [evals(Row("known facts", i + 1, record))[0] for i, record in enumerate(records)]
     pairs = [(item.prompt, option) for item in firsts for option in item.options]
     scores = mean_logliks(model, tokenizer, pairs, batch_size, "cpu")
@@ -147,8 +148,6 @@ def _write(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..loading import load_model
-
     parser = argparse.ArgumentParser(prog="python -m molf_ds.commands.datagen.known_facts", description=__doc__.split("\n")[0])
     parser.add_argument("output", type=Path, help="the CounterFact JSON to write")
     parser.add_argument("--model", required=True, help="a registry name, a model directory or a run directory")

@@ -10,15 +10,18 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from ..run_dir import CHECKPOINTS, COMPLETE, CONFIG
 from .config import key_error
 from .data import direction
 
-COMPLETE = "molf_ds_complete.json"
 _TAG = re.compile(r"step(\d+)")
 
 
@@ -42,8 +45,6 @@ class Checkpoint:
 def to_universal(source: Path, target: Path) -> Checkpoint:
     """Convert the complete checkpoint `source` (.../checkpoints/stepN) into a universal one at `target`
     (any directory; its name becomes the tag), marked complete with the same step."""
-    import subprocess
-
     marker = source / COMPLETE
     if not marker.is_file():
         raise key_error("train.resume", f"{source} is not a complete molf_ds checkpoint (no {COMPLETE})")
@@ -80,8 +81,6 @@ def _full_model_states(target: Path) -> None:
     """From a ZeRO-3 source, ds_to_universal keeps the per-rank model states, whose module tensors are empty
     partitions: ZeRO-0/1/2 load `mp_rank_00_model_states.pt` with full weights. Write it from rank 0's file
     (client state, MoLF state, scheduler) and the universal fp32 weights (tied weights through shared_params)."""
-    import torch
-
     full, partitioned = target / "mp_rank_00_model_states.pt", target / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     if full.exists() or not partitioned.exists():
         return
@@ -159,7 +158,7 @@ def set_aside(out: Path, start: int, logs: tuple[str, ...]) -> Path | None:
     checkpoints of later steps belong to a branch this run leaves, and resume=auto would pick them over this run's.
     Move them, with the log records after `start` (trimmed from `logs`) and that branch's config.yaml, to
     out/checkpoints/abandoned-<UTC time>/; say so in one line on stderr. Returns that directory, or None."""
-    directory = out / "checkpoints"
+    directory = out / CHECKPOINTS
     later = [c for c in complete(directory) if c.step > start]
     cut = {name: trim_jsonl(out / name, start) for name in logs}
     if not later:
@@ -171,8 +170,8 @@ def set_aside(out: Path, start: int, logs: tuple[str, ...]) -> Path | None:
     for name, lines in cut.items():
         if lines:
             (aside / name).write_text(lines)
-    if (out / "config.yaml").is_file():
-        shutil.copy2(out / "config.yaml", aside / "config.yaml")
+    if (out / CONFIG).is_file():
+        shutil.copy2(out / CONFIG, aside / CONFIG)
     tags = ", ".join(c.tag for c in later)
     print(f"molf-ds train: this run starts at step {start}; the later checkpoints {tags} (another branch of this "
           f"output directory) moved to {aside}/, so resume=auto continues this run", file=sys.stderr, flush=True)

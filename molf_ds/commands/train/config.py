@@ -19,14 +19,18 @@ from typing import Any
 import yaml
 
 from molf_ds.config import DEFAULT_TARGETS, MoLFConfig
+from molf_ds.optim.molf_adamw import check_speculative_update
+from molf_ds.zero.ds_config import prepare_ds_config
 
-from ..methods import TRAIN_METHODS, is_molf
+from ..methods import REGISTRY, TRAIN_METHODS, is_molf
+from ..sources import SourceError, check_dataset, is_local
 from .aliases import alias_hint
+from .data import TASKS
 
-TASKS = ("sql", "med", "fact", "jsonl", "chat", "alpaca")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")  # transformers.get_scheduler names that need no extra arguments
+TRACKERS = ("tensorboard", "wandb", "mlflow", "csv")  # train.report_to (train/tracking.py)
 SHARED_OPTIMIZER_FIELDS = ("lr", "lora_lr", "weight_decay", "lora_weight_decay", "betas", "eps")  # train.*
 REQUIRED = object()
 
@@ -297,13 +301,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 # ---- validation ----------------------------------------------------------------------------------
 def validate(cfg: TrainConfig) -> TrainConfig:
-    from ..sources import SourceError, check_dataset
-    from .data.base import is_local
-
     m, d, e, t, lo = cfg.model, cfg.data, cfg.eval, cfg.train, cfg.lora
     _choice("method", cfg.method, TRAIN_METHODS)
     _choice("model.dtype", m.dtype, DTYPES)
-    _choice("data.task", d.task, TASKS)
+    _choice("data.task", d.task, tuple(TASKS))
     _choice("train.scheduler", t.scheduler, SCHEDULERS)
     for key, value in (("data.max_length", d.max_length), ("eval.batch_size", e.batch_size),
                        ("eval.max_new_tokens", e.max_new_tokens), ("lora.r", lo.r), ("lora.init_r", lo.init_r),
@@ -333,7 +334,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise key_error("eval.holdout", "give eval.data or eval.holdout, not both")
     if t.resume is not None and t.resume != "auto" and not Path(t.resume).is_dir():
         raise key_error("train.resume", f"{t.resume!r} is neither 'auto' nor a checkpoint directory")
-    if cfg.method == "adalora" and t.max_steps is not None and lo.tinit >= t.max_steps - lo.tfinal:
+    if REGISTRY[cfg.method].adapter == "adalora" and t.max_steps is not None and lo.tinit >= t.max_steps - lo.tfinal:
         raise key_error("lora.tinit", f"AdaLoRA needs lora.tinit < train.max_steps - lora.tfinal ({t.max_steps} - "
                         f"{lo.tfinal})")
     if lo.target_r > lo.init_r:
@@ -373,15 +374,13 @@ def check_packing(attn_implementation: str | None) -> None:
 
 def _check_eval_and_retention(cfg: TrainConfig) -> None:
     """eval.steps, eval.metric, train.save_total_limit, train.load_best_model_at_end."""
-    from .data import TASKS as TASK_MODULES
-
     e, t = cfg.eval, cfg.train
     if e.steps < 0:
         raise key_error("eval.steps", f"must be >= 0, got {e.steps}")
     if e.steps and not e.enabled:
         raise key_error("eval.steps", "evaluates during training but there is no evaluation data: set eval.data or "
                         "eval.holdout")
-    metrics = TASK_MODULES[cfg.data.task].METRICS
+    metrics = TASKS[cfg.data.task].metrics
     if e.metric is not None and e.metric not in metrics:
         raise key_error("eval.metric", f"{e.metric!r} is not a metric of task {cfg.data.task!r}: "
                         f"{', '.join(metrics)}")
@@ -409,18 +408,14 @@ def _positive(key: str, value: int) -> None:
 
 def _check_tracking(t: TrainSection) -> None:
     """train.report_to and train.logging_steps; whether the backends are installed: sources.check_config."""
-    from .tracking import BACKENDS
-
     for i, name in enumerate(t.report_to):
-        _choice(f"train.report_to[{i}]", name, BACKENDS)
+        _choice(f"train.report_to[{i}]", name, TRACKERS)
         if name in t.report_to[:i]:
             raise key_error(f"train.report_to[{i}]", f"{name!r} is listed twice")
     _positive("train.logging_steps", t.logging_steps)
 
 
 def _check_molf(cfg: TrainConfig) -> None:
-    from molf_ds.optim.molf_adamw import check_speculative_update
-
     own = [f.name for f in fields(MoLFConfig) if f.name not in SHARED_OPTIMIZER_FIELDS + ("variant",)]
     for name in cfg.molf:
         if name in SHARED_OPTIMIZER_FIELDS:
@@ -440,8 +435,6 @@ def _check_molf(cfg: TrainConfig) -> None:
 
 def _check_deepspeed(ds: dict[str, Any], t: TrainSection) -> dict[str, Any]:
     """The YAML's batch numbers go into the DeepSpeed config; then molf_ds's DeepSpeed checks."""
-    from molf_ds.zero.ds_config import prepare_ds_config
-
     ds = copy.deepcopy(ds)
     for key, value in (("train_micro_batch_size_per_gpu", t.micro_batch_size),
                        ("gradient_accumulation_steps", t.gradient_accumulation_steps)):
@@ -464,7 +457,7 @@ def _check_deepspeed(ds: dict[str, Any], t: TrainSection) -> dict[str, Any]:
 def _check_deepspeed_models(ds: dict[str, Any]) -> None:
     """DeepSpeed's own schemas (pydantic) for the sections it validates, here rather than inside
     deepspeed.initialize: a wrong type, range or unknown key is one line naming it, before any process group."""
-    import pydantic
+    import pydantic  # deferred: slow to import
     from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
@@ -497,7 +490,7 @@ def _check_deepspeed_models(ds: dict[str, Any]) -> None:
 def _check_fp16_kernels() -> None:
     """deepspeed.initialize refuses fp16 on a CPU whose oneDNN has no fp16 kernels (no AVX512-FP16 / AMX-FP16):
     one line here instead, before any process group."""
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # deferred: slow to import
 
     accelerator = get_accelerator()
     if accelerator.is_fp16_supported():

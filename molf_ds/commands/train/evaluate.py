@@ -225,6 +225,6 @@ class _NoBar:
 def _bar(total: int, enabled: bool) -> Any:
     if not enabled or total == 0:
         return _NoBar()
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # deferred: only the progress bar needs it
 
     return tqdm(total=total, desc="eval", unit="batch", dynamic_ncols=True, leave=False)

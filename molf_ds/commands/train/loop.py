@@ -21,18 +21,19 @@ import yaml
 
 from molf_ds.distributed import init_distributed
 
+from ..methods import lone_expert
 from ..models import resolve
 from ..plot_routing import plot as plot_routing
+from ..run_dir import CHECKPOINTS, CONFIG, EVAL, LOGS, METRICS, ROUTING, ROUTING_PNG
 from . import checkpoints
 from .config import ModelSection, TrainConfig, check_packing
 from .data import Collator, DataError, load_task, pack, pad_id, tokenize
 from .evaluate import evaluate
 from .methods import Trainee, build
-from .outputs import ROUTING_PNG, routing_summary, save_final
+from .outputs import routing_summary, save_final
 from .tracking import Trackers
 
-ROUTING, METRICS, EVAL, CONFIG = "routing.jsonl", "metrics.jsonl", "eval.jsonl", "config.yaml"
-WATCH_STEPS, WATCH_SHARE = 100, 0.99
+WATCH_STEPS = 100
 
 
 def run(cfg: TrainConfig) -> Path:
@@ -57,11 +58,11 @@ def run(cfg: TrainConfig) -> Path:
     order = Order(len(features), cfg.deepspeed["train_micro_batch_size_per_gpu"], world,
                   cfg.deepspeed["gradient_accumulation_steps"], t.seed)
     total = t.max_steps or t.epochs * order.steps_per_epoch
-    resume = checkpoints.find_resume(t.resume, out / "checkpoints")
+    resume = checkpoints.find_resume(t.resume, out / CHECKPOINTS)
     start = resume.step if resume else 0
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        checkpoints.set_aside(out, start, (ROUTING, METRICS, EVAL))
+        checkpoints.set_aside(out, start, LOGS)
         (out / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     dist.barrier()
 
@@ -84,7 +85,7 @@ def run(cfg: TrainConfig) -> Path:
     scores = evaluator(total, "after training")
     trackers.close()
     if best is not None and not best.offer(total, scores) and best.step is not None:
-        trainee.load_checkpoint(out / "checkpoints", checkpoints.tag_of(best.step))
+        trainee.load_checkpoint(out / CHECKPOINTS, checkpoints.tag_of(best.step))
         _say(f"final/ is the best evaluated model: step {best.step} ({best.metric} {best.value:.3f})")
     written = save_final(trainee, tokenizer, out)
     trainee.close()
@@ -92,12 +93,12 @@ def run(cfg: TrainConfig) -> Path:
         try:
             written.append(plot_routing(out / ROUTING, out / ROUTING_PNG))
         except (FileNotFoundError, ValueError) as error:  # no step logged: molf.log_every > the steps run
-            print(f"routing.png not drawn: {error}", flush=True)
+            print(f"{ROUTING_PNG} not drawn: {error}", flush=True)
         if summary := routing_summary(out / METRICS):
             print(summary, flush=True)
     logs = [out / name for name in (METRICS, ROUTING, EVAL) if (out / name).exists()]
     _say(f"outputs in {out}/: " + ", ".join(str(p.relative_to(out)) for p in written + logs)
-         + (", checkpoints/" if (out / "checkpoints").is_dir() else ""))
+         + (f", {CHECKPOINTS}/" if (out / CHECKPOINTS).is_dir() else ""))
     return out
 
 
@@ -226,7 +227,7 @@ class Loop:
             self.save(step)
 
     def save(self, step: int) -> None:
-        checkpoint = checkpoints.Checkpoint(self.out / "checkpoints", checkpoints.tag_of(step), step)
+        checkpoint = checkpoints.Checkpoint(self.out / CHECKPOINTS, checkpoints.tag_of(step), step)
         if self.rank == 0:
             checkpoints.unmark(checkpoint)
         dist.barrier()
@@ -250,7 +251,8 @@ class Loop:
 
 
 class RoutingWatch:
-    """Warns once when one expert took more than 99% of the routing decisions over the last 100 steps."""
+    """Warns once when one expert took more than DEGENERATE of the routing decisions over the last WATCH_STEPS
+    steps."""
 
     def __init__(self) -> None:
         self.recent: collections.deque[dict[str, float]] = collections.deque(maxlen=WATCH_STEPS)
@@ -262,13 +264,14 @@ class RoutingWatch:
         self.recent.append(shares)
         if len(self.recent) < WATCH_STEPS:
             return None
-        for expert in shares:
-            share = sum(s[expert] for s in self.recent) / (WATCH_STEPS * sum(shares.values()))
-            if share > WATCH_SHARE:
-                self.warned = True
-                return (f"warning: MoLF is effectively running as '{expert}' alone ({share:.1%} of the routing "
-                        f"decisions over the last {WATCH_STEPS} steps); to shift it, change the full/LoRA lr ratio "
-                        "(train.lr / train.lora_lr), the LoRA alphas (molf.lora_alphas) or rsLoRA (molf.use_rslora)")
+        totals = {e: sum(s[e] for s in self.recent) for e in shares}
+        expert = lone_expert(totals)
+        if expert is not None:
+            share = totals[expert] / sum(totals.values())
+            self.warned = True
+            return (f"warning: MoLF is effectively running as '{expert}' alone ({share:.1%} of the routing "
+                    f"decisions over the last {WATCH_STEPS} steps); to shift it, change the full/LoRA lr ratio "
+                    "(train.lr / train.lora_lr), the LoRA alphas (molf.lora_alphas) or rsLoRA (molf.use_rslora)")
         return None
 
 
@@ -297,7 +300,7 @@ class Evaluator:
 def _best(cfg: TrainConfig, metrics: tuple[str, ...], out: Path, rank: int) -> checkpoints.Best:
     """The best-model tracker, on resume from rank 0's eval.jsonl (the same on every rank)."""
     metric = cfg.eval.metric or metrics[0]
-    state = [checkpoints.Best.resumed(metric, out / EVAL, out / "checkpoints") if rank == 0 else None]
+    state = [checkpoints.Best.resumed(metric, out / EVAL, out / CHECKPOINTS) if rank == 0 else None]
     dist.broadcast_object_list(state, src=0)
     return state[0]
 

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from molf_ds import zero
-from molf_ds.wrapping import decays
+from molf_ds.wrapping import decays, merge_and_unwrap, wrap_model
 from molf_ds.zero.ds_config import check_deepspeed_version, prepare_ds_config
 
-from ..methods import is_molf
+from ..methods import REGISTRY, is_molf
 from .config import TrainConfig, key_error
 
 
@@ -95,35 +95,62 @@ class AdaLoraTrainee(Trainee):
 def build(cfg: TrainConfig, model: nn.Module, total_steps: int, routing_log: Path) -> Trainee:
     """The engine for `cfg.method` over `model` (a transformers model, not yet wrapped)."""
     schedule = _scheduler(cfg, total_steps)
-    if is_molf(cfg.method):
+    spec = REGISTRY[cfg.method]
+    if spec.molf:
         engine, *_ = zero.initialize(model, cfg.molf_config(), cfg.deepspeed, lr_scheduler=schedule,
                                      routing_log=routing_log)
         return Trainee(engine, cfg.method)
     t = cfg.train
-    if cfg.method == "fft":
-        lr, weight_decay = t.lr, t.weight_decay
-    else:
-        model = _peft(cfg, model, total_steps)
+    if spec.peft:
+        model = peft_model(cfg, model, total_steps)
         lr, weight_decay = t.lora_lr, t.lora_weight_decay
+    else:
+        lr, weight_decay = t.lr, t.weight_decay
     check_deepspeed_version()
     decay = [p for p in model.parameters() if p.requires_grad and decays(p)]
     no_decay = [p for p in model.parameters() if p.requires_grad and not decays(p)]  # biases, norms
     groups = [{"params": ps, "weight_decay": wd} for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
-    if cfg.method == "lora-rest":
-        groups += _rest_groups(model, t.lr, t.weight_decay)
+    if spec.trains_rest:
+        groups += rest_groups(model, t.lr, t.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(t.betas), eps=t.eps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=prepare_ds_config(cfg.deepspeed),
                                       lr_scheduler=schedule)
-    return (AdaLoraTrainee if cfg.method == "adalora" else Trainee)(engine, cfg.method)
+    return (AdaLoraTrainee if spec.adapter == "adalora" else Trainee)(engine, cfg.method)
 
 
-def _peft(cfg: TrainConfig, model: nn.Module, total_steps: int) -> nn.Module:
+def shaped_model(cfg: TrainConfig, model: nn.Module, total_steps: int | None = None) -> nn.Module:
+    """`model` (a transformers model) with the parameters `cfg.method` adds, as its checkpoints hold them: MoLF's
+    experts (MoLFLinear), a PEFT adapter, or none; lora-rest's other parameters set trainable. `total_steps`
+    None: AdaLoRA's schedule from lora.tinit and lora.tfinal (it shapes nothing)."""
+    spec = REGISTRY[cfg.method]
+    if spec.molf:
+        return wrap_model(model, cfg.molf_config())
+    if not spec.peft:
+        return model
+    if total_steps is None:
+        total_steps = cfg.train.max_steps or cfg.lora.tinit + cfg.lora.tfinal + 1
+    model = peft_model(cfg, model, total_steps)
+    if spec.trains_rest:
+        rest_groups(model, cfg.train.lr, cfg.train.weight_decay)
+    return model
+
+
+def merged_model(method: str, model: nn.Module) -> nn.Module:
+    """A `shaped_model` folded into the vanilla transformers architecture (experts and adapters merged into W)."""
+    spec = REGISTRY[method]
+    if spec.molf:
+        return merge_and_unwrap(model)
+    return model.merge_and_unload() if spec.peft else model
+
+
+def peft_model(cfg: TrainConfig, model: nn.Module, total_steps: int) -> nn.Module:
+    """`model` with the PEFT adapter of `cfg.method` (LoRA or AdaLoRA over `total_steps`) on lora.target_modules."""
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     lo = cfg.lora
     common = dict(lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=list(lo.target_modules),
                   task_type="CAUSAL_LM")
-    if cfg.method in ("lora", "lora-rest"):
+    if REGISTRY[cfg.method].adapter == "lora":
         peft_config = LoraConfig(r=lo.r, use_rslora=lo.use_rslora, **common)
     elif lo.tinit >= total_steps - lo.tfinal:
         raise key_error("lora.tinit", f"AdaLoRA needs lora.tinit < total steps ({total_steps}) - lora.tfinal")
@@ -134,7 +161,7 @@ def _peft(cfg: TrainConfig, model: nn.Module, total_steps: int) -> nn.Module:
     return get_peft_model(model, peft_config)
 
 
-def _rest_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+def rest_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
     """lora-rest: the parameters outside the LoRA-wrapped layers (embeddings, norms, lm_head, ...) train with
     plain AdamW at the full lr and weight decay (none on biases and norms), as MoLF trains them."""
     from peft.tuners.tuners_utils import BaseTunerLayer

@@ -14,34 +14,33 @@ import transformers
 from molf_ds.export import export_peft, gathered, save_merged
 from molf_ds.optim.routing_log import is_rank_zero
 from molf_ds.zero.surface import HF_ZERO3_CONFIG, require
-from ..methods import DEGENERATE
+from ..methods import DEGENERATE, REGISTRY, lone_expert
+from ..run_dir import FINAL, FINAL_PEFT
 from .methods import Trainee
-
-FINAL, FINAL_PEFT, ROUTING_PNG = "final", "final_peft", "routing.png"
 
 
 def save_final(trainee: Trainee, tokenizer: Any, out_dir: Path) -> list[Path]:
     """Every rank calls it; rank 0 writes. Returns the directories written."""
-    engine, method = trainee.engine, trainee.method
+    engine, spec = trainee.engine, REGISTRY[trainee.method]
     final, peft_dir = out_dir / FINAL, out_dir / FINAL_PEFT
-    if trainee.is_molf:
+    written = [final, peft_dir] if spec.exports_peft else [final]
+    if spec.molf:
         save_merged(engine, final, tokenizer)
-        if method == "molf-e":
+        if spec.exports_peft:
             export_peft(engine, peft_dir)
-            return [final, peft_dir]
-        return [final]
+        return written
     model = engine.module
     # ZeRO-3: every rank gathers the full parameters (the run is over; merging may modify them in place)
     with gathered([p for p in model.parameters() if hasattr(p, "ds_id")]), _zero3_off():
-        _save_baseline(model, method, final, peft_dir, tokenizer)
+        _save_baseline(model, spec.peft, final, peft_dir, tokenizer)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-    return [final] if method == "fft" else [final, peft_dir]
+    return written
 
 
-def _save_baseline(model: Any, method: str, final: Path, peft_dir: Path, tokenizer: Any) -> None:
+def _save_baseline(model: Any, peft: bool, final: Path, peft_dir: Path, tokenizer: Any) -> None:
     if is_rank_zero():
-        if method == "fft":
+        if not peft:
             model.save_pretrained(final)
         else:  # PEFT: the adapter, then the merged model (merging changes the model: the run is over)
             model.save_pretrained(peft_dir)
@@ -53,7 +52,7 @@ def _save_baseline(model: Any, method: str, final: Path, peft_dir: Path, tokeniz
 def _zero3_off():
     """transformers' save_pretrained and PEFT's merge treat every parameter as partitioned while a ZeRO-3
     HfDeepSpeedConfig is alive; inside a full gather they must not."""
-    from transformers.integrations import deepspeed as hf_deepspeed
+    from transformers.integrations import deepspeed as hf_deepspeed  # deferred: slow to import
 
     saved = require(hf_deepspeed, HF_ZERO3_CONFIG, "transformers", transformers.__version__)
     setattr(hf_deepspeed, HF_ZERO3_CONFIG.name, None)
@@ -78,9 +77,8 @@ def routing_summary(metrics_path: Path) -> str | None:
     by_type = ", ".join(f"{k} {mean([r['routing_by_type'][k][experts[0]] for r in records]):.0%}" for k in kinds)
     line = (f"routing over {len(records)} steps: {overall}"
             + (f"; share of '{experts[0]}' per projection type: {by_type}" if by_type else ""))
-    totals = {e: sum(r["routing"][e] for r in records) for e in experts}  # top_k > 1: shares sum to k a step
-    winner = max(totals, key=totals.get)
-    if totals[winner] > DEGENERATE * (sum(totals.values()) or 1.0):
+    winner = lone_expert({e: sum(r["routing"][e] for r in records) for e in experts})
+    if winner is not None:
         line += (f"\nwarning: '{winner}' took more than {DEGENERATE:.0%} of the routing decisions, so this run "
                  "trained that expert alone. EPD scores grow with each expert's lr and scaling: compare "
                  "train.lr with train.lora_lr, and molf.lora_alphas / sqrt(molf.lora_ranks) across the experts")

@@ -12,33 +12,17 @@ opened at the first write.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from molf_ds.optim.routing_log import is_rank_zero
+from ..sources import missing_trackers
 from .config import key_error
 
-# backend -> (module that must be importable, pip package); the extras in pyproject carry the same names
-PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
-            "mlflow": ("mlflow", "mlflow-skinny")}
-BACKENDS = ("tensorboard", "wandb", "mlflow", "csv")
 PROJECT = "molf-ds"  # the wandb project and MLflow experiment
 TENSORBOARD, WANDB, MLRUNS, CSV, EVAL_CSV = "tensorboard", "wandb", "mlruns", "metrics.csv", "eval.csv"
-
-
-def missing(report_to: Iterable[str]) -> str | None:
-    """The problem with the first backend of `report_to` that is not installed, one line with the pip command;
-    None when all are."""
-    for name in report_to:
-        if name in PACKAGES:
-            module, package = PACKAGES[name]
-            if importlib.util.find_spec(module) is None:
-                return f"{name} is not installed: pip install {package} (or \"molf-ds[{name}]\")"
-    return None
 
 
 def scalars(record: dict[str, Any], grad_norm: Any = None) -> dict[str, float]:
@@ -69,7 +53,7 @@ class Tracker:
 
 class TensorBoard(Tracker):
     def __init__(self, out: Path, config: dict[str, Any], start: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # deferred: optional dependency
 
         # a resumed run hides what the interrupted one logged after its checkpoint
         self.writer = SummaryWriter(str(out / TENSORBOARD), purge_step=start + 1 if start else None)
@@ -87,7 +71,7 @@ class WandB(Tracker):
     def __init__(self, out: Path, config: dict[str, Any], start: int) -> None:
         os.environ["WANDB_MODE"] = "offline"  # never the network; `wandb sync` uploads the run afterwards
         os.environ.setdefault("WANDB_SILENT", "true")
-        import wandb
+        import wandb  # deferred: optional dependency
 
         (out / WANDB).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=PROJECT, name=out.name, dir=str(out), mode="offline", config=config)
@@ -103,7 +87,7 @@ class MLflow(Tracker):
     def __init__(self, out: Path, config: dict[str, Any], start: int) -> None:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # mlflow 3 keeps the file store behind this switch
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # deferred: optional dependency
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=(out.resolve() / MLRUNS).as_uri())
@@ -115,7 +99,7 @@ class MLflow(Tracker):
             self.client.log_batch(self.run_id, params=params[i:i + 100])
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # deferred: optional dependency
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
@@ -161,7 +145,7 @@ class Trackers:
 
     def __init__(self, report_to: list[str], logging_steps: int, out: Path, config: dict[str, Any],
                  start: int = 0) -> None:
-        if problem := missing(report_to):  # `molf-ds train` said so before the process group; run() says it here
+        if problem := missing_trackers(report_to):  # molf-ds train said so before the process group; run() says it here
             raise key_error("train.report_to", problem)
         self.report_to, self.logging_steps, self.out, self.config, self.start = (
             report_to, logging_steps, out, config, start)

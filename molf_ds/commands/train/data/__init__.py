@@ -1,23 +1,25 @@
-"""Tasks: one module per dataset schema (sql, med, fact, jsonl, chat, alpaca), each with `example(row)` (training
-pair or conversation), `evals(row)` (evaluation items) and METRICS."""
+"""Tasks: one module per dataset schema (sql, med, fact, jsonl, chat, alpaca), each ending with its `Task`
+(`example(row)`: training pair or conversation, `evals(row)`: evaluation items, the metrics and their
+directions). A new task is one module here plus its row in TASKS: config validation (data.task, eval.metric),
+`molf-ds eval --task`, the CLI help and the best-model comparison all read TASKS."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from types import ModuleType
+from typing import TYPE_CHECKING
 
-from ..config import DataSection, EvalSection
 from . import alpaca, chat, fact, jsonl, med, sql
-from .base import Choice, Conversation, DataError, Example, Generation, Likelihood, open_table, rows
+from .base import Choice, Conversation, DataError, Example, Generation, Likelihood, Task, open_table, rows
 from .tokenize import IGNORE_INDEX, Collator, encode, pack, pad_id, tokenize
 
-TASKS: dict[str, ModuleType] = {"sql": sql, "med": med, "fact": fact, "jsonl": jsonl, "chat": chat,
-                                 "alpaca": alpaca}
-LOWER_IS_BETTER = frozenset({"loss"})  # every other metric of the tasks: higher is better
+if TYPE_CHECKING:  # the config sections import nothing from here; only the annotations name them
+    from ..config import DataSection, EvalSection
+
+TASKS: dict[str, Task] = {t.name: t for t in (sql.TASK, med.TASK, fact.TASK, jsonl.TASK, chat.TASK, alpaca.TASK)}
 
 
 def direction(metric: str) -> int:
-    """+1 where a higher `metric` is better, -1 where a lower one is (loss)."""
-    return -1 if metric in LOWER_IS_BETTER else 1
+    """+1 where a higher `metric` is better, -1 where a lower one is (loss), whichever task scores it."""
+    return -1 if any(metric in task.lower_is_better for task in TASKS.values()) else 1
 
 
 @dataclass
@@ -46,8 +48,8 @@ def load_task(data: DataSection, evaluation: EvalSection) -> TaskData:
         eval_rows = rows(eval_where, eval_table, range(min(len(eval_table), evaluation.max_samples or len(eval_table))))
     evals = [replace(item, max_length=data.max_length) if isinstance(item, Likelihood) else item  # the training cut
              for row in eval_rows for item in task.evals(row)]
-    return TaskData(train, evals, task.METRICS)
+    return TaskData(train, evals, task.metrics)
 
 
-__all__ = ["TASKS", "TaskData", "load_task", "Choice", "Generation", "Likelihood", "Example", "Conversation",
-           "DataError", "IGNORE_INDEX", "Collator", "encode", "pack", "pad_id", "tokenize"]
+__all__ = ["TASKS", "Task", "direction", "TaskData", "load_task", "Choice", "Generation", "Likelihood", "Example",
+           "Conversation", "DataError", "IGNORE_INDEX", "Collator", "encode", "pack", "pad_id", "tokenize"]

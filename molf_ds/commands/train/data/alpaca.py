@@ -3,9 +3,8 @@ template, whatever the tokenizer (for the chat template, write the rows as `chat
 output (+ EOS). Evaluation as for `chat`: token accuracy and mean loss on the evaluation rows' outputs."""
 from __future__ import annotations
 
-from .base import Example, Likelihood, Row
+from .base import Example, Likelihood, Row, Task
 
-METRICS = ("token_accuracy", "loss")
 WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
               "Write a response that appropriately completes the request.\n\n"
               "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
@@ -26,3 +25,6 @@ def example(row: Row) -> Example:
 
 def evals(row: Row) -> list[Likelihood]:
     return [Likelihood(example(row))]
+
+
+TASK = Task("alpaca", ("token_accuracy", "loss"), example, evals, lower_is_better=frozenset({"loss"}))

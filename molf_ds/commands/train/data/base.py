@@ -8,9 +8,10 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+from ...sources import FORMATS, is_local
+
 
 
 class DataError(ValueError):
@@ -127,8 +128,21 @@ class Row:
         return Row(self.where, self.number, value, f"{self.prefix}{name}.")
 
 
-def is_local(source: str) -> bool:
-    return Path(source).suffix in FORMATS or Path(source).exists()
+class Task:
+    """A dataset schema `molf-ds train` (data.task) and `molf-ds eval` (--task) read: `example(row)` (a training
+    pair or conversation), `evals(row)` (its evaluation items), the metrics those items score, and which of them
+    are better lower (`loss`; every other metric: higher is better). One module per task in train/data/ ends
+    with its TASK; train/data/__init__.py's TASKS lists them."""
+
+    def __init__(self, name: str, metrics: tuple[str, ...], example: Callable[[Row], Example | Conversation],
+                 evals: Callable[[Row], list[Choice | Generation | Likelihood]],
+                 lower_is_better: frozenset[str] = frozenset()) -> None:
+        self.name, self.metrics, self.example, self.evals = name, metrics, example, evals
+        self.lower_is_better = lower_is_better
+
+    def direction(self, metric: str) -> int:
+        """+1 where a higher `metric` is better, -1 where a lower one is."""
+        return -1 if metric in self.lower_is_better else 1
 
 
 def open_table(source: str, split: str) -> tuple[str, Any]:

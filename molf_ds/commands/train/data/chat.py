@@ -7,9 +7,8 @@ cross-entropy per assistant token; perplexity = exp(loss)).
 """
 from __future__ import annotations
 
-from .base import Conversation, Likelihood, Row
+from .base import Conversation, Likelihood, Row, Task
 
-METRICS = ("token_accuracy", "loss")
 ROLES = ("system", "user", "assistant")
 SHAREGPT = {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
 
@@ -39,3 +38,6 @@ def example(row: Row) -> Conversation:
 
 def evals(row: Row) -> list[Likelihood]:
     return [Likelihood(conversation(row))]
+
+
+TASK = Task("chat", ("token_accuracy", "loss"), example, evals, lower_is_better=frozenset({"loss"}))

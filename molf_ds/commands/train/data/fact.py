@@ -2,9 +2,8 @@
 neighborhood scores compare P(target_new) with P(target_true) (mean log-likelihood per token)."""
 from __future__ import annotations
 
-from .base import Choice, Example, Row
+from .base import Choice, Example, Row, Task
 
-METRICS = ("efficacy", "paraphrase", "neighborhood")
 
 
 def _rewrite(row: Row) -> tuple[str, str, str]:
@@ -30,3 +29,6 @@ def evals(row: Row) -> list[Choice]:
     items += [Choice("paraphrase", p, options, 0) for p in row.texts("paraphrase_prompts")]
     items += [Choice("neighborhood", p, options, 1) for p in row.texts("neighborhood_prompts")]
     return items
+
+
+TASK = Task("fact", ("efficacy", "paraphrase", "neighborhood"), example, evals)

@@ -2,9 +2,8 @@
 completion."""
 from __future__ import annotations
 
-from .base import Example, Generation, Row
+from .base import Example, Generation, Row, Task
 
-METRICS = ("exact_match",)
 
 
 def example(row: Row) -> Example:
@@ -13,3 +12,6 @@ def example(row: Row) -> Example:
 
 def evals(row: Row) -> list[Generation]:
     return [Generation("exact_match", row.text("prompt"), row.text("completion").strip())]
+
+
+TASK = Task("jsonl", ("exact_match",), example, evals)

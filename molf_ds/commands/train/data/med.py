@@ -1,9 +1,8 @@
 """`med`: openlifescienceai/medmcqa (question, opa..opd, cop 0-3 -> 4-way accuracy on validation)."""
 from __future__ import annotations
 
-from .base import Choice, Example, Row
+from .base import Choice, Example, Row, Task
 
-METRICS = ("accuracy",)
 LETTERS = ("A", "B", "C", "D")
 OPTIONS = ("opa", "opb", "opc", "opd")
 
@@ -19,3 +18,6 @@ def example(row: Row) -> Example:
 
 def evals(row: Row) -> list[Choice]:
     return [Choice("accuracy", prompt(row), tuple(f" {letter}" for letter in LETTERS), row.integer("cop", 0, 3))]
+
+
+TASK = Task("med", ("accuracy",), example, evals)

@@ -1,9 +1,8 @@
 """`sql`: gretelai/synthetic_text_to_sql (sql_prompt, sql_context, sql -> exact match on held-out queries)."""
 from __future__ import annotations
 
-from .base import Example, Generation, Row
+from .base import Example, Generation, Row, Task
 
-METRICS = ("exact_match",)
 INSTRUCTION = "Write the SQL query that answers the question, given the database context."
 
 
@@ -18,3 +17,6 @@ def example(row: Row) -> Example:
 
 def evals(row: Row) -> list[Generation]:
     return [Generation("exact_match", prompt(row), row.text("sql").strip(), normalise="sql")]
+
+
+TASK = Task("sql", ("exact_match",), example, evals)
