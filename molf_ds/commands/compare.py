@@ -39,6 +39,7 @@ from .run_dir import CONFIG, EVAL, METRICS
 from .sources import SourceError, check_config, is_local
 from .train.config import ConfigError, load_config, raw_config, saved_config
 from .train.data import TASKS, direction
+from .train.tracking import flatten
 
 if TYPE_CHECKING:
     from .train.config import TrainConfig
@@ -223,7 +224,7 @@ def stale_reason(run_dir: Path, expected: dict[str, Any], hashes: dict[str, str]
         saved = saved_config(saved).to_dict()
     except (ConfigError, TypeError):
         pass
-    before, now = _flat(saved), _flat(expected)
+    before, now = flatten(saved), flatten(expected)
     changed = [k for k in dict.fromkeys([*now, *before]) if k not in REUSE_IGNORES
                and before.get(k, _MISSING) != now.get(k, _MISSING)]
     why = [f"{k} {_brief(before.get(k, _MISSING))} -> {_brief(now.get(k, _MISSING))}" for k in changed]
@@ -239,16 +240,6 @@ def stale_reason(run_dir: Path, expected: dict[str, Any], hashes: dict[str, str]
 
 
 _MISSING = object()
-
-
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _brief(value: Any) -> str:

@@ -94,7 +94,7 @@ class MLflow(Tracker):
         experiment = self.client.get_experiment_by_name(PROJECT)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(PROJECT)
         self.run_id = self.client.create_run(experiment_id, run_name=out.name).info.run_id
-        params = [Param(k, str(v)[:500]) for k, v in _flatten(config).items()]
+        params = [Param(k, str(v)[:500]) for k, v in flatten(config).items()]
         for i in range(0, len(params), 100):  # MLflow's limit per batch
             self.client.log_batch(self.run_id, params=params[i:i + 100])
 
@@ -184,11 +184,12 @@ class Trackers:
         return {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}[name](self.out, self.config, self.start)
 
 
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys: {"train": {"lr": 1e-4}} -> {"train.lr": 1e-4}."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
         if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
