@@ -31,6 +31,7 @@ def main() -> None:
         accelerator.backward(loss)  # under DeepSpeed this also runs the engine's step
         optimizer.step()
         optimizer.zero_grad()
+    accelerator.end_training()  # the process group goes down before interpreter exit, not in a destructor race
 
 
 if __name__ == "__main__":
