@@ -33,6 +33,19 @@ REDUCE_BLOCK = 1024  # partial sums read at once by _cell_sums
 
 
 @triton.jit
+def _tensor(ptrs, n_tensors, t, k):
+    """Tensor t of the k-th list in the address table, as an fp32 pointer."""
+    return tl.load(ptrs + k * n_tensors + t).to(tl.pointer_type(tl.float32))
+
+
+@triton.jit
+def _adam_update(p, m, v, decay, step, sqrt_bc2, eps):
+    """p after the AdamW update: decoupled decay, then the bias-corrected step, as torch_impl's _update_ranges."""
+    denom = tl.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps
+    return p * decay + step * tl.div_rn(m, denom)
+
+
+@triton.jit
 def _new_moments(g, m, v, w1, beta2, w2, SMALL_W1: tl.constexpr):
     """m and v after one step, as torch's lerp_ and mul_/addcmul_ compute them."""
     d = g - m
@@ -51,9 +64,9 @@ def _moments_scores(ptrs, n_tensors, blocks, partials, w1, beta2, w2, eps_s, SMA
     start = tl.load(blocks + pid * 4 + 1)
     end = tl.load(blocks + pid * 4 + 2)
     row = tl.load(blocks + pid * 4 + 3)
-    g_ptr = tl.load(ptrs + t).to(tl.pointer_type(tl.float32))
-    m_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(ptrs + 2 * n_tensors + t).to(tl.pointer_type(tl.float32))
+    g_ptr = _tensor(ptrs, n_tensors, t, 0)
+    m_ptr = _tensor(ptrs, n_tensors, t, 1)
+    v_ptr = _tensor(ptrs, n_tensors, t, 2)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < end
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
@@ -104,16 +117,15 @@ def _update(ptrs, n_tensors, blocks, winners, coefs, sqrt_bc2, eps, BLOCK: tl.co
     kind = tl.load(blocks + pid * 5 + 4)
     decay = tl.load(coefs + 2 * kind)
     step = tl.load(coefs + 2 * kind + 1)
-    p_ptr = tl.load(ptrs + t).to(tl.pointer_type(tl.float32))
-    m_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(ptrs + 2 * n_tensors + t).to(tl.pointer_type(tl.float32))
+    p_ptr = _tensor(ptrs, n_tensors, t, 0)
+    m_ptr = _tensor(ptrs, n_tensors, t, 1)
+    v_ptr = _tensor(ptrs, n_tensors, t, 2)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < end
     p = tl.load(p_ptr + offs, mask=mask, other=0.0)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    denom = tl.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps
-    tl.store(p_ptr + offs, p * decay + step * tl.div_rn(m, denom), mask=mask)
+    tl.store(p_ptr + offs, _adam_update(p, m, v, decay, step, sqrt_bc2, eps), mask=mask)
 
 
 @triton.jit
@@ -123,10 +135,10 @@ def _adamw(ptrs, n_tensors, blocks, w1, beta2, w2, decay, step, sqrt_bc2, eps, S
     t = tl.load(blocks + pid * 3)
     start = tl.load(blocks + pid * 3 + 1)
     end = tl.load(blocks + pid * 3 + 2)
-    p_ptr = tl.load(ptrs + t).to(tl.pointer_type(tl.float32))
-    g_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(tl.float32))
-    m_ptr = tl.load(ptrs + 2 * n_tensors + t).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(ptrs + 3 * n_tensors + t).to(tl.pointer_type(tl.float32))
+    p_ptr = _tensor(ptrs, n_tensors, t, 0)
+    g_ptr = _tensor(ptrs, n_tensors, t, 1)
+    m_ptr = _tensor(ptrs, n_tensors, t, 2)
+    v_ptr = _tensor(ptrs, n_tensors, t, 3)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < end
     p = tl.load(p_ptr + offs, mask=mask, other=0.0)
@@ -136,8 +148,7 @@ def _adamw(ptrs, n_tensors, blocks, w1, beta2, w2, decay, step, sqrt_bc2, eps, S
     m, v = _new_moments(g, m, v, w1, beta2, w2, SMALL_W1)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
-    denom = tl.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps
-    tl.store(p_ptr + offs, p * decay + step * tl.div_rn(m, denom), mask=mask)
+    tl.store(p_ptr + offs, _adam_update(p, m, v, decay, step, sqrt_bc2, eps), mask=mask)
 
 
 # ---- work tables (host side, built once per segment table and device) ------------------------------------------
