@@ -158,7 +158,7 @@ def test_reuse_reports_the_runs_wall_time_and_command(compared, capsys):
     capsys.readouterr()
     assert main([*args, "--reuse"]) == 0  # nothing trains: every run has its final evaluation, config and data
     printed = capsys.readouterr()
-    assert "[1/2] lora seed 0: reusing" in printed.out and "[2/2] molf seed 0: reusing" in printed.out
+    assert "[1/2] lora seed 0: reusing" in printed.err and "[2/2] molf seed 0: reusing" in printed.err
     assert "not reusing" not in printed.err
     again = list(csv.DictReader(open(out / "comparison.csv")))
     assert [r["wall_s"] for r in again] == [r["wall_s"] for r in first] and float(first[0]["wall_s"]) > 0
@@ -206,10 +206,10 @@ def test_reuse_reruns_a_run_whose_lr_or_data_changed(compared, tmp_path, capsys,
             "data.train content changed, eval.data content changed"
         assert line.startswith(f"[{['lora', 'molf'].index(method) + 1}/2] {method} seed 0: not reusing {run_dir}: "
                                f"{reason} (moved to {copy / 'stale' / method}-seed0-")
-        assert f"{method} seed 0: false {args[1]}" in printed.out  # relaunched
-    assert ("[2/2] molf seed 0: reusing" in printed.out) == (change == "lr")
+        assert f"{method} seed 0: false {args[1]}" in printed.err  # relaunched
+    assert ("[2/2] molf seed 0: reusing" in printed.err) == (change == "lr")
     if change == "lr":
-        assert "train.lora_lr=0.001" in printed.out.splitlines()[0]
+        assert "train.lora_lr=0.001" in [line for line in printed.err.splitlines() if "lora seed 0: false" in line][0]
     stale = sorted((copy / "stale").iterdir())
     assert [p.name.rsplit("-", 1)[0] for p in stale] == [f"{m}-seed0" for m in reran]
     assert all((p / "eval.jsonl").is_file() for p in stale)

@@ -142,14 +142,14 @@ def run(args: argparse.Namespace) -> int:
         if args.reuse and run_dir.is_dir():
             why = stale_reason(run_dir, load_config(args.config, overrides).to_dict(), hashes)
             if why is None:
-                print(f"{head}: reusing {run_dir}", flush=True)
+                print(f"{head}: reusing {run_dir}", file=sys.stderr, flush=True)
                 results.append(collect(method, seed, run_dir))
                 continue
             moved = set_aside(run_dir, out) if _final_eval(run_dir) is not None else None
             print(f"{head}: not reusing {run_dir}: {why}" + (f" (moved to {moved})" if moved else ""),
                   file=sys.stderr, flush=True)
         command = [*launcher, str(args.config), *overrides]
-        print(f"{head}: {shlex.join(command)}", flush=True)
+        print(f"{head}: {shlex.join(command)}", file=sys.stderr, flush=True)
         began = time.perf_counter()
         status = launch(command, out / "logs" / f"{method}-seed{seed}.log")
         result = collect(method, seed, run_dir, status)
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             (run_dir / RUN_RECORD).write_text(json.dumps({"command": command, "wall_s": round(result.wall_s, 1),
                                                           "data_sha256": hashes}))
         print(f"    {result.status}, {time.perf_counter() - began:.0f}s: "
-              + ", ".join(f"{k} {v:.4f}" for k, v in result.scores.items()), flush=True)
+              + ", ".join(f"{k} {v:.4f}" for k, v in result.scores.items()), file=sys.stderr, flush=True)
         results.append(result)
     command_line = shlex.join(["molf-ds", "compare", str(args.config), *args.overrides, "--methods",
                                ",".join(methods), "--seeds", str(args.seeds)]
