@@ -49,11 +49,12 @@ def smollm2_run(tmp_path_factory):
     done = run_command(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                        "-m", "molf_ds.commands.train", str(root / "run.yaml"), cwd=root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return root / "out", done.stdout
+    assert done.stdout == f"{root / 'out'}\n", done.stdout[-3000:]  # the result alone: every notice on stderr
+    return root / "out", done.stderr
 
 
 def test_smollm2_trains_with_molf_under_zero2_on_two_ranks(smollm2_run):
-    out, stdout = smollm2_run
+    out, notices = smollm2_run
     routing = [json.loads(line) for line in (out / "routing.jsonl").read_text().splitlines()]
     assert [r["step"] for r in routing] == list(range(1, STEPS + 1))  # one record per step: rank 0 alone
     for record in routing:
@@ -62,7 +63,7 @@ def test_smollm2_trains_with_molf_under_zero2_on_two_ranks(smollm2_run):
             assert len(decision["winners"]) == 1 and set(decision["scores"]) == {"full", "lora0"}
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert set(metrics[-1]["routing_by_type"]) == PROJECTIONS
-    assert f"routing over {STEPS} steps: full" in stdout and "per projection type: q_proj" in stdout
+    assert f"routing over {STEPS} steps: full" in notices and "per projection type: q_proj" in notices
     assert (out / "routing.png").read_bytes()[:4] == b"\x89PNG"
 
 

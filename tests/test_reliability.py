@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers.demo_runs import REPO, ZERO2, jsonl, write_demo_run
+from helpers.demo_runs import REPO, ZERO2, jsonl, only_the_output_directory, write_demo_run
 from helpers.distributed import needs_fp16
 from molf_ds.commands.train.checkpoints import COMPLETE, to_universal
 
@@ -50,7 +50,8 @@ def launch(root: Path, *overrides: str, fault: str = "", stamp: Path | None = No
 
 def ok(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout
+    assert only_the_output_directory(result.stdout), result.stdout[-3000:]
+    return result.stderr
 
 
 def assert_same_run(out: Path, want: Path) -> None:
@@ -75,8 +76,8 @@ def test_sigkilled_rank_fails_fast_and_resume_reproduces_the_run(demo, uninterru
     print(f"SIGKILL of rank 1 at step 6 -> torchrun exited {result.returncode} after {seconds:.1f} s")
     assert result.returncode != 0 and seconds < 60
     assert [c.name for c in sorted((out / "checkpoints").glob("step*"))] == ["step2", "step4"]
-    stdout = ok(launch(demo, f"train.output_dir={out}", "train.resume=auto"))
-    assert f"resumed from {out / 'checkpoints' / 'step4'} at step 4" in stdout
+    notices = ok(launch(demo, f"train.output_dir={out}", "train.resume=auto"))
+    assert f"resumed from {out / 'checkpoints' / 'step4'} at step 4" in notices
     assert_same_run(out, uninterrupted)
 
 
@@ -86,8 +87,8 @@ def test_a_checkpoint_whose_writing_was_killed_is_never_loaded(demo, uninterrupt
     assert result.returncode != 0
     partial = out / "checkpoints" / "step6"
     assert any(partial.iterdir()) and not (partial / COMPLETE).exists()  # rank 1's files are there, no marker
-    stdout = ok(launch(demo, f"train.output_dir={out}", "train.resume=auto"))
-    assert f"resumed from {out / 'checkpoints' / 'step4'} at step 4" in stdout
+    notices = ok(launch(demo, f"train.output_dir={out}", "train.resume=auto"))
+    assert f"resumed from {out / 'checkpoints' / 'step4'} at step 4" in notices
     assert_same_run(out, uninterrupted)
 
 
@@ -142,8 +143,8 @@ def test_zero3_run_writes_every_output_and_resumes(demo, tmp_path):
     common = [f"deepspeed={tmp_path / 'zero3.json'}", no_dropout, "eval.max_samples=7", "eval.batch_size=3",
               f"eval.data={demo / 'demo' / 'data' / 'counterfact.json'}", "train.save_steps=4"]  # 7: uneven shards
     full = tmp_path / "full"
-    stdout = ok(launch(demo, f"train.output_dir={full}", *common))
-    assert "eval before training (step 0)" in stdout and f"outputs in {full}/" in stdout
+    notices = ok(launch(demo, f"train.output_dir={full}", *common))
+    assert "eval before training (step 0)" in notices and f"outputs in {full}/" in notices
     assert [r["step"] for r in jsonl(full / "routing.jsonl")] == list(range(1, STEPS + 1))
     assert [e["step"] for e in jsonl(full / "eval.jsonl")] == [0, STEPS]
     assert (full / "routing.png").exists() and (full / "checkpoints" / "step4" / COMPLETE).exists()
@@ -152,9 +153,9 @@ def test_zero3_run_writes_every_output_and_resumes(demo, tmp_path):
     assert set(initial) <= set(final) and all(final[k].shape == initial[k].shape for k in initial)
     assert any(not torch.equal(final[k], initial[k]) for k in initial)
     resumed = tmp_path / "resumed"
-    stdout = ok(launch(demo, f"train.output_dir={resumed}", *common[:2], "eval=null",
+    notices = ok(launch(demo, f"train.output_dir={resumed}", *common[:2], "eval=null",
                        f"train.resume={full / 'checkpoints' / 'step4'}"))
-    assert f"resumed from {full / 'checkpoints' / 'step4'} at step 4" in stdout
+    assert f"resumed from {full / 'checkpoints' / 'step4'} at step 4" in notices
     assert jsonl(resumed / "routing.jsonl") == jsonl(full / "routing.jsonl")[4:]
     want, have = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     for name in want:
@@ -164,9 +165,9 @@ def test_zero3_run_writes_every_output_and_resumes(demo, tmp_path):
     to_universal(full / "checkpoints" / "step4", universal)
     assert universal.is_dir() and (universal / COMPLETE).exists()
     one_rank = tmp_path / "zero2-one-rank"
-    stdout = ok(launch(demo, f"train.output_dir={one_rank}", no_dropout, "eval=null", "train.micro_batch_size=8",
+    notices = ok(launch(demo, f"train.output_dir={one_rank}", no_dropout, "eval=null", "train.micro_batch_size=8",
                        f"train.resume={universal}", nproc=1))
-    assert f"resumed from {universal} at step 4" in stdout
+    assert f"resumed from {universal} at step 4" in notices
     assert_close_run(one_rank, full, first=5)
 
 
@@ -191,7 +192,7 @@ def test_fp16_overflow_steps_are_skipped_and_logged(demo, tmp_path):
     config["fp16"] = {"enabled": True, "initial_scale_power": 18}  # too large a loss scale: the first steps overflow
     (tmp_path / "fp16.json").write_text(json.dumps(config))
     out = tmp_path / "fp16"
-    stdout = ok(launch(demo, f"train.output_dir={out}", f"deepspeed={tmp_path / 'fp16.json'}", "model.dtype=float16",
+    notices = ok(launch(demo, f"train.output_dir={out}", f"deepspeed={tmp_path / 'fp16.json'}", "model.dtype=float16",
                        "train.save_steps=0"))
     metrics, routing = jsonl(out / "metrics.jsonl"), jsonl(out / "routing.jsonl")
     skipped = [m.get("skipped", False) for m in metrics]
@@ -200,7 +201,7 @@ def test_fp16_overflow_steps_are_skipped_and_logged(demo, tmp_path):
     assert all("routing" not in m for m in metrics if m.get("skipped"))
     molf_steps = [r["step"] for r in routing]  # a skipped step's number is reused by the next update
     assert molf_steps == [1 + sum(not s for s in skipped[:i]) for i in range(STEPS)]
-    assert "step 1: gradient overflow (inf/NaN), update skipped" in stdout
+    assert "step 1: gradient overflow (inf/NaN), update skipped" in notices
 
 
 TRAIN_THEN_REPORT_GROUP = """

@@ -210,8 +210,8 @@ def test_two_rank_chat_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert "eval before training (step 0): token_accuracy" in result.stdout
-    assert re.search(r"data.packing: 16 rows in \d+ sequences of at most 64 tokens", result.stdout + result.stderr)
+    assert "eval before training (step 0): token_accuracy" in result.stderr
+    assert re.search(r"data.packing: 16 rows in \d+ sequences of at most 64 tokens", result.stderr)
     out = Path(raw["train"]["output_dir"])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(math.isfinite(m["loss"]) for m in metrics)

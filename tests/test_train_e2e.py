@@ -36,13 +36,13 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def full_run(demo):
     root, _ = demo
-    stdout = train_on_two_ranks(root, f"train.output_dir={root / 'full'}")
-    return root / "full", stdout
+    notices = train_on_two_ranks(root, f"train.output_dir={root / 'full'}")
+    return root / "full", notices
 
 
 def test_molf_run_writes_every_output(full_run):
-    out, stdout = full_run
-    assert "eval before training (step 0): efficacy" in stdout and f"outputs in {out}/" in stdout
+    out, notices = full_run
+    assert "eval before training (step 0): efficacy" in notices and f"outputs in {out}/" in notices
     assert yaml.safe_load((out / "config.yaml").read_text())["method"] == "molf"
     routing = jsonl(out / "routing.jsonl")
     assert [r["step"] for r in routing] == list(range(1, STEPS + 1))
@@ -76,8 +76,8 @@ def test_resume_auto_reproduces_the_uninterrupted_run(demo, full_run):
     (out / "checkpoints" / "step6" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
     with open(out / "metrics.jsonl", "a") as file:  # a step logged after the last checkpoint
         file.write(json.dumps({"step": 5, "loss": 0.0}) + "\n")
-    stdout = train_on_two_ranks(root, f"train.output_dir={out}", "train.resume=auto")
-    assert f"resumed from {out / 'checkpoints' / 'step4'} at step 4" in stdout
+    notices = train_on_two_ranks(root, f"train.output_dir={out}", "train.resume=auto")
+    assert f"resumed from {out / 'checkpoints' / 'step4'} at step 4" in notices
     assert jsonl(out / "routing.jsonl") == jsonl(full / "routing.jsonl")  # winners and scores, every step
     keep = ("step", "epoch", "loss", "lr", "routing")
     assert [{k: m[k] for k in keep} for m in jsonl(out / "metrics.jsonl")] == \

@@ -160,7 +160,7 @@ def test_a_resumed_branch_is_never_overtaken_by_the_abandoned_one(tmp_path):
     assert [c.step for c in complete(out / "checkpoints")] == [2, 4]
     assert [r["step"] for r in jsonl(aside / "metrics.jsonl")] == [3, 4, 5, 6]
     result = train("train.resume=auto")
-    assert f"resumed from {out / 'checkpoints' / 'step4'} at step 4" in result.stdout
+    assert f"resumed from {out / 'checkpoints' / 'step4'} at step 4" in result.stderr
     assert "abandoned-" not in result.stderr and [aside] == list((out / "checkpoints").glob("abandoned-*"))
     assert [r["step"] for r in jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
@@ -196,12 +196,12 @@ def test_eval_steps_best_model_and_save_total_limit_with_resume(demo):
     """One uninterrupted run; then a copy of it that lost everything after its step-2 checkpoint (its logs run on to
     step 8, as when a run dies before its last checkpoint completes), resumed with resume=auto."""
     full = demo / "full"
-    stdout = train_on_two_ranks(demo, f"train.output_dir={full}")
+    notices = train_on_two_ranks(demo, f"train.output_dir={full}")
     evals = jsonl(full / "eval.jsonl")
-    assert [e["step"] for e in evals] == [0, 2, 4, 6, 8] and "eval during training (step 2)" in stdout
+    assert [e["step"] for e in evals] == [0, 2, 4, 6, 8] and "eval during training (step 2)" in notices
     # the demo's neighborhood score falls as the edits are learned: the best evaluated step is the first one
     assert best_step(evals, "neighborhood")[0] == 2, evals
-    assert f"final/ is the best evaluated model: step 2 (neighborhood {evals[1]['neighborhood']:.3f})" in stdout
+    assert f"final/ is the best evaluated model: step 2 (neighborhood {evals[1]['neighborhood']:.3f})" in notices
     # save_total_limit 1: the newest complete checkpoint and the best one, nothing else
     assert sorted(p.name for p in (full / "checkpoints").glob("step*")) == ["step2", f"step{STEPS}"]
     assert steps(full) == [2, STEPS]
@@ -209,8 +209,8 @@ def test_eval_steps_best_model_and_save_total_limit_with_resume(demo):
     shutil.copytree(full, out)
     shutil.rmtree(out / "final")
     shutil.rmtree(out / "checkpoints" / f"step{STEPS}")
-    stdout = train_on_two_ranks(demo, f"train.output_dir={out}", "train.resume=auto")
-    assert f"resumed from {out / 'checkpoints' / 'step2'} at step 2" in stdout
+    notices = train_on_two_ranks(demo, f"train.output_dir={out}", "train.resume=auto")
+    assert f"resumed from {out / 'checkpoints' / 'step2'} at step 2" in notices
     assert jsonl(out / "routing.jsonl") == jsonl(full / "routing.jsonl")  # winners and scores, every step
     assert jsonl(out / "eval.jsonl") == evals
     assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step2", f"step{STEPS}"]

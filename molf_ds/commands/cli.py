@@ -3,6 +3,7 @@ eval, generate, compare, plot-routing, models, export, bench)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Sequence
 
@@ -10,6 +11,8 @@ from .train.data import TASKS
 
 
 def _train(args: argparse.Namespace) -> int:
+    """Train; rank 0's stdout gets the output directory alone (every notice, DeepSpeed's prints included, goes
+    to stderr)."""
     import torch.distributed as dist
 
     from molf_ds.distributed import end_process_group, report_before_group
@@ -26,13 +29,16 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     started_here = not dist.is_initialized()
     try:
-        run(cfg)
+        with contextlib.redirect_stdout(sys.stderr):
+            out = run(cfg)
     except (ConfigError, DataError) as error:
         print(f"molf-ds train: {error}", file=sys.stderr)
         return 2
     except SaveError as error:
         print(f"molf-ds train: {error}", file=sys.stderr)
         return 3
+    if dist.get_rank() == 0:
+        print(out, flush=True)
     if started_here:  # the job is done: end the group before the interpreter's exit tears gloo down
         end_process_group()
     return 0

@@ -27,13 +27,21 @@ ZERO2 = str(REPO / "ds_configs" / "zero2.json")
 
 
 def train_on_two_ranks(root: Path, *overrides: str) -> str:
-    """`molf-ds train root/run.yaml` under torchrun on 2 CPU ranks; its stdout (the run must succeed)."""
+    """`molf-ds train root/run.yaml` under torchrun on 2 CPU ranks; its notices, from stderr (the run must succeed
+    and print only the output directory on stdout)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "molf_ds.commands.train", str(root / "run.yaml"), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout
+    assert only_the_output_directory(result.stdout), result.stdout[-3000:]
+    return result.stderr
+
+
+def only_the_output_directory(stdout: str) -> bool:
+    """`molf-ds train`'s stdout: one line, the output directory it wrote."""
+    lines = stdout.splitlines()
+    return len(lines) == 1 and Path(lines[0]).is_dir()
 
 
 def jsonl(path: Path) -> list[dict]:

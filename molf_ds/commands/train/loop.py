@@ -10,6 +10,7 @@ import collections
 import contextlib
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -93,9 +94,9 @@ def run(cfg: TrainConfig) -> Path:
         try:
             written.append(plot_routing(out / ROUTING, out / ROUTING_PNG))
         except (FileNotFoundError, ValueError) as error:  # no step logged: molf.log_every > the steps run
-            print(f"{ROUTING_PNG} not drawn: {error}", flush=True)
+            _say(f"{ROUTING_PNG} not drawn: {error}")
         if summary := routing_summary(out / METRICS):
-            print(summary, flush=True)
+            _say(summary)
     logs = [out / name for name in (METRICS, ROUTING, EVAL) if (out / name).exists()]
     _say(f"outputs in {out}/: " + ", ".join(str(p.relative_to(out)) for p in written + logs)
          + (f", {CHECKPOINTS}/" if (out / CHECKPOINTS).is_dir() else ""))
@@ -310,8 +311,9 @@ def _zero_stage(ds: dict[str, Any]) -> int:
 
 
 def _say(message: str) -> None:
+    """A notice, on rank 0's stderr: a command's stdout carries its result alone."""
     if dist.get_rank() == 0:
-        print(message, flush=True)
+        print(message, file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
