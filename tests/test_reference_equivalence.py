@@ -196,6 +196,42 @@ def test_matches_reference_llama(tiny):
     assert wins["full"] > 0 and wins["lora0"] > 0, wins
 
 
+def first_step(model, ids, variant: str, score: str, alphas: tuple[float, ...],
+               lora_lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, winners) of MoLFAdamW's first step on a copy of `model` (the same LoRA init: lora_B = 0)."""
+    cfg = make_cfg(variant, score, 1, lora_alphas=alphas, lora_lr=lora_lr)
+    model = copy.deepcopy(model)
+    torch.manual_seed(1)
+    molf_ds.wrap_model(model, cfg)
+    opt = molf_ds.build_optimizer(model, cfg)
+    loss_of(model, ids).backward()
+    opt.step()
+    return opt.last_scores, opt.last_winners
+
+
+def test_ldw_decisions_ignore_the_lora_lr(tiny):
+    """The same gradients and moments, lora_lr x 4: LDW's scores are the same numbers (no lr in them); EPD's
+    decisions move (finding (a) of examples/replication/RESULTS.md)."""
+    model, ids = tiny("qwen2"), token_batches(1, BATCH, SEQ)[0]
+    for score, same in (("ldw", True), ("epd", False)):
+        scores, winners = first_step(model, ids, "molf", score, (16.0,), 1e-3)
+        scores4, winners4 = first_step(model, ids, "molf", score, (16.0,), 4e-3)
+        assert torch.equal(winners4, winners) == torch.equal(scores4, scores) == same, score
+
+
+def test_ldw_decisions_ignore_a_lora_alpha_at_b_zero(tiny):
+    """MoLF-E at lora_B = 0, the second expert's alpha doubled: its gradients double, LDW's scores stay (up to Adam's
+    and the score's eps) and so do its decisions, which go to both experts; EPD's move (finding (b))."""
+    model, ids = tiny("qwen2"), token_batches(1, BATCH, SEQ)[0]
+    scores, winners = first_step(model, ids, "molf-e", "ldw", (16.0, 16.0), 6e-4)
+    scores2, winners2 = first_step(model, ids, "molf-e", "ldw", (16.0, 32.0), 6e-4)
+    assert torch.equal(winners2, winners) and winners.any(0).all(), winners.sum(0)
+    torch.testing.assert_close(scores2, scores, rtol=1e-2, atol=0)
+    _, winners = first_step(model, ids, "molf-e", "epd", (16.0, 16.0), 6e-4)
+    _, winners2 = first_step(model, ids, "molf-e", "epd", (16.0, 32.0), 6e-4)
+    assert not torch.equal(winners2, winners)
+
+
 def test_warmup_first_step_is_a_tie(tiny):
     """Step 1 of a warm-up from 0: every EPD score is exactly 0 and the lowest-index expert wins everywhere."""
     for variant, first in (("molf", "full"), ("molf-e", "lora0")):
