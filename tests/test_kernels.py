@@ -197,8 +197,10 @@ def test_torch_path_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
     _assert_state_close(ours, ref)
 
 
-def test_triton_small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rows of many blocks, reduced a few partial sums at a time, give the reference sums; the update too."""
+@pytest.mark.parametrize("score", SCORE_NAMES)
+def test_triton_small_blocks(monkeypatch: pytest.MonkeyPatch, score: str) -> None:
+    """Rows of many blocks, reduced a few partial sums at a time (each channel of each), give the reference sums;
+    the update too."""
     from molf_ds.optim.kernels import triton_impl
 
     monkeypatch.setattr(triton_impl, "BLOCK", 64)
@@ -206,8 +208,8 @@ def test_triton_small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(kernels.ENV_VAR, "triton")
     numel, segs = 5_003, [(3, 3_000), (3_003, 1), (3_100, 1_700), (4_900, 103)]
     ours, ref = _state(numel), _state(numel)
-    got = _scores(ours, segs, "pfn")
-    torch.testing.assert_close(got, _reference_scores(ref, segs, "pfn"), rtol=1e-6, atol=0.0)
+    got = _scores(ours, segs, score)
+    torch.testing.assert_close(got, _reference_scores(ref, segs, score), rtol=1e-6, atol=0.0)
     _update(ours, segs, 0.1, 0.001)
     _reference_update(ref, segs, 0.1, 0.001)
     _assert_state_close(ours, ref)
