@@ -90,7 +90,8 @@ def _molf(backend: str, numel: int, winners: bool) -> Step:
 
     def update(p, m, v, bc1: float, bc2: float) -> None:
         _on(backend)
-        kernels.moments_and_scores_multi([p.grad], [m], [v], table, SCALE, kernels.ScoreSums(cells), *BETAS, "epd")
+        kernels.moments_and_scores_multi([p], [p.grad], [m], [v], table, SCALE, kernels.ScoreSums(cells), *BETAS,
+                                         "epd")
         kernels.update_winners_multi([p], [m], [v], table, won, LRS, WDS, bc1, bc2, EPS)
 
     return _manual(numel, update)

@@ -26,6 +26,7 @@ A0 = [[0.3, -0.2, 0.1], [-0.4, 0.25, 0.35]]
 LB0 = [[0.2, -0.1], [0.15, 0.3]]  # nonzero lora_B: both experts get gradients from step 1
 X_GENERAL = [[1.0, -2.0, 0.5], [0.3, 0.8, -1.2]]
 X_COL2_ZERO = [[1.0, -2.0, 0.0], [0.3, 0.8, 0.0]]  # zero-grad elements still count in N_e
+X_LDW = [[2.0, -0.5, 0.0], [-1.5, 0.8, -0.1]]  # LDW routes to both experts (to `full` at X_GENERAL)
 
 
 def hand_steps(x, lr, lora_lr, score, factors):
@@ -51,6 +52,12 @@ def hand_steps(x, lr, lora_lr, score, factors):
             if score == "epd":
                 tot = sum(float((m[k] ** 2 / (v[k].sqrt() + EPS_S)).sum()) for k in ks)
                 scores[e] = lrs[e] / n * tot
+            elif score == "ldw":  # sum(m*u) / ||U_W||, or / S (||U_B|| ||A|| + ||B|| ||U_A||); p before the step
+                u = {k: m[k] / (v[k].sqrt() + EPS_S) for k in ks}
+                norm = {k: math.sqrt(float((u[k] ** 2).sum())) for k in ks}
+                change = (math.sqrt(norm["W"] ** 2 + norm["b"] ** 2) if e == "full" else
+                          S * (norm["B"] * float(P["A"].norm()) + float(P["B"].norm()) * norm["A"]))
+                scores[e] = sum(float((m[k] * u[k]).sum()) for k in ks) / change
             else:
                 tot = sum(float(((m[k] / (v[k].sqrt() + EPS_S)) ** 2).sum()) for k in ks)
                 scores[e] = math.sqrt(tot) / math.sqrt(n)
@@ -157,8 +164,9 @@ def check(hand, pkg, factors):
     [
         (X_GENERAL, 0.1, 0.2, "epd", ["lora0", "full"]),
         (X_COL2_ZERO, 0.1, 0.1, "pfn", ["lora0", "full"]),
+        (X_LDW, 0.1, 0.4, "ldw", ["lora0", "full"]),
     ],
-    ids=["epd", "pfn"],
+    ids=["epd", "pfn", "ldw"],
 )
 def test_two_steps_by_hand(x, lr, lora_lr, score, expected_winners):
     factors = [1.0, 1.0]

@@ -13,8 +13,9 @@ from typing import Callable
 import pytest
 import torch
 
-from molf_ds.optim import kernels
+from molf_ds.optim import kernels, routing
 from molf_ds.optim.kernels import cpp_impl, torch_impl
+from molf_ds.scores import SCORE_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 BETAS = (0.9, 0.999)
@@ -49,9 +50,10 @@ def _table(numel: int, layout: list[tuple[int, int]]) -> kernels.SegmentTable:
 
 
 def _scores(s: dict[str, torch.Tensor], layout, score: str) -> torch.Tensor:
-    """Moments of the whole tensor and the score sum of each segment, through the public multi-tensor kernel."""
-    sums = kernels.ScoreSums(len(layout))
-    kernels.moments_and_scores_multi([s["grad"]], [s["exp_avg"]], [s["exp_avg_sq"]],
+    """Moments of the whole tensor and the score table of its segments (each the full weight, kind 0), through the
+    public multi-tensor kernel."""
+    sums = kernels.ScoreSums(len(layout), routing.kind_columns(score)[:1])
+    kernels.moments_and_scores_multi([s["param"]], [s["grad"]], [s["exp_avg"]], [s["exp_avg_sq"]],
                                      _table(s["grad"].numel(), layout), ONE, sums, *BETAS, score)
     return sums.totals()
 
@@ -77,13 +79,16 @@ def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _reference_scores(s: dict[str, torch.Tensor], layout, score: str, eps_s: float = 1e-8) -> torch.Tensor:
-    """The spec, plainly: moments over the whole tensor, then q summed per segment in double."""
+    """The spec, plainly: moments over the whole tensor, then each channel summed per segment in double (LDW: m*u,
+    u^2 and p^2 of the weight before the step, u = m / (sqrt(v) + eps_s))."""
     s["exp_avg"].lerp_(s["grad"], 1 - BETAS[0])
     s["exp_avg_sq"].mul_(BETAS[1]).addcmul_(s["grad"], s["grad"], value=1 - BETAS[1])
     denom = s["exp_avg_sq"].sqrt() + eps_s
     m = s["exp_avg"]
-    q = m * m / denom if score == "epd" else (m / denom) ** 2
-    return torch.tensor([q[o : o + n].double().sum().item() for o, n in layout], dtype=torch.float64)
+    u = m / denom
+    qs = {"epd": [m * m / denom], "pfn": [u * u], "ldw": [m * u, u * u, s["param"] ** 2]}[score]
+    return torch.tensor([[q[o : o + n].double().sum().item() for q in qs] for o, n in layout],
+                        dtype=torch.float64).view(len(layout), len(qs))
 
 
 def _reference_update(s: dict[str, torch.Tensor], layout, bc1: float, bc2: float) -> None:
@@ -99,14 +104,14 @@ def _assert_state_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
-@pytest.mark.parametrize("score", ["epd", "pfn"])
+@pytest.mark.parametrize("score", SCORE_NAMES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_moments_and_scores(backend: str, score: str, layout: str) -> None:
     numel, segs = LAYOUTS[layout]
     ours, ref = _state(numel), _state(numel)
     got = _scores(ours, segs, score)
     want = _reference_scores(ref, segs, score)
-    assert got.dtype == torch.float64 and got.device.type == "cpu" and got.shape == (len(segs),)
+    assert got.dtype == torch.float64 and got.device.type == "cpu" and got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
     _assert_state_close(ours, ref)
 
@@ -192,8 +197,10 @@ def test_torch_path_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
     _assert_state_close(ours, ref)
 
 
-def test_triton_small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rows of many blocks, reduced a few partial sums at a time, give the reference sums; the update too."""
+@pytest.mark.parametrize("score", SCORE_NAMES)
+def test_triton_small_blocks(monkeypatch: pytest.MonkeyPatch, score: str) -> None:
+    """Rows of many blocks, reduced a few partial sums at a time (each channel of each), give the reference sums;
+    the update too."""
     from molf_ds.optim.kernels import triton_impl
 
     monkeypatch.setattr(triton_impl, "BLOCK", 64)
@@ -201,8 +208,8 @@ def test_triton_small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(kernels.ENV_VAR, "triton")
     numel, segs = 5_003, [(3, 3_000), (3_003, 1), (3_100, 1_700), (4_900, 103)]
     ours, ref = _state(numel), _state(numel)
-    got = _scores(ours, segs, "pfn")
-    torch.testing.assert_close(got, _reference_scores(ref, segs, "pfn"), rtol=1e-6, atol=0.0)
+    got = _scores(ours, segs, score)
+    torch.testing.assert_close(got, _reference_scores(ref, segs, score), rtol=1e-6, atol=0.0)
     _update(ours, segs, 0.1, 0.001)
     _reference_update(ref, segs, 0.1, 0.001)
     _assert_state_close(ours, ref)
@@ -312,8 +319,8 @@ def test_env_var_forces_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert kernels.backend(ours["grad"]) == "torch"
     got = _scores(ours, segs, "epd")
     rows = [(o, n) for o, n in segs if n]  # the torch path's sums, one per non-empty row
-    want = torch_impl.segment_sums_multi([ref["grad"]], [ref["exp_avg"]], [ref["exp_avg_sq"]], _table(numel, rows),
-                                         *BETAS, "epd")
+    want = torch_impl.segment_sums_multi([ref["param"]], [ref["grad"]], [ref["exp_avg"]], [ref["exp_avg_sq"]],
+                                         _table(numel, rows), *BETAS, "epd")
     assert torch.equal(got[[i for i, (_, n) in enumerate(segs) if n]], want)
     _assert_state_close(ours, ref)
 

@@ -8,6 +8,7 @@ import torch
 
 from molf_ds.optim import kernels, routing
 from molf_ds.optim.kernels import cpp_impl
+from molf_ds.scores import SCORE_NAMES, score_named
 
 from helpers.kernel_cases import BETAS, KIND_LRS, KIND_WDS, N_CELLS, NUMELS, ROWS, _tensors
 
@@ -26,22 +27,44 @@ def _per_tensor(t: int, rows=ROWS) -> kernels.SegmentTable:
     return kernels.SegmentTable([(0, *r[1:]) for r in rows if r[0] == t], [NUMELS[t]])
 
 
-@pytest.mark.parametrize("score", ["epd", "pfn"])
+@pytest.mark.parametrize("score", SCORE_NAMES)
 def test_moments_and_scores_multi_equals_per_tensor(backend, score):
     a, b = _tensors(), _tensors()
-    scale = KIND_LRS if score == "epd" else torch.ones(3, dtype=torch.float64)
-    sums = kernels.ScoreSums(N_CELLS)
-    kernels.moments_and_scores_multi(a["g"], a["m"], a["v"], kernels.SegmentTable(ROWS, NUMELS), scale, sums,
+    scale = KIND_LRS if score_named(score).carries_lr else torch.ones(len(KIND_LRS), dtype=torch.float64)
+    sums = kernels.ScoreSums(N_CELLS, routing.kind_columns(score))
+    kernels.moments_and_scores_multi(a["p"], a["g"], a["m"], a["v"], kernels.SegmentTable(ROWS, NUMELS), scale, sums,
                                      *BETAS, score)
-    want = kernels.ScoreSums(N_CELLS)
+    want = kernels.ScoreSums(N_CELLS, routing.kind_columns(score))
     for t in range(len(NUMELS)):
-        kernels.moments_and_scores_multi([b["g"][t]], [b["m"][t]], [b["v"][t]], _per_tensor(t), scale, want, *BETAS,
-                                         score)
+        kernels.moments_and_scores_multi([b["p"][t]], [b["g"][t]], [b["m"][t]], [b["v"][t]], _per_tensor(t), scale,
+                                         want, *BETAS, score)
     assert torch.equal(sums.totals(), want.totals())
+    assert sums.totals().shape == (N_CELLS, score_named(score).width)
     assert sums.took_part.tolist() == [True, True, True, True, False]
-    for key in "mv":
+    for key in "pmv":
         for x, y in zip(a[key], b[key]):
             assert torch.equal(x, y)
+
+
+def test_ldw_sums_by_role(backend):
+    """LDW's table against the rows summed plainly: sum(m*u) of every row in column 0, sum(u^2) and sum(p^2) (p
+    before the step) in the columns of the row's role (routing.KINDS: full and its bias, LoRA A, LoRA B)."""
+    s, ref = _tensors(), _tensors()
+    sums = kernels.ScoreSums(N_CELLS, routing.kind_columns("ldw"))
+    kernels.moments_and_scores_multi(s["p"], s["g"], s["m"], s["v"], kernels.SegmentTable(ROWS, NUMELS),
+                                     torch.ones(len(KIND_LRS), dtype=torch.float64), sums, *BETAS, "ldw")
+    want = torch.zeros(N_CELLS, 7, dtype=torch.float64)
+    for tensor, offset, length, cell, kind in ROWS:
+        p, g, m, v = (ref[k][tensor][offset:offset + length] for k in "pgmv")
+        m, v = m * BETAS[0] + (1 - BETAS[0]) * g, v * BETAS[1] + (1 - BETAS[1]) * g * g
+        u = m.double() / (v.double().sqrt() + 1e-8)
+        role = routing.KINDS[kind].role
+        want[cell, 0] += (m.double() * u).sum()
+        want[cell, 1 + 2 * role] += (u * u).sum()
+        want[cell, 2 + 2 * role] += (p.double() ** 2).sum()
+    torch.testing.assert_close(sums.totals(), want, rtol=1e-5, atol=0.0)
+    assert not sums.totals()[[0, 2], 3:].any() and not sums.totals()[[1, 3], 1:3].any()  # full vs LoRA cells
+    assert all(torch.equal(x, y) for x, y in zip(s["p"], ref["p"]))  # read, not written
 
 
 def test_update_winners_multi_equals_per_tensor(backend):
@@ -51,7 +74,7 @@ def test_update_winners_multi_equals_per_tensor(backend):
                                            KIND_LRS, KIND_WDS, 0.19, 0.002, 1e-8)
     assert updated == sum(r[2] for r in ROWS if winners[r[3]])
     for t in range(len(NUMELS)):
-        for kind in range(3):  # one call per tensor and kind, on the winning rows only
+        for kind in range(len(KIND_LRS)):  # one call per tensor and kind, on the winning rows only
             rows = [r for r in ROWS if r[0] == t and r[4] == kind and winners[r[3]]]
             kernels.update_winners_multi([b["p"][t]], [b["m"][t]], [b["v"][t]], _per_tensor(t, rows), winners,
                                          KIND_LRS, KIND_WDS, 0.19, 0.002, 1e-8)
@@ -75,7 +98,7 @@ def test_multi_kernels_accept_empty_tables(backend):
     s = _tensors()
     table = kernels.SegmentTable([], NUMELS)
     sums = kernels.ScoreSums(N_CELLS)
-    kernels.moments_and_scores_multi(s["g"], s["m"], s["v"], table, KIND_LRS, sums, *BETAS, "epd")
+    kernels.moments_and_scores_multi(s["p"], s["g"], s["m"], s["v"], table, KIND_LRS, sums, *BETAS, "epd")
     assert not sums.totals().any() and not sums.took_part.any()
     assert kernels.update_winners_multi(s["p"], s["m"], s["v"], table, torch.ones(N_CELLS, dtype=torch.bool),
                                         KIND_LRS, KIND_WDS, 0.1, 0.1, 1e-8) == 0
@@ -97,11 +120,15 @@ def test_cpp_checks_cells_and_kinds():
     s = _tensors()
     table = kernels.SegmentTable([(0, 0, 10, N_CELLS, 0)], NUMELS)  # cell out of range
     with pytest.raises(RuntimeError, match="out of range"):
-        kernels.moments_and_scores_multi(s["g"], s["m"], s["v"], table, KIND_LRS, kernels.ScoreSums(N_CELLS),
+        kernels.moments_and_scores_multi(s["p"], s["g"], s["m"], s["v"], table, KIND_LRS, kernels.ScoreSums(N_CELLS),
                                          *BETAS, "epd")
     with pytest.raises(ValueError, match="other sizes"):
-        kernels.moments_and_scores_multi(s["g"][:2], s["m"][:2], s["v"][:2], kernels.SegmentTable([], NUMELS),
-                                         KIND_LRS, kernels.ScoreSums(N_CELLS), *BETAS, "epd")
+        kernels.moments_and_scores_multi(s["p"][:2], s["g"][:2], s["m"][:2], s["v"][:2],
+                                         kernels.SegmentTable([], NUMELS), KIND_LRS, kernels.ScoreSums(N_CELLS),
+                                         *BETAS, "epd")
+    with pytest.raises(ValueError, match=r"3 channels per element: ScoreSums needs as many columns per kind, has 1"):
+        kernels.moments_and_scores_multi(s["p"], s["g"], s["m"], s["v"], kernels.SegmentTable([], NUMELS), KIND_LRS,
+                                         kernels.ScoreSums(N_CELLS), *BETAS, "ldw")
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
@@ -119,7 +146,7 @@ def test_route_ties_nan_and_absent_experts(top_k, score):
     sizes[2, :] = 10.0
     took = torch.rand(modules * experts, generator=gen) > 0.2
     took[15:18] = False  # a module where nobody took part: no winner
-    scores = routing.module_scores(sums, sizes, took, score)
+    scores = routing.module_scores(sums, sizes, torch.ones_like(sizes), took, score)
     winners = routing.top_k(scores, took, top_k)
     for m in range(modules):
         row = [sums[m * experts + e].item() / max(sizes[m, e].item(), 1.0) for e in range(experts)]

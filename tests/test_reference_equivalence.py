@@ -20,6 +20,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 import molf_ds
+from molf_ds.scores import SCORE_NAMES
 from helpers.reference_molf import ReferenceMoLF, is_molf_module
 from helpers.routing_checks import assert_routing_varies
 from helpers.tiny_models import token_batches
@@ -162,7 +163,7 @@ def win_counts(records) -> Counter:
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-@pytest.mark.parametrize("score", ["epd", "pfn"])
+@pytest.mark.parametrize("score", SCORE_NAMES)
 @pytest.mark.parametrize("variant", ["molf", "molf-e"])
 def test_matches_reference_qwen2(tiny, variant, score, top_k):
     cfg = make_cfg(variant, score, top_k)
@@ -173,10 +174,11 @@ def test_matches_reference_qwen2(tiny, variant, score, top_k):
     n_modules = len(recs[0]["modules"])
     assert n_modules == 2 * len(TARGETS)
     assert sum(wins.values()) == STEPS * n_modules * top_k
-    # routing is not trivial: at least two experts win somewhere in the run. Exception: MoLF with PFN
-    # and top_k 1, where `full` always wins by the algorithm itself: lora_B starts at 0, so lora_A gets
-    # no gradient while the LoRA expert loses, and its zero-moment elements dilute its PFN score.
-    if variant == "molf" and score == "pfn" and top_k == 1:
+    # routing is not trivial: at least two experts win somewhere in the run. Exceptions: MoLF with PFN or LDW
+    # and top_k 1, where `full` always wins here: lora_B starts at 0, so lora_A gets no gradient while the LoRA
+    # expert loses; its zero-moment elements dilute its PFN score, and its LDW step (B's only) is the gradient
+    # seen through A's r rows, measured with the bound ||U_B|| ||A|| (docs/design.md).
+    if variant == "molf" and score in ("pfn", "ldw") and top_k == 1:
         assert set(wins) == {"full"}, wins  # documents the behaviour described above
         return
     assert_routing_varies(recs, f"{variant}/{score}/top{top_k}", switching=score != "pfn")
@@ -192,6 +194,42 @@ def test_matches_reference_llama(tiny):
     recs, _ = run_pair(model, cfg, seed=1)
     wins = win_counts(recs)
     assert wins["full"] > 0 and wins["lora0"] > 0, wins
+
+
+def first_step(model, ids, variant: str, score: str, alphas: tuple[float, ...],
+               lora_lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, winners) of MoLFAdamW's first step on a copy of `model` (the same LoRA init: lora_B = 0)."""
+    cfg = make_cfg(variant, score, 1, lora_alphas=alphas, lora_lr=lora_lr)
+    model = copy.deepcopy(model)
+    torch.manual_seed(1)
+    molf_ds.wrap_model(model, cfg)
+    opt = molf_ds.build_optimizer(model, cfg)
+    loss_of(model, ids).backward()
+    opt.step()
+    return opt.last_scores, opt.last_winners
+
+
+def test_ldw_decisions_ignore_the_lora_lr(tiny):
+    """The same gradients and moments, lora_lr x 4: LDW's scores are the same numbers (no lr in them); EPD's
+    decisions move (finding (a) of examples/replication/RESULTS.md)."""
+    model, ids = tiny("qwen2"), token_batches(1, BATCH, SEQ)[0]
+    for score, same in (("ldw", True), ("epd", False)):
+        scores, winners = first_step(model, ids, "molf", score, (16.0,), 1e-3)
+        scores4, winners4 = first_step(model, ids, "molf", score, (16.0,), 4e-3)
+        assert torch.equal(winners4, winners) == torch.equal(scores4, scores) == same, score
+
+
+def test_ldw_decisions_ignore_a_lora_alpha_at_b_zero(tiny):
+    """MoLF-E at lora_B = 0, the second expert's alpha doubled: its gradients double, LDW's scores stay (up to Adam's
+    and the score's eps) and so do its decisions, which go to both experts; EPD's move (finding (b))."""
+    model, ids = tiny("qwen2"), token_batches(1, BATCH, SEQ)[0]
+    scores, winners = first_step(model, ids, "molf-e", "ldw", (16.0, 16.0), 6e-4)
+    scores2, winners2 = first_step(model, ids, "molf-e", "ldw", (16.0, 32.0), 6e-4)
+    assert torch.equal(winners2, winners) and winners.any(0).all(), winners.sum(0)
+    torch.testing.assert_close(scores2, scores, rtol=1e-2, atol=0)
+    _, winners = first_step(model, ids, "molf-e", "epd", (16.0, 16.0), 6e-4)
+    _, winners2 = first_step(model, ids, "molf-e", "epd", (16.0, 32.0), 6e-4)
+    assert not torch.equal(winners2, winners)
 
 
 def test_warmup_first_step_is_a_tie(tiny):

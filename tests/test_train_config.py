@@ -39,10 +39,10 @@ def config_file(tmp_path, monkeypatch):
 def test_defaults_overrides_and_deepspeed_numbers(config_file):
     cfg = load_config(config_file, ["train.lr=1e-3", "molf.lora_ranks=[4,8]", "molf.lora_alphas=[8,16]",
                                     "train.micro_batch_size=4", "deepspeed.zero_optimization.stage=1",
-                                    "method=molf-e"])
+                                    "method=molf-e", "molf.score=ldw"])
     assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)  # YAML reads 1e-3 as a string
     molf = cfg.molf_config()
-    assert molf.variant == "molf-e" and molf.lora_ranks == (4, 8) and molf.lr == 1e-3
+    assert molf.variant == "molf-e" and molf.lora_ranks == (4, 8) and molf.lr == 1e-3 and molf.score == "ldw"
     assert cfg.deepspeed["zero_optimization"]["stage"] == 1
     assert cfg.deepspeed["train_micro_batch_size_per_gpu"] == 4 and cfg.deepspeed["gradient_accumulation_steps"] == 1
     assert cfg.deepspeed["gradient_clipping"] == 1.0 and cfg.deepspeed["zero_allow_untested_optimizer"] is True
@@ -71,6 +71,7 @@ def test_baseline_drops_molf_section(config_file):
     ("eval.holdout=-1", "eval.holdout"),
     ("molf.lora_ranks=[]", "molf.lora_ranks"),
     ("molf.top_k=5", "molf.top_k"),
+    ("molf.score=l2", "molf.score"),
     ("molf.lr=1", "molf.lr"),
     ("molf.rank=8", "molf.rank"),
     ("method=fft", "molf"),

@@ -75,7 +75,7 @@ def test_merge_round_trip_through_disk(tiny, tmp_path, arch):
         (dict(top_k=0), r"top_k=0 is outside \[1, 2\]"),
         (dict(top_k=3), r"top_k=3 is outside \[1, 2\]"),
         (dict(variant="molf-e", lora_ranks=(8, 16), top_k=3), r"top_k=3 is outside \[1, 2\]"),
-        (dict(score="l2"), "score='l2' is unknown"),
+        (dict(score="l2"), r"score='l2' is unknown: use one of \('epd', 'pfn', 'ldw'\)"),
         (dict(variant="lora"), "variant='lora' is unknown"),
         (dict(variant="molf-e", lora_ranks=(8,)), "at least two ranks"),
         (dict(lr=0.0), r"lr=0.0 must be > 0"),

@@ -1,7 +1,7 @@
 """DeepSpeed stages 0, 1, 2 and 2 + CPU optimizer offload on 2 CPU ranks reproduce the single-process
 reference step for step in fp32: winners at every step and module (near-ties excepted), merged weights.
-ZeRO-2 also matches the independent oracle (helpers/reference_molf.py) with PFN top-2, MoLF-E, the torch kernel
-backend, a warm-up + cosine schedule resumed mid-warm-up and mid-decay, and gradient accumulation; a resume under
+ZeRO-2 also matches the independent oracle (helpers/reference_molf.py) with PFN top-2, LDW top-2 (speculative),
+MoLF-E, the torch kernel backend, a warm-up + cosine schedule resumed mid-warm-up and mid-decay, and gradient accumulation; a resume under
 optimizer offload is bit-exact. Also: one routing collective per step, experts cut by and absent from partitions,
 bf16 runs against fp32, a forced overflow step that changes nothing and is logged, fp16 runs."""
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 from helpers.distributed import FP16_SUPPORTED, needs_fp16, spawn
 from molf_ds.zero.ds_config import prepare_ds_config
 from helpers.tiny_models import token_batches
-from helpers.zero_runs import (GLOBAL_BATCH, MOLF, ORACLE_DECAYS, SEQ, STEPS, assert_matches_oracle, assert_reproduces,
-                               assert_same_run, deepspeed_worker, oracle_runs, reference_run)
+from helpers.zero_runs import (GLOBAL_BATCH, LDW_TOP2, MOLF, ORACLE_DECAYS, SEQ, STEPS, assert_matches_oracle,
+                               assert_reproduces, assert_same_run, deepspeed_worker, oracle_runs, reference_run)
 
 pytestmark = pytest.mark.slow  # DeepSpeed ZeRO-0/1/2 on 2 spawned ranks
 
@@ -44,6 +44,8 @@ MOLF_E_TOP1 = dict(variant="molf-e", lora_ranks=(4, 8), lora_alphas=(16.0, 16.0)
 ACCUMULATE_2 = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // 4, "gradient_accumulation_steps": 2}
 ORACLE_RUNS = {
     "zero2_pfn_top2": {"ds": ds_config(2), "molf": PFN_TOP2, "oracle": True},
+    "zero2_ldw_top2_speculative": {"ds": ds_config(2), "molf": {**LDW_TOP2, "speculative_update": True},
+                                   "oracle": True},
     "zero2_offload_molf_e_torch": {"ds": ds_config(2, offload=True), "molf": MOLF_E_TOP1, "kernel": "torch",
                                    "oracle": True},
     "zero2_cosine_accumulation_resumed": {  # resumed mid-warm-up (after step 3) and mid-decay (after step 12)

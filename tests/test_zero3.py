@@ -1,7 +1,8 @@
 """ZeRO-3 on 2 CPU ranks reproduces the single-process reference in fp32: one sub-group, many sub-groups,
 optimizer + parameter offload, gradient clipping, a model loaded partitioned (transformers' ZeRO-3
 loading), small parameters persistent, ZeRO++ hierarchical partitioning (hpZ); and the independent oracle
-(helpers/reference_molf.py) with MoLF-E top-1, PFN top-2 under both offloads on the torch kernel backend, a
+(helpers/reference_molf.py) with MoLF-E top-1, PFN top-2 under both offloads on the torch kernel backend, LDW
+top-2 over sub-groups, a
 warm-up + cosine schedule resumed mid-warm-up and mid-decay with gradient accumulation; a resume under both
 offloads is bit-exact. LoRA experts stay resident; persistent parameters are re-gathered in one collective; the
 merged checkpoint loads with from_pretrained and matches."""
@@ -16,8 +17,8 @@ from transformers import AutoModelForCausalLM
 from helpers.distributed import spawn
 from molf_ds.zero.ds_config import prepare_ds_config
 from helpers.tiny_models import token_batches
-from helpers.zero_runs import (GLOBAL_BATCH, MOLF, ORACLE_DECAYS, SEQ, STEPS, assert_matches_oracle, assert_reproduces,
-                               assert_same_run, deepspeed_worker, oracle_runs, reference_run)
+from helpers.zero_runs import (GLOBAL_BATCH, LDW_TOP2, MOLF, ORACLE_DECAYS, SEQ, STEPS, assert_matches_oracle,
+                               assert_reproduces, assert_same_run, deepspeed_worker, oracle_runs, reference_run)
 
 pytestmark = pytest.mark.slow  # DeepSpeed ZeRO-3 on 2 spawned ranks
 
@@ -48,6 +49,7 @@ RUNS = {
                                                   **ORACLE_DECAYS), "export_peft": True, "oracle": True},
     "zero3_offload_pfn_top2_torch": {"ds": zero3(**OFFLOAD), "kernel": "torch", "oracle": True, "molf": dict(
         score="pfn", top_k=2, lora_ranks=(4, 8), lora_alphas=(16.0, 16.0), **ORACLE_DECAYS)},
+    "zero3_subgroups_ldw_top2": {"ds": zero3(sub_group_size=1000), "molf": LDW_TOP2, "oracle": True},
     "zero3_cosine_accumulation_resumed": {  # resumed mid-warm-up (after step 3) and mid-decay (after step 12)
         "ds": {**zero3(), "train_micro_batch_size_per_gpu": GLOBAL_BATCH // 4, "gradient_accumulation_steps": 2},
         "molf": ORACLE_DECAYS, "warmup": 5, "resume_at": (3, 12), "oracle": True},

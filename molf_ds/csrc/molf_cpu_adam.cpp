@@ -4,7 +4,7 @@
 // in molf_ds/optim/routing.py. Registered as torch ops in the `molf_cpu_adam` namespace (CPU dispatch key),
 // one call per param group and step:
 //   moments_and_scores_multi: m, v update of every tensor, fused with per-segment sums of the routing
-//                             score q (double accumulation) into per-cell sums.
+//                             score's channels (double accumulation) into the cells' columns of the table.
 //   update_winners_multi:     decoupled weight decay + Adam update inside the winners' segments.
 //   moments_scores_speculate_multi / settle_multi: the same in one pass where last step's winners win
 //                             again (old values kept in a backup; settle restores or updates the rows
@@ -90,18 +90,27 @@ struct Update {
 };
 
 // The score types: the codes of molf_ds/scores.py's rows (a score's code is its index there).
-constexpr int64_t kEpd = 0, kPfn = 1, kScoreTypes = 2;
+constexpr int64_t kEpd = 0, kPfn = 1, kLdw = 2, kScoreTypes = 3;
 
-// q of one element: the `q` of score kScore in molf_ds/scores.py.
+// The channels a score sums per element (its row's `n_channels` in molf_ds/scores.py).
+constexpr int64_t channels_of(int64_t score_type) { return score_type == kLdw ? 3 : 1; }
+
+// The channels q of one element (p: its parameter before the step, read by LDW only): the `channels` of score
+// kScore in molf_ds/scores.py.
 template <int64_t kScore>
-inline float score(float m, float v, float eps_s) {
+inline void score(float m, float v, float p, float eps_s, float* q) {
   static_assert(kScore >= 0 && kScore < kScoreTypes, "a score type molf_ds/scores.py defines");
   const float denom = std::sqrt(v) + eps_s;
-  if constexpr (kScore == kPfn) {
+  if constexpr (kScore == kLdw) {  // u = m / (sqrt(v) + eps_s): m*u, u^2, p^2
+    const float u = m / denom;
+    q[0] = m * u;
+    q[1] = u * u;
+    q[2] = p * p;
+  } else if constexpr (kScore == kPfn) {
     const float r = m / denom;
-    return r * r;
+    q[0] = r * r;
   } else {
-    return m * m / denom;
+    q[0] = m * m / denom;
   }
 }
 
@@ -111,6 +120,8 @@ inline auto with_score(int64_t score_type, F&& f) {
   switch (score_type) {
     case kPfn:
       return f(std::integral_constant<int64_t, kPfn>{});
+    case kLdw:
+      return f(std::integral_constant<int64_t, kLdw>{});
     default:
       return f(std::integral_constant<int64_t, kEpd>{});
   }
@@ -204,21 +215,28 @@ void update_moments(const float* g, float* m, float* v, int64_t n, Moments c) {
       g, m, v);
 }
 
-// Moments over n elements, returning sum(q) in double. Each lane has its own
-// accumulator and the lanes are added in order: the result depends only on the data.
+// Moments over n elements, and each channel's sum(q) in double into out[channel]. Each lane has its own
+// accumulators and the lanes are added in order: the result depends only on the data.
+// p: the parameters, read where the score needs them (LDW: before the update).
 // kUpdate: also p = the AdamW update `u` (the same as update_params after this pass), old p into backup.
 template <int64_t kScore, bool kUpdate = false>
-double update_moments_scored(const float* g, float* m, float* v, int64_t n, Moments c, float eps_s,
-                             float* p = nullptr, float* backup = nullptr, Update u = Update(0.0, 0.0, 1.0, 1.0, 0.0)) {
-  double acc[kBlock] = {};
+void update_moments_scored(const float* g, float* m, float* v, int64_t n, Moments c, float eps_s, double* out,
+                           float* p = nullptr, float* backup = nullptr, Update u = Update(0.0, 0.0, 1.0, 1.0, 0.0)) {
+  constexpr int64_t kChannels = channels_of(kScore);
+  constexpr bool kReadsP = kUpdate || kScore == kLdw;
+  double acc[kChannels][kBlock] = {};
   auto body = [&](int64_t i, int64_t lane) {
     const float gi = g[i];
     const float mi = c.m(gi, m[i]);
     const float vi = c.v(gi, v[i]);
     m[i] = mi;
     v[i] = vi;
-    acc[lane] += static_cast<double>(score<kScore>(mi, vi, eps_s));
-    if constexpr (kUpdate) p[i] = u.p(p[i], mi, vi);
+    float pi = 0.0f;
+    if constexpr (kReadsP) pi = p[i];
+    float q[kChannels];
+    score<kScore>(mi, vi, pi, eps_s, q);
+    for (int64_t ch = 0; ch < kChannels; ++ch) acc[ch][lane] += static_cast<double>(q[ch]);
+    if constexpr (kUpdate) p[i] = u.p(pi, mi, vi);
   };
   if constexpr (kUpdate) {
     for_each_elem_after(
@@ -226,12 +244,16 @@ double update_moments_scored(const float* g, float* m, float* v, int64_t n, Mome
 #ifdef __AVX512F__
     _mm_sfence();  // the streamed backup is complete before anyone reads it
 #endif
+  } else if constexpr (kReadsP) {
+    for_each_elem(n, body, p, g, m, v);
   } else {
     for_each_elem(n, body, g, m, v);
   }
-  double total = 0.0;
-  for (double a : acc) total += a;
-  return total;
+  for (int64_t ch = 0; ch < kChannels; ++ch) {
+    double total = 0.0;
+    for (double a : acc[ch]) total += a;
+    out[ch] = total;
+  }
 }
 
 void update_params(float* p, const float* m, const float* v, int64_t n, Update u) {
@@ -355,38 +377,50 @@ std::vector<float*> data_of(at::TensorList list) {
 
 // The rows of presumed winners, updated inside the scoring pass (old values into backups).
 struct Speculation {
-  std::vector<float*> params, backups;
+  std::vector<float*> backups;
   const bool* presumed;
   std::vector<Update> updates;  // per kind
 };
 
-// Moments of every tensor, and per segment the score sum times scale[kind], added into
-// sums[cell] (float64) in row order; took_part[cell] is set for every row. With `spec`, rows of presumed
-// cells are also updated; returns the number of elements updated.
-int64_t score_multi(at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                    const at::Tensor& table, const at::Tensor& scale, at::Tensor& sums, at::Tensor& took_part,
-                    double beta1, double beta2, int64_t score_type, double eps_s, const Speculation* spec) {
+// Moments of every tensor, and per segment the sum of each of the score's channels times scale[kind], added
+// into sums[cell, columns[kind, channel]] (float64) in row order; took_part[cell] is set for every row. `params`
+// are read where the score needs them. With `spec`, rows of presumed cells are also updated; returns the number
+// of elements updated.
+int64_t score_multi(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    const at::Tensor& table, const at::Tensor& scale, const at::Tensor& columns, at::Tensor& sums,
+                    at::Tensor& took_part, double beta1, double beta2, int64_t score_type, double eps_s,
+                    const Speculation* spec) {
   TORCH_CHECK(score_type >= 0 && score_type < kScoreTypes, "score_type ", score_type,
               " is not a score type this kernel knows (molf_ds/scores.py)");
   for (const auto& g : grads) check_flat(g, g, "grad");
+  check_list(params, grads, "param");
   check_list(exp_avgs, grads, "exp_avg");
   check_list(exp_avg_sqs, grads, "exp_avg_sq");
-  TORCH_CHECK(sums.device().is_cpu() && sums.scalar_type() == at::kDouble && sums.dim() == 1 &&
+  TORCH_CHECK(sums.device().is_cpu() && sums.scalar_type() == at::kDouble && sums.dim() == 2 &&
                   sums.is_contiguous(),
-              "sums must be a contiguous 1-D float64 CPU tensor");
-  cell_mask(took_part, sums.numel(), "took_part");
+              "sums must be a contiguous 2-D float64 CPU tensor [cells, columns]");
+  const int64_t n_cells = sums.size(0), width = sums.size(1);
+  cell_mask(took_part, n_cells, "took_part");
   TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kDouble && scale.dim() == 1 &&
                   scale.is_contiguous(),
               "scale must be a contiguous 1-D float64 CPU tensor (one value per kind)");
-  const std::vector<Row> rows = read_table(table, grads, sums.numel(), scale.numel());
+  const int64_t n_channels = channels_of(score_type);
+  TORCH_CHECK(columns.device().is_cpu() && columns.scalar_type() == at::kLong && columns.dim() == 2 &&
+                  columns.is_contiguous() && columns.size(0) == scale.numel() && columns.size(1) == n_channels,
+              "columns must be a contiguous int64 CPU tensor [kinds, ", n_channels, " channels of the score]");
+  const int64_t* col = columns.data_ptr<int64_t>();
+  for (int64_t i = 0; i < columns.numel(); ++i) {
+    TORCH_CHECK(col[i] >= 0 && col[i] < width, "column ", col[i], " is outside the score table's ", width);
+  }
+  const std::vector<Row> rows = read_table(table, grads, n_cells, scale.numel());
   TORCH_CHECK(!spec || static_cast<int64_t>(spec->updates.size()) == scale.numel(),
               "lrs and weight_decays must hold one value per kind, as scale does");
   const std::vector<MultiPiece> pieces =
       multi_pieces(rows, grads, /*with_gaps=*/true, [](const Row&) { return true; });
-  std::vector<double> partial(pieces.size(), 0.0);
+  std::vector<double> partial(pieces.size() * n_channels, 0.0);  // [piece, channel]
   std::vector<const float*> g(grads.size());
   for (size_t t = 0; t < grads.size(); ++t) g[t] = grads[t].data_ptr<float>();
-  const std::vector<float*> m = data_of(exp_avgs), v = data_of(exp_avg_sqs);
+  const std::vector<float*> p = data_of(params), m = data_of(exp_avgs), v = data_of(exp_avg_sqs);
   const Moments c(beta1, beta2);
   const float es = static_cast<float>(eps_s);
   const int64_t np = static_cast<int64_t>(pieces.size());
@@ -396,45 +430,51 @@ int64_t score_multi(at::TensorList grads, at::TensorList exp_avgs, at::TensorLis
     const MultiPiece& pc = pieces[k];
     const int64_t s = pc.start;
     const size_t t = static_cast<size_t>(pc.tensor);
+    double* out = partial.data() + k * n_channels;
     if (pc.row < 0) {
       update_moments(g[t] + s, m[t] + s, v[t] + s, pc.len, c);
     } else if (spec && spec->presumed[rows[pc.row].cell]) {
-      float* p = spec->params[t] + s;
       float* b = spec->backups[t] + s;
       const Update& u = spec->updates[rows[pc.row].kind];
-      partial[k] = with_score(score_type, [&](auto sc) {
+      with_score(score_type, [&](auto sc) {
         constexpr int64_t kScore = decltype(sc)::value;
-        return update_moments_scored<kScore, true>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es, p, b, u);
+        update_moments_scored<kScore, true>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es, out, p[t] + s, b, u);
       });
       updated += pc.len;
     } else {
-      partial[k] = with_score(score_type, [&](auto sc) {
-        return update_moments_scored<decltype(sc)::value>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es);
+      with_score(score_type, [&](auto sc) {
+        update_moments_scored<decltype(sc)::value>(g[t] + s, m[t] + s, v[t] + s, pc.len, c, es, out, p[t] + s);
       });
     }
   }
-  std::vector<double> seg_sum(rows.size(), 0.0);
+  std::vector<double> seg_sum(rows.size() * n_channels, 0.0);  // [row, channel]
   for (size_t k = 0; k < pieces.size(); ++k) {  // fixed combination order, as moments_and_scores
-    if (pieces[k].row >= 0) seg_sum[pieces[k].row] += partial[k];
+    if (pieces[k].row < 0) continue;
+    for (int64_t ch = 0; ch < n_channels; ++ch) {
+      seg_sum[pieces[k].row * n_channels + ch] += partial[k * n_channels + ch];
+    }
   }
   double* out = sums.data_ptr<double>();
   bool* took = took_part.data_ptr<bool>();
   const double* sc = scale.data_ptr<double>();
   for (size_t i = 0; i < rows.size(); ++i) {
-    // Rounded product, then the sum (no fused multiply-add): the same two roundings as torch's
-    // `sums.index_add_(0, cells, seg_sums * scale[kinds])`.
-    volatile double scaled = seg_sum[i] * sc[rows[i].kind];
-    out[rows[i].cell] += scaled;
+    for (int64_t ch = 0; ch < n_channels; ++ch) {
+      // Rounded product, then the sum (no fused multiply-add): the same two roundings as torch's
+      // `sums.index_add_(0, places, seg_sums * scale[kinds])`.
+      volatile double scaled = seg_sum[i * n_channels + ch] * sc[rows[i].kind];
+      out[rows[i].cell * width + col[rows[i].kind * n_channels + ch]] += scaled;
+    }
     took[rows[i].cell] = true;
   }
   return updated;
 }
 
-void moments_and_scores_multi(at::TensorList grads, at::TensorList exp_avgs,
-                              at::TensorList exp_avg_sqs, const at::Tensor& table,
-                              const at::Tensor& scale, at::Tensor& sums, at::Tensor& took_part,
-                              double beta1, double beta2, int64_t score_type, double eps_s) {
-  score_multi(grads, exp_avgs, exp_avg_sqs, table, scale, sums, took_part, beta1, beta2, score_type, eps_s, nullptr);
+void moments_and_scores_multi(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                              at::TensorList exp_avg_sqs, const at::Tensor& table, const at::Tensor& scale,
+                              const at::Tensor& columns, at::Tensor& sums, at::Tensor& took_part, double beta1,
+                              double beta2, int64_t score_type, double eps_s) {
+  score_multi(params, grads, exp_avgs, exp_avg_sqs, table, scale, columns, sums, took_part, beta1, beta2, score_type,
+              eps_s, nullptr);
 }
 
 // moments_and_scores_multi, and inside the rows whose cell is presumed to win, backup = p and the AdamW update
@@ -442,17 +482,17 @@ void moments_and_scores_multi(at::TensorList grads, at::TensorList exp_avgs,
 // updated; settle_multi completes the step once the winners are known.
 int64_t moments_scores_speculate_multi(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                        at::TensorList exp_avg_sqs, at::TensorList backups, const at::Tensor& table,
-                                       const at::Tensor& scale, at::Tensor& sums, at::Tensor& took_part,
+                                       const at::Tensor& scale, const at::Tensor& columns, at::Tensor& sums,
+                                       at::Tensor& took_part,
                                        const at::Tensor& presumed, const at::Tensor& lrs,
                                        const at::Tensor& weight_decays, double beta1, double beta2,
                                        double bias_correction1, double bias_correction2, double eps, int64_t score_type,
                                        double eps_s) {
-  check_list(params, grads, "param");
   check_list(backups, grads, "backup");
-  const Speculation spec{data_of(params), data_of(backups), cell_mask(presumed, sums.numel(), "presumed"),
+  const Speculation spec{data_of(backups), cell_mask(presumed, took_part.numel(), "presumed"),
                          kind_updates(lrs, weight_decays, bias_correction1, bias_correction2, eps)};
-  return score_multi(grads, exp_avgs, exp_avg_sqs, table, scale, sums, took_part, beta1, beta2, score_type, eps_s,
-                     &spec);
+  return score_multi(params, grads, exp_avgs, exp_avg_sqs, table, scale, columns, sums, took_part, beta1, beta2,
+                     score_type, eps_s, &spec);
 }
 
 // The pass after routing: the AdamW update (lr and weight decay of the row's kind) in the rows whose cell won and
@@ -583,18 +623,18 @@ at::Tensor dropout_zero(const at::Tensor& x, int64_t seed, double keep_prob) {
 
 TORCH_LIBRARY(molf_cpu_adam, lib) {
   lib.def(
-      "moments_and_scores_multi(Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
-      "Tensor table, Tensor scale, Tensor(c!) sums, Tensor(d!) took_part, float beta1, float beta2, "
-      "int score_type, float eps_s) -> ()");
+      "moments_and_scores_multi(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
+      "Tensor table, Tensor scale, Tensor columns, Tensor(c!) sums, Tensor(d!) took_part, float beta1, "
+      "float beta2, int score_type, float eps_s) -> ()");
   lib.def(
       "update_winners_multi(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor table, "
       "Tensor winners, Tensor lrs, Tensor weight_decays, float bias_correction1, "
       "float bias_correction2, float eps) -> int");
   lib.def(
       "moments_scores_speculate_multi(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] backups, Tensor table, Tensor scale, Tensor(e!) sums, "
-      "Tensor(f!) took_part, Tensor presumed, Tensor lrs, Tensor weight_decays, float beta1, float beta2, "
-      "float bias_correction1, float bias_correction2, float eps, int score_type, float eps_s) -> int");
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] backups, Tensor table, Tensor scale, Tensor columns, "
+      "Tensor(e!) sums, Tensor(f!) took_part, Tensor presumed, Tensor lrs, Tensor weight_decays, float beta1, "
+      "float beta2, float bias_correction1, float bias_correction2, float eps, int score_type, float eps_s) -> int");
   lib.def(
       "settle_multi(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] backups, Tensor table, "
       "Tensor presumed, Tensor winners, Tensor lrs, Tensor weight_decays, float bias_correction1, "

@@ -2,7 +2,7 @@
 
 A *cell* is one expert of one MoLF module, numbered `module * n_experts + expert`. A *layout* lists the
 segments `(offset, length, cell, kind)` of one flat tensor; the kind (`routing.KINDS`: full weight, full
-bias, LoRA) sets the segment's lr and weight decay. Without ZeRO every parameter is its own flat tensor
+bias, LoRA A, LoRA B) sets the segment's lr and weight decay. Without ZeRO every parameter is its own flat tensor
 with a single segment; the ZeRO adapters build layouts of DeepSpeed's fp32 partitions instead, so the
 optimizer runs one code path for every stage.
 """
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..wrapping import _numel, molf_modules
-from .routing import FULL, FULL_BIAS, LORA
+from .routing import FULL, FULL_BIAS, LORA_A_KIND, LORA_B_KIND
 
 
 class Layout:
@@ -46,6 +46,7 @@ class ExpertIndex:
         self.kind_of: dict[int, int] = {}  # id(param) -> kind
         self.params_by_cell: dict[int, list[nn.Parameter]] = {}
         sizes = torch.zeros(len(modules), len(self.expert_names), dtype=torch.float64)
+        scalings = torch.ones_like(sizes)
         for m, (name, module) in enumerate(modules):
             if module.expert_names != self.expert_names:
                 raise ValueError(f"{name} has experts {module.expert_names}, others {self.expert_names}")
@@ -56,7 +57,10 @@ class ExpertIndex:
                     self.cell_of[id(p)] = cell
                     self.kind_of[id(p)] = _kind(p, module)
                 sizes[m, e] = sum(_numel(p) for p in params)
+            n_full = len(self.expert_names) - len(module.scaling)
+            scalings[m, n_full:] = torch.tensor(module.scaling, dtype=torch.float64)
         self.sizes = sizes  # N_e per (module, expert)
+        self.scalings = scalings  # s per LoRA expert (1 for `full`)
         self.modules_by_type: dict[str, list[int]] = {}  # projection type (q_proj, ...) -> module indices
         for m, name in enumerate(self.module_names):
             self.modules_by_type.setdefault(projection_type(name), []).append(m)
@@ -78,7 +82,9 @@ class ExpertIndex:
 def _kind(p: nn.Parameter, module: nn.Module) -> int:
     if p is module.base_layer.weight:
         return FULL
-    return FULL_BIAS if p is module.base_layer.bias else LORA
+    if p is module.base_layer.bias:
+        return FULL_BIAS
+    return LORA_A_KIND if any(p is a.weight for a in module.lora_A) else LORA_B_KIND
 
 
 class ParamLayouts:

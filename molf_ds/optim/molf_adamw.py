@@ -187,7 +187,8 @@ class MoLFAdamW(torch.optim.Optimizer):
             return
         # The one collective of the step, where it is needed: started earlier, in flight while the plain groups took
         # their AdamW step, it made the step 5-48 ms slower on CPU (2 gloo ranks, measured).
-        self.last_scores, self.last_winners = routing.route(self.index.sizes, self.router.reduce_scores)
+        self.last_scores, self.last_winners = routing.route(self.index.sizes, self.index.scalings,
+                                                                  self.router.reduce_scores)
         updated, restored = routing.update(self.last_winners)
         counts = self._counts(routing.step)
         counts["update"] += updated

@@ -2,9 +2,10 @@
 
 Every expert of every MoLF module keeps exact Adam moments. Each step, per module:
 
-1. each expert's score comes from its updated, not bias-corrected moments m and v: per element a q, summed over
-   the expert's N_e elements (times the expert's lr where the score carries it), divided by N_e and finished; the
-   score types (EPD, PFN) are rows of `molf_ds.scores`;
+1. each expert's score comes from its updated, not bias-corrected moments m and v (and its parameters, for LDW):
+   per element a score's channels, summed over the expert's elements by role into a table (times the expert's lr
+   where the score carries it), finished with the experts' sizes N_e and LoRA scalings; the score types (EPD, PFN,
+   LDW) are rows of `molf_ds.scores`;
 2. the top_k scores win, ties to the lower expert index; an expert that took no part (no gradient) never wins;
 3. only the winners take the AdamW update (decoupled weight decay first), each segment with its kind's lr and decay.
 
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..config import MoLFConfig
-from ..scores import SCORE_EPS, score_named
+from ..scores import LORA_A, LORA_B, SCORE_EPS, WEIGHT, score_named
 from . import kernels
 
 ScoreReducer = Callable[[Tensor], None]  # in-place SUM of the score table over data-parallel ranks
@@ -34,14 +35,17 @@ class Kind:
     name: str
     lr: str
     weight_decay: str | None  # None: never decayed
+    role: int  # molf_ds.scores.ROLES: which part of the module's effective weight the segment is
 
 
 KINDS = (
-    Kind("full", lr="lr", weight_decay="weight_decay"),  # the base weight: the FFT expert
-    Kind("full_bias", lr="lr", weight_decay=None),  # its bias, part of the FFT expert
-    Kind("lora", lr="lora_lr", weight_decay="lora_weight_decay"),  # LoRA A and B
+    Kind("full", lr="lr", weight_decay="weight_decay", role=WEIGHT),  # the base weight: the FFT expert
+    Kind("full_bias", lr="lr", weight_decay=None, role=WEIGHT),  # its bias, part of the FFT expert
+    Kind("lora_A", lr="lora_lr", weight_decay="lora_weight_decay", role=LORA_A),
+    Kind("lora_B", lr="lora_lr", weight_decay="lora_weight_decay", role=LORA_B),
 )
-FULL, FULL_BIAS, LORA = range(len(KINDS))
+FULL, FULL_BIAS, LORA_A_KIND, LORA_B_KIND = range(len(KINDS))
+LORA_KINDS = (LORA_A_KIND, LORA_B_KIND)
 
 
 def kind_lrs(cfg: MoLFConfig, lr_scale: float) -> Tensor:
@@ -54,11 +58,19 @@ def kind_weight_decays(cfg: MoLFConfig) -> Tensor:
                         dtype=torch.float64)
 
 
-def module_scores(sums: Tensor, sizes: Tensor, took_part: Tensor, score: str) -> Tensor:
-    """Scores [modules, experts] (float64) from the score sums of the whole model (step 1's normalisation);
-    -inf where an expert took no part. Where the score carries the lr, the sums already do."""
-    per_element = sums.view(sizes.shape) / sizes.double().clamp(min=1)
-    return score_named(score).finish(per_element).masked_fill(~took_part.view(sizes.shape), -torch.inf)
+def kind_columns(score: str) -> Tensor:
+    """Per kind, the score table's column of each of the score's channels (by the kind's role), int64."""
+    columns = score_named(score).columns
+    return torch.tensor([columns[kind.role] for kind in KINDS], dtype=torch.int64)
+
+
+def module_scores(sums: Tensor, sizes: Tensor, scalings: Tensor, took_part: Tensor, score: str) -> Tensor:
+    """Scores [modules, experts] (float64) from the score table of the whole model ([cells, width], step 1's
+    finish with the experts' sizes and LoRA scalings, both [modules, experts]); -inf where an expert took no part.
+    Where the score carries the lr, the sums already do."""
+    table = sums.view(sizes.numel(), -1)
+    scores = score_named(score).finish(table, sizes.double().reshape(-1), scalings.double().reshape(-1))
+    return scores.view(sizes.shape).masked_fill(~took_part.view(sizes.shape), -torch.inf)
 
 
 def top_k(scores: Tensor, took_part: Tensor, k: int) -> Tensor:
@@ -81,7 +93,7 @@ class StepRouting:
         self.step, self.cfg, self.lr_scale, self.presumed = step, cfg, lr_scale, presumed
         self.lrs, self.weight_decays = kind_lrs(cfg, lr_scale), kind_weight_decays(cfg)
         self.scale = self.lrs if score_named(cfg.score).carries_lr else torch.ones_like(self.lrs)  # of each kind's sums
-        self.sums = kernels.ScoreSums(n_cells)
+        self.sums = kernels.ScoreSums(n_cells, kind_columns(cfg.score))
         self.batches: list[tuple[list[Tensor], list[Tensor], list[Tensor], kernels.SegmentTable,
                                  list[Tensor] | None]] = []
 
@@ -96,23 +108,23 @@ class StepRouting:
         beta1, beta2 = self.cfg.betas
         self.batches.append((params, exp_avgs, exp_avg_sqs, segments, backups))
         if backups is None:
-            kernels.moments_and_scores_multi(grads, exp_avgs, exp_avg_sqs, segments, self.scale, self.sums, beta1,
-                                             beta2, self.cfg.score, SCORE_EPS)
+            kernels.moments_and_scores_multi(params, grads, exp_avgs, exp_avg_sqs, segments, self.scale, self.sums,
+                                             beta1, beta2, self.cfg.score, SCORE_EPS)
             return 0
         return kernels.moments_scores_speculate_multi(
             params, grads, exp_avgs, exp_avg_sqs, backups, segments, self.scale, self.sums, self.presumed, self.lrs,
             self.weight_decays, beta1, beta2, *self.bias_corrections(), self.cfg.eps, self.cfg.score, SCORE_EPS)
 
-    def route(self, sizes: Tensor, reduce: ScoreReducer | None) -> tuple[Tensor, Tensor]:
-        """Steps 1-2 over the whole model: (scores, winners), both [modules, experts]. With `reduce`, this rank's
-        sums are summed over the data-parallel ranks first (each holds a partition of every expert), so every rank
-        takes the same decision."""
+    def route(self, sizes: Tensor, scalings: Tensor, reduce: ScoreReducer | None) -> tuple[Tensor, Tensor]:
+        """Steps 1-2 over the whole model: (scores, winners), both [modules, experts] as `sizes` (N_e) and
+        `scalings` (each LoRA expert's s). With `reduce`, this rank's table is summed over the data-parallel ranks
+        first (each holds a partition of every expert), so every rank takes the same decision."""
         sums, took_part = self.sums.totals(), self.sums.took_part
-        sizes = kernels.to_device(sizes, sums.device)
+        sizes, scalings = kernels.to_device(sizes, sums.device), kernels.to_device(scalings, sums.device)
         if reduce is not None:
             reduce(sums)
             took_part = sizes.view(-1) > 0  # partitioned gradients always exist
-        scores = module_scores(sums, sizes, took_part, self.cfg.score)
+        scores = module_scores(sums, sizes, scalings, took_part, self.cfg.score)
         return scores, top_k(scores, took_part, self.cfg.top_k)
 
     def update(self, winners: Tensor) -> tuple[int, int]:

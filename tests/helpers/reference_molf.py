@@ -7,7 +7,8 @@ layouts, no foreach, no fused kernels) of one MoLF optimizer step:
 2. plain AdamW for parameters outside MoLF modules (weight decay 0 for 1-D params,
    i.e. biases and norm weights),
 3. per MoLF module and expert a score from the updated, not bias-corrected moments
-   (EPD or PFN, eps_s = 1e-8, N_e elements; `full` includes the base bias),
+   (EPD or PFN, eps_s = 1e-8, N_e elements; `full` includes the base bias; LDW also from the
+   weights before the step and the LoRA scaling s),
 4. top_k winners, ties to the lower expert index,
 5. AdamW update (decoupled decay first) for the winners only,
 6. the routing record in the routing-log format of docs/design.md ("The routing log").
@@ -106,7 +107,8 @@ class ReferenceMoLF:
             denom = st["exp_avg_sq"].sqrt() / math.sqrt(bc2) + self.cfg.eps
             p.addcdiv_(st["exp_avg"], denom, value=-lr / bc1)
 
-    def _score(self, params: list[torch.Tensor], lr_e: float) -> float:
+    def _score(self, params: list[torch.Tensor], lr_e: float, scaling: float | None) -> float:
+        """`scaling`: the LoRA expert's s (None for `full`)."""
         n = sum(p.numel() for p in params)
         if self.cfg.score == "epd":
             total = 0.0
@@ -124,7 +126,27 @@ class ReferenceMoLF:
                 v = st["exp_avg_sq"].double()
                 total += float(((m / (v.sqrt() + EPS_S)) ** 2).sum())
             return math.sqrt(total) / math.sqrt(n)
+        if self.cfg.score == "ldw":
+            return self._ldw(params, scaling)
         raise ValueError(self.cfg.score)
+
+    def _ldw(self, params: list[torch.Tensor], scaling: float | None) -> float:
+        """sum(m * u) over the expert, u = m / (sqrt(v) + eps_s), divided by how far one unit of lr moves the
+        module's effective weight: ||u|| over W and its bias for `full`; for a LoRA expert (params [A, B]) the
+        bound s * (||u_B|| * ||A|| + ||B|| * ||u_A||) of ||s * (u_B A + B u_A)||."""
+        gain, unorm = 0.0, []
+        for p in params:
+            st = self.state[id(p)]
+            m = st["exp_avg"].double()
+            u = m / (st["exp_avg_sq"].double().sqrt() + EPS_S)
+            gain += float((m * u).sum())
+            unorm.append(float(u.norm()))
+        if scaling is None:
+            change = math.hypot(*unorm)
+        else:
+            (a, b), (ua, ub) = (float(p.double().norm()) for p in params), unorm
+            change = scaling * (ub * a + b * ua)
+        return gain / change if change > 0 else 0.0
 
     # --------------------------------------------------------------------- step
     @torch.no_grad()
@@ -156,7 +178,8 @@ class ReferenceMoLF:
                     continue  # takes no part
                 lr_e = full_lr if ename == "full" else lora_lr
                 names.append(ename)
-                scores.append(self._score([x[1] for x in with_grad], lr_e))
+                scaling = None if ename == "full" else mod.scaling[int(ename.removeprefix("lora"))]
+                scores.append(self._score([x[1] for x in with_grad], lr_e, scaling))
                 members.append((lr_e, with_grad))
             order = sorted(range(len(names)), key=lambda i: (-scores[i], i))
             winners = order[: cfg.top_k]

@@ -26,6 +26,8 @@ NEAR_TIE = 1e-6
 # Weight decays large enough that a wrong one shows in the weights after STEPS steps (the defaults, 0.1 and 0.01,
 # move a zero-initialised bias or a LoRA factor by less than float noise), and different, so a swap shows too.
 ORACLE_DECAYS = dict(weight_decay=0.5, lora_weight_decay=2.0)
+# LDW against the oracle: full and two LoRA experts of different scalings, each winning somewhere.
+LDW_TOP2 = dict(score="ldw", top_k=2, lora_ranks=(4, 8), lora_alphas=(16.0, 8.0), **ORACLE_DECAYS)
 SCORE_RTOL = 1e-4
 DELTA_RTOL = 1e-3  # each weight's change from its initial value, relative to the tensor's largest change
 

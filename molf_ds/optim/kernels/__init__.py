@@ -3,8 +3,9 @@
 Segments of all tensors of a call are one int64 table [S, 5] of rows (tensor, offset, length, cell, kind), see
 ``SegmentTable``. What the passes compute is defined in ``molf_ds.optim.routing``; here they run fast.
 
-- ``moments_and_scores_multi``: moments of every tensor; each row's score sum, times ``scale[kind]``,
-  goes into a ``ScoreSums`` (float64 per cell, on the tensors' device).
+- ``moments_and_scores_multi``: moments of every tensor; each row's sum of each of the score's channels, times
+  ``scale[kind]``, goes into its column of a ``ScoreSums`` (a float64 table [cells, width], on the tensors' device;
+  the column by the row's kind, ``ScoreSums.columns``). The parameters are read only by scores that need them.
 - ``update_winners_multi``: the AdamW update inside the rows whose cell won, per-kind lr and decay (the Triton
   kernel reads the winner mask on the device; the torch path reads it on the host, one sync per call).
 - ``moments_scores_speculate_multi`` / ``settle_multi`` (C++ only, see ``can_speculate``): the same step in one
@@ -144,13 +145,23 @@ class SegmentTable:
 
 
 class ScoreSums:
-    """A step's score sums per cell (float64) and which cells took part, on the device of the tensors scored (the
-    first call's device; the C++ path's CPU)."""
+    """A step's score table [cells, width] (float64) and which cells took part, on the device of the tensors scored
+    (the first call's device; the C++ path's CPU). `columns` [kinds, channels] (int64, on the host): the column of
+    each channel of a row of each kind (`routing.kind_columns`); None: one channel, one column."""
 
-    def __init__(self, n_cells: int) -> None:
-        self.sums = torch.zeros(n_cells, dtype=torch.float64)
+    def __init__(self, n_cells: int, columns: torch.Tensor | None = None) -> None:
+        self.columns = torch.zeros(1, 1, dtype=torch.int64) if columns is None else columns.contiguous()
+        width = int(self.columns.max()) + 1
+        self.sums = torch.zeros(n_cells, width, dtype=torch.float64)
         self.took_part = torch.zeros(n_cells, dtype=torch.bool)
         self._fresh = True
+
+    def kind_columns(self, n_kinds: int) -> torch.Tensor:
+        """`columns` for `n_kinds` kinds (the one-column default repeated), checked."""
+        columns = self.columns.expand(n_kinds, -1).contiguous() if len(self.columns) == 1 else self.columns
+        if len(columns) != n_kinds:
+            raise ValueError(f"ScoreSums has columns for {len(columns)} kinds, the scale for {n_kinds}")
+        return columns
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(sums, took_part) on `device`, to add into."""
@@ -182,6 +193,7 @@ def _check_batch(segments: SegmentTable, *lists: list[torch.Tensor]) -> None:
 
 
 def moments_and_scores_multi(
+    params: list[torch.Tensor],
     grads: list[torch.Tensor],
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
@@ -193,20 +205,32 @@ def moments_and_scores_multi(
     score: str,
     eps_s: float = SCORE_EPS,
 ) -> None:
-    """m, v of every tensor; out.sums[cell] += (score sum of each row) * scale[kind], in row order."""
-    score_named(score)
-    _check_batch(segments, grads, exp_avgs, exp_avg_sqs)
-    impl = _impl([*grads, *exp_avgs, *exp_avg_sqs])
+    """m, v of every tensor; out.sums[cell, column] += (sum of each channel of each row) * scale[kind], in row
+    order (`params`, before the step, read where the score needs them)."""
+    columns = _columns(score, out, scale)
+    _check_batch(segments, params, grads, exp_avgs, exp_avg_sqs)
+    impl = _impl([*params, *grads, *exp_avgs, *exp_avg_sqs])
     sums, took_part = out.on(grads[0].device if grads and impl is not cpp_impl else torch.device("cpu"))
     if impl is cpp_impl:
-        cpp_impl.moments_and_scores_multi(grads, exp_avgs, exp_avg_sqs, segments.table, scale, sums, took_part,
-                                          beta1, beta2, score, eps_s)
+        cpp_impl.moments_and_scores_multi(params, grads, exp_avgs, exp_avg_sqs, segments.table, scale, columns, sums,
+                                          took_part, beta1, beta2, score, eps_s)
     elif impl is torch_impl:
-        values = torch_impl.segment_sums_multi(grads, exp_avgs, exp_avg_sqs, segments, beta1, beta2, score, eps_s)
-        torch_impl.add_row_sums(sums, took_part, values, segments, scale)
+        values = torch_impl.segment_sums_multi(params, grads, exp_avgs, exp_avg_sqs, segments, beta1, beta2, score,
+                                               eps_s)
+        torch_impl.add_row_sums(sums, took_part, values, segments, scale, columns)
     else:
-        impl.moments_and_scores_multi(grads, exp_avgs, exp_avg_sqs, segments, scale, sums, took_part, beta1, beta2,
-                                      score, eps_s)
+        impl.moments_and_scores_multi(params, grads, exp_avgs, exp_avg_sqs, segments, scale, columns, sums,
+                                      took_part, beta1, beta2, score, eps_s)
+
+
+def _columns(score: str, out: ScoreSums, scale: torch.Tensor) -> torch.Tensor:
+    """out's columns per kind, checked against the score's channels."""
+    columns = out.kind_columns(scale.numel())
+    n_channels = score_named(score).n_channels
+    if columns.shape[1] != n_channels:
+        raise ValueError(f"score {score!r} sums {n_channels} channels per element: ScoreSums needs as many columns "
+                         f"per kind, has {columns.shape[1]} (build it with routing.kind_columns({score!r}))")
+    return columns
 
 
 def update_winners_multi(
@@ -256,13 +280,13 @@ def moments_scores_speculate_multi(
 ) -> int:
     """`moments_and_scores_multi`, plus in every row whose cell is `presumed` (bool per cell) to win: backup = p,
     then the AdamW update of p, in the same pass. Returns the elements updated; `settle_multi` finishes the step."""
-    score_named(score)
+    columns = _columns(score, out, scale)
     _check_batch(segments, grads, params, exp_avgs, exp_avg_sqs, backups)
     if not can_speculate([*params, *grads, *exp_avgs, *exp_avg_sqs, *backups]):
         raise ValueError("the speculative step needs the C++ kernel (contiguous fp32 CPU tensors)")
     return cpp_impl.moments_scores_speculate_multi(
-        params, grads, exp_avgs, exp_avg_sqs, backups, segments.table, scale, out.sums, out.took_part, presumed, lrs,
-        weight_decays, beta1, beta2, bias_correction1, bias_correction2, eps, score, eps_s)
+        params, grads, exp_avgs, exp_avg_sqs, backups, segments.table, scale, columns, out.sums, out.took_part,
+        presumed, lrs, weight_decays, beta1, beta2, bias_correction1, bias_correction2, eps, score, eps_s)
 
 
 def settle_multi(

@@ -84,21 +84,21 @@ def load() -> bool:
 
 # The ops take the public functions' arguments in the same order, except that the score name becomes its code
 # (molf_ds.scores); every other function of the backend interface is the op itself (see __getattr__).
-def moments_and_scores_multi(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], table: Tensor,
-                             scale: Tensor, sums: Tensor, took_part: Tensor, beta1: float, beta2: float, score: str,
-                             eps_s: float) -> None:
-    torch.ops.molf_cpu_adam.moments_and_scores_multi(
-        grads, exp_avgs, exp_avg_sqs, table, scale, sums, took_part, beta1, beta2, score_named(score).code, eps_s)
+def moments_and_scores_multi(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                             exp_avg_sqs: list[Tensor], table: Tensor, scale: Tensor, columns: Tensor, sums: Tensor,
+                             took_part: Tensor, beta1: float, beta2: float, score: str, eps_s: float) -> None:
+    torch.ops.molf_cpu_adam.moments_and_scores_multi(params, grads, exp_avgs, exp_avg_sqs, table, scale, columns,
+                                                     sums, took_part, beta1, beta2, score_named(score).code, eps_s)
 
 
 def moments_scores_speculate_multi(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                                    exp_avg_sqs: list[Tensor], backups: list[Tensor], table: Tensor, scale: Tensor,
-                                   sums: Tensor, took_part: Tensor, presumed: Tensor, lrs: Tensor,
+                                   columns: Tensor, sums: Tensor, took_part: Tensor, presumed: Tensor, lrs: Tensor,
                                    weight_decays: Tensor, beta1: float, beta2: float, bias_correction1: float,
                                    bias_correction2: float, eps: float, score: str, eps_s: float) -> int:
     return torch.ops.molf_cpu_adam.moments_scores_speculate_multi(
-        params, grads, exp_avgs, exp_avg_sqs, backups, table, scale, sums, took_part, presumed, lrs, weight_decays,
-        beta1, beta2, bias_correction1, bias_correction2, eps, score_named(score).code, eps_s)
+        params, grads, exp_avgs, exp_avg_sqs, backups, table, scale, columns, sums, took_part, presumed, lrs,
+        weight_decays, beta1, beta2, bias_correction1, bias_correction2, eps, score_named(score).code, eps_s)
 
 
 def __getattr__(name: str):

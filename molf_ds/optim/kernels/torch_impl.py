@@ -45,19 +45,21 @@ class _CellLayers:
         self.cells, self.kinds = cells.to(device), kinds.to(device)
 
 
-def add_row_sums(sums: torch.Tensor, took_part: torch.Tensor, values: torch.Tensor, segments,
-                 scale: torch.Tensor) -> None:
-    """sums[cell] += values[row] * scale[kind of row], rows of a cell in row order; took_part[cell] = True. All on
-    the device of `sums`."""
+def add_row_sums(sums: torch.Tensor, took_part: torch.Tensor, values: torch.Tensor, segments, scale: torch.Tensor,
+                 columns: torch.Tensor) -> None:
+    """sums[cell, columns[kind, c]] += values[row, c] * scale[kind of row], rows of a cell in row order;
+    took_part[cell] = True. `sums` [cells, width], `values` [rows, channels], all on the device of `sums`."""
     device = sums.device
     layers = segments.plans.get(("layers", device))
     if layers is None:
         layers = segments.plans[("layers", device)] = _CellLayers(segments.cells, segments.kinds, device)
-    scaled = values * to_device(scale, device)[layers.kinds]
-    for rows, cells in layers.layers:
-        sums.index_add_(0, cells, scaled[rows])
+    scaled = values * to_device(scale, device)[layers.kinds].unsqueeze(1)
+    # each row's channels at their flat places in the table (distinct per row: a cell's columns differ by channel)
+    places = layers.cells.unsqueeze(1) * sums.shape[1] + to_device(columns, device)[layers.kinds]
+    flat = sums.view(-1)
+    for rows, _ in layers.layers:
+        flat.index_add_(0, places[rows].view(-1), scaled[rows].view(-1))
     took_part[layers.cells] = True
-
 
 
 def _split(offsets: torch.Tensor, lengths: torch.Tensor) -> tuple[list[Piece], list[int]]:
@@ -167,19 +169,25 @@ class _TensorPlan:
         self.empty = not counts
 
 
-def _planned_scores(grad, exp_avg, exp_avg_sq, beta1, beta2, plan: _TensorPlan, score, eps_s) -> torch.Tensor:
+def _planned_scores(param, grad, exp_avg, exp_avg_sq, beta1, beta2, plan: _TensorPlan, score, eps_s
+                    ) -> torch.Tensor:
+    """[rows of the tensor, channels]: each channel's sum per row."""
     _update_moments(grad, exp_avg, exp_avg_sq, beta1, beta2)
+    row = score_named(score)
     if plan.empty:
-        return exp_avg.new_zeros(0, dtype=torch.float64)
-    sums = []
+        return exp_avg.new_zeros(0, row.n_channels, dtype=torch.float64)
+    sums: list[list[torch.Tensor]] = [[] for _ in range(row.n_channels)]
     for batch, lengths in plan.batches:
-        q = score_named(score).q(_views(exp_avg, batch), _views(exp_avg_sq, batch), eps_s)
-        flat = (torch.cat(q) if len(q) > 1 else q[0]).double()
-        sums.append(torch.segment_reduce(flat, "sum", lengths=lengths, unsafe=True))
-    return torch.segment_reduce(torch.cat(sums), "sum", lengths=plan.counts, unsafe=True)
+        params = _views(param, batch) if row.needs_params else []
+        for c, q in enumerate(row.channels(_views(exp_avg, batch), _views(exp_avg_sq, batch), params, eps_s)):
+            flat = (torch.cat(q) if len(q) > 1 else q[0]).double()
+            sums[c].append(torch.segment_reduce(flat, "sum", lengths=lengths, unsafe=True))
+    return torch.stack([torch.segment_reduce(torch.cat(s), "sum", lengths=plan.counts, unsafe=True) for s in sums],
+                       dim=1)
 
 
 def segment_sums_multi(
+    params: list[torch.Tensor],
     grads: list[torch.Tensor],
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
@@ -189,16 +197,17 @@ def segment_sums_multi(
     score: str,
     eps_s: float = SCORE_EPS,
 ) -> torch.Tensor:
-    """Moments of every tensor; the score sum of every row of `segments` (a kernels.SegmentTable), in row order,
-    as one float64 tensor on the tensors' device (the caller moves it to the host once per step)."""
+    """Moments of every tensor; the sum of each of the score's channels over every row of `segments` (a
+    kernels.SegmentTable), [rows, channels] in row order, float64 on the tensors' device (`params` read where the
+    score needs them)."""
     device = grads[0].device if grads else torch.device("cpu")
     plans = segments.plans.get(device)
     if plans is None:
         plans = segments.plans[device] = [_TensorPlan(rows, device)
                                           for rows in _rows_by_tensor(segments.table, len(grads))]
-    out = [_planned_scores(g, m, v, beta1, beta2, plan, score, eps_s)
-           for plan, g, m, v in zip(plans, grads, exp_avgs, exp_avg_sqs)]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+    out = [_planned_scores(p, g, m, v, beta1, beta2, plan, score, eps_s)
+           for plan, p, g, m, v in zip(plans, params, grads, exp_avgs, exp_avg_sqs)]
+    return torch.cat(out) if out else torch.zeros(0, score_named(score).n_channels, dtype=torch.float64)
 
 
 def update_winners_multi(

@@ -5,10 +5,11 @@ the tensors are reached through a table of their addresses, and the work is a ta
 row), cut at segment boundaries and on a grid of ``BLOCK`` elements of each tensor, built once per
 ``SegmentTable`` and device (``_Plan``).
 
-- ``_moments_scores``: one program per block: m, v of every element; in a segment's block, q summed in float64
-  into the block's partial sum (20 bytes per element: g, m, v read, m, v written).
+- ``_moments_scores``: one program per block: m, v of every element; in a segment's block, each of the score's
+  channels summed in float64 into the block's partial sums (20 bytes per element: g, m, v read, m, v written; LDW
+  also reads p).
 - ``_cell_sums``: one program per cell of the table: its rows' partial sums in block order, times scale[kind],
-  added to sums[cell] in row order (deterministic: no atomics, the same order whatever the scheduling).
+  added to the cell's columns in row order (deterministic: no atomics, the same order whatever the scheduling).
 - ``_update``: one program per block of a segment; a block whose cell lost (read on the device) exits at once;
   the others take the AdamW update with their kind's lr and decay (16 bytes per winning element).
 - ``_adamw``: plain AdamW (28 bytes per element); on CUDA torch's fused AdamW runs instead where it applies.
@@ -57,8 +58,13 @@ def _new_moments(g, m, v, w1, beta2, w2, SMALL_W1: tl.constexpr):
 
 
 @triton.jit
+def _channel_sum(q, mask):
+    return tl.sum(tl.where(mask, q, 0.0).to(tl.float64), axis=0)
+
+
+@triton.jit
 def _moments_scores(ptrs, n_tensors, blocks, partials, w1, beta2, w2, eps_s, SMALL_W1: tl.constexpr,
-                    SCORE: tl.constexpr, BLOCK: tl.constexpr):
+                    SCORE: tl.constexpr, CHANNELS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(blocks + pid * 4)
     start = tl.load(blocks + pid * 4 + 1)
@@ -75,33 +81,44 @@ def _moments_scores(ptrs, n_tensors, blocks, partials, w1, beta2, w2, eps_s, SMA
     m, v = _new_moments(g, m, v, w1, beta2, w2, SMALL_W1)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
-    if row >= 0:
+    if row >= 0:  # molf_ds.scores' channels, into partials[block, channel]
         denom = tl.sqrt_rn(v) + eps_s
-        if SCORE == 0:  # molf_ds.scores: EPD, m^2 / (sqrt(v) + eps_s)
-            q = tl.div_rn(m * m, denom)
-        else:  # PFN: (m / (sqrt(v) + eps_s))^2
+        if SCORE == 0:  # EPD: m^2 / (sqrt(v) + eps_s)
+            tl.store(partials + pid, _channel_sum(tl.div_rn(m * m, denom), mask))
+        elif SCORE == 1:  # PFN: (m / (sqrt(v) + eps_s))^2
             r = tl.div_rn(m, denom)
-            q = r * r
-        q = tl.where(mask, q, 0.0)
-        tl.store(partials + pid, tl.sum(q.to(tl.float64), axis=0))
+            tl.store(partials + pid, _channel_sum(r * r, mask))
+        else:  # LDW: u = m / (sqrt(v) + eps_s); m*u, u^2, p^2 (p before the step)
+            p = tl.load(_tensor(ptrs, n_tensors, t, 3) + offs, mask=mask, other=0.0)
+            u = tl.div_rn(m, denom)
+            tl.store(partials + pid * CHANNELS, _channel_sum(m * u, mask))
+            tl.store(partials + pid * CHANNELS + 1, _channel_sum(u * u, mask))
+            tl.store(partials + pid * CHANNELS + 2, _channel_sum(p * p, mask))
 
 
 @triton.jit
-def _cell_sums(cells, cell_rows, rows, row_blocks, row_kinds, partials, scale, sums, took_part,
-               REDUCE_BLOCK: tl.constexpr):
+def _cell_sums(cells, cell_rows, rows, row_blocks, row_kinds, partials, scale, columns, sums, took_part, width,
+               CHANNELS: tl.constexpr, WIDTH: tl.constexpr, REDUCE_BLOCK: tl.constexpr):
+    """The cell's row of the table held as WIDTH (a power of two >= width) lanes: each channel's row sum lands in
+    its column, the other lanes add an exact 0."""
     pid = tl.program_id(0)
     cell = tl.load(cells + pid)
-    total = tl.load(sums + cell)
+    lanes = tl.arange(0, WIDTH)
+    total = tl.load(sums + cell * width + lanes, mask=lanes < width, other=0.0)
     for i in range(tl.load(cell_rows + pid), tl.load(cell_rows + pid + 1)):
         row = tl.load(rows + i)
         first = tl.load(row_blocks + 2 * row)
         last = tl.load(row_blocks + 2 * row + 1)
-        acc = tl.zeros([], dtype=tl.float64)
-        for j in range(first, last, REDUCE_BLOCK):
-            offs = j + tl.arange(0, REDUCE_BLOCK)
-            acc += tl.sum(tl.load(partials + offs, mask=offs < last, other=0.0), axis=0)
-        total = total + acc * tl.load(scale + tl.load(row_kinds + row))
-    tl.store(sums + cell, total)
+        kind = tl.load(row_kinds + row)
+        factor = tl.load(scale + kind)
+        for c in tl.static_range(CHANNELS):
+            acc = tl.zeros([], dtype=tl.float64)
+            for j in range(first, last, REDUCE_BLOCK):
+                offs = j + tl.arange(0, REDUCE_BLOCK)
+                acc += tl.sum(tl.load(partials + offs * CHANNELS + c, mask=offs < last, other=0.0), axis=0)
+            column = tl.load(columns + kind * CHANNELS + c)
+            total = total + tl.where(lanes == column, acc * factor, 0.0)
+    tl.store(sums + cell * width + lanes, total, mask=lanes < width)
     tl.store(took_part + cell, 1)
 
 
@@ -244,24 +261,29 @@ def _moments(beta1: float, beta2: float) -> tuple[float, float, float, bool]:
 
 
 # ---- the backend interface ------------------------------------------------------------------------------------
-def moments_and_scores_multi(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], segments,
-                             scale: Tensor, sums: Tensor, took_part: Tensor, beta1: float, beta2: float, score: str,
-                             eps_s: float) -> None:
-    """m, v of every tensor; sums[cell] += each row's score sum times scale[kind] in row order; took_part set. `sums`
-    and `took_part` live on the tensors' device."""
+def moments_and_scores_multi(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                             exp_avg_sqs: list[Tensor], segments, scale: Tensor, columns: Tensor, sums: Tensor,
+                             took_part: Tensor, beta1: float, beta2: float, score: str, eps_s: float) -> None:
+    """m, v of every tensor; sums[cell, columns[kind, c]] += each row's sum of channel c times scale[kind] in row
+    order; took_part set. `sums` [cells, width] and `took_part` live on the tensors' device."""
     device = grads[0].device
     plan = _plan(segments, device)
     if not plan.n_blocks:
         return
-    ptrs = _pointer_table("moments", segments, grads, exp_avgs, exp_avg_sqs)
-    partials = torch.empty(plan.n_blocks, dtype=torch.float64, device=device)
+    row = score_named(score)
+    lists = (grads, exp_avgs, exp_avg_sqs, params) if row.needs_params else (grads, exp_avgs, exp_avg_sqs)
+    ptrs = _pointer_table(f"moments-{len(lists)}", segments, *lists)
+    partials = torch.empty(plan.n_blocks * row.n_channels, dtype=torch.float64, device=device)
     w1, b2, w2, small_w1 = _moments(beta1, beta2)
     _moments_scores[(plan.n_blocks,)](ptrs, len(grads), plan.blocks, partials, w1, b2, w2, eps_s,
-                                      SMALL_W1=small_w1, SCORE=score_named(score).code, BLOCK=BLOCK, num_warps=8)
+                                      SMALL_W1=small_w1, SCORE=row.code, CHANNELS=row.n_channels, BLOCK=BLOCK,
+                                      num_warps=8)
     if plan.n_cells:
+        width = sums.shape[1]
         _cell_sums[(plan.n_cells,)](plan.cells, plan.cell_rows, plan.rows, plan.row_blocks, plan.row_kinds, partials,
-                                    to_device(scale, device), sums, took_part.view(torch.uint8),
-                                    REDUCE_BLOCK=REDUCE_BLOCK)
+                                    to_device(scale, device), to_device(columns, device), sums,
+                                    took_part.view(torch.uint8), width, CHANNELS=row.n_channels,
+                                    WIDTH=triton.next_power_of_2(width), REDUCE_BLOCK=REDUCE_BLOCK)
 
 
 def update_winners_multi(params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], segments,

@@ -14,14 +14,14 @@ from torch import nn
 
 from ...optim import MoLFAdamW, Router
 from ...optim.layout import ExpertIndex, Layout
-from ...optim.routing import LORA
+from ...optim.routing import LORA_KINDS
 from ..regather import gather_coalesced
 from .base import TensorLayouts, all_reduce_over
 
 
 def router(wrapper: DeepSpeedZeroOptimizer_Stage3, optimizer: MoLFAdamW) -> Router:
     index = optimizer.index
-    experts = [p for cell in index.params_by_cell.values() for p in cell if index.kind_of[id(p)] == LORA]
+    experts = [p for cell in index.params_by_cell.values() for p in cell if index.kind_of[id(p)] in LORA_KINDS]
     _keep_resident(wrapper, experts)
     _route_after_all_sub_groups(wrapper, optimizer)
     rank = dist.get_rank(group=wrapper.dp_process_group)
