@@ -73,6 +73,8 @@ def test_items_by_hand(tiny):
         "fp32 gradient partition (optimizer)": 4 * part, "gradient accumulation partition": 2 * part,
         "persistent parameters, whole": 2 * (2 * SMALL_PER_LAYER + 64), "MoLF experts, whole": 2 * lora,
         "reduce bucket": 2 * 1000, "gathered parameters (peak)": 2 * EMBED, "largest parameter's gradient": 2 * EMBED,
+        # CPU ranks: every weight but the largest module's is gathered once and its heap block kept
+        "gathered parameters freed into the heap": 2 * (PARAMS - 2 * SMALL_PER_LAYER - 64 - EMBED),
         "its reduction's copy": max(2 * EMBED, 8 * EMBED // 2), "activations": 7,
         # sub-groups close once their partitions reach 10000 elements: embed + layer 0's attention (10,304), then
         # layer 0's MLP, its two norms and layer 1's q weight (11,328), the largest
@@ -83,12 +85,13 @@ def test_items_by_hand(tiny):
     training = sum(i.bytes for i in items.values() if i.phase == "training")
     assert peak(list(items.values())) == kept + max(training, items["largest sub-group, whole (fp32)"].bytes)
     host_kept = sum(i.bytes for i in items.values() if i.place == "host" and i.phase == "kept")
-    assert peak(list(items.values()), ("host",)) == host_kept + items["largest sub-group, whole (fp32)"].bytes
+    assert peak(list(items.values()), ("host",)) == host_kept + max(
+        items["largest sub-group, whole (fp32)"].bytes, items["gathered parameters freed into the heap"].bytes)
 
 
 def _peak(lay, items: list[str], **kw) -> int:
     options = dict(trains_base=True, lora=0, resident=0, world=2, offload_optimizer=True, offload_param=True,
-                   weight_bytes=4, activation_bytes=0, cpu_ranks=True)
+                   weight_bytes=4, activation_bytes=0, cpu_ranks=False)
     return peak(breakdown(lay, zero_settings(items), **{**options, **kw}))
 
 
@@ -102,6 +105,16 @@ def test_buckets_move_the_estimate_by_their_bytes(tiny):
             == 4 * (prefetch[1] - prefetch[0]))
 
 
+def test_cpu_ranks_count_the_written_bucket(tiny):
+    """On CPU ranks the bucket's untouched pages are no memory: the gradients fill at most all trainable elements."""
+    options = dict(trains_base=True, lora=0, resident=0, world=2, offload_optimizer=True, offload_param=True,
+                   weight_bytes=4, activation_bytes=0)
+    z = zero_settings(["reduce_bucket_size=1e9"])
+    bucket = {cpu: next(i.bytes for i in breakdown(tiny, z, **options, cpu_ranks=cpu) if i.name == "reduce bucket")
+              for cpu in (False, True)}
+    assert bucket == {False: 4 * 10**9, True: 4 * PARAMS}
+
+
 def test_qwen05b_reuse_distance_and_live_parameters():
     """Qwen2.5-0.5B (tied 151936 x 896 embedding): with DeepSpeed's defaults every parameter is gathered before
     backward, and so it is with a reuse distance of 0 while 1e9 live parameters let the prefetch run ahead; with
@@ -112,6 +125,10 @@ def test_qwen05b_reuse_distance_and_live_parameters():
     assert gathered_peak(lay, zero_settings(["stage3_max_reuse_distance=0"])) == everything
     tight = gathered_peak(lay, zero_settings(["stage3_max_reuse_distance=0", "stage3_max_live_parameters=5e7"]))
     assert max(lay.numel) == 151_936 * 896 < tight <= max(lay.numel) + 5e7 + 896 * 4864
+    # on CPU ranks the heap keeps every layer's weights (under 32 MiB in fp32) once gathered: all of them again
+    held = gathered_peak(lay, zero_settings(["stage3_max_reuse_distance=0", "stage3_max_live_parameters=5e7"]),
+                         held_below=2**23)
+    assert held == everything
 
 
 def test_bad_zero_values_name_the_key():

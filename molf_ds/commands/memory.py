@@ -259,8 +259,8 @@ def run(args: argparse.Namespace) -> int:
     if deepspeed_row:
         cpu, gpu = deepspeed_row
         print(f"{'fft (DeepSpeed est.)':<22}{counts.params:>14,}{gpu / GIB:>10.2f}{cpu / GIB:>14.2f}")
-    print("Model states only: activations, logits and buffers come on top "
-          "(DeepSpeed's own estimate adds a 1.5x buffer on the CPU side).")
+    print("Model states only: activations, logits and buffers come on top (DeepSpeed's own estimate adds a 1.5x "
+          "buffer on the CPU side; --breakdown counts them under ZeRO-3).")
     return 0
 
 

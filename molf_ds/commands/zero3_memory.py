@@ -1,26 +1,22 @@
 """What a ZeRO-3 rank holds while it trains, item by item (`molf-ds estimate-memory --breakdown`).
 
 Model states are not all of it: DeepSpeed 0.19's ZeRO-3 keeps working buffers whose sizes follow from its
-`zero_optimization` values and from the model's parameter sizes and order. Each item below names the buffer it
-counts; docs/performance.md lists them with their sources and what is left out. Sizes per rank, in bytes:
+`zero_optimization` values and from the model's parameter sizes and order. docs/performance.md lists the items with
+the DeepSpeed code each one comes from; per rank, in bytes (w: 2 for bf16, 4 for fp32):
 
-- the parameter partitions (w bytes each; under offload_param in one flat host buffer per parameter group);
-- the fp32 master partition, the Adam moments (8 bytes) and two gradient partitions: the accumulation buffer in the
-  model's dtype that the reduce-scatter writes, and the optimizer's fp32 gradient (under offload_optimizer both on
-  the host, one per sub-group of at most `sub_group_size` partition elements);
-- the reduce bucket (`reduce_bucket_size` elements in the model's dtype), and the gradient of the largest
-  parameter before it is reduced (a parameter over the bucket is reduced alone from its own gradient);
-- the gathered parameters at their peak, found by replaying DeepSpeed's parameter coordinator on the module order
-  (fetch, prefetch up to `stage3_prefetch_bucket_size` within `stage3_max_live_parameters`, release unless reused
-  within `stage3_max_reuse_distance`), whole parameters as DeepSpeed gathers them;
-- parameters of at most `stage3_param_persistence_threshold` elements, and MoLF's experts, kept whole;
-- the activations of the micro-batch (molf_ds.commands.activations);
-- at set-up, the flat fp32 buffer of the largest sub-group's whole parameters (freed before training);
-- the per-parameter partitions freed when DeepSpeed flattens them: below glibc's 32 MiB mmap threshold they stay in
-  the process's heap (host memory only);
-- the process itself (Python, torch, DeepSpeed, transformers, the gloo group): `PROCESS_BYTES`.
+- the parameter partitions (w each; under offload_param one flat host buffer per parameter group);
+- the fp32 master partition, the Adam moments and two gradient partitions: the accumulation buffer in the model's
+  dtype that the reduce-scatter writes, and the optimizer's fp32 gradient, one per sub-group;
+- MoLF's experts and the parameters of at most `stage3_param_persistence_threshold` elements, kept whole;
+- the reduce bucket (`reduce_bucket_size` elements; on CPU ranks only its written pages count);
+- in forward and backward: the gathered parameters at their peak, found by replaying DeepSpeed's parameter
+  coordinator on the module order; the largest parameter's gradient and the copy its reduction makes (gloo's
+  reduce-scatter on CPU ranks; with offload_optimizer its partition's fp64 norm); the activations;
+- at set-up, the largest sub-group's whole parameters as fp32 zeros (freed before training);
+- on CPU ranks, the gathered parameters' heap blocks glibc keeps once they are freed (under its 32 MiB mmap
+  threshold), and the process itself (Python, torch, DeepSpeed, transformers, the gloo group): `PROCESS_BYTES`.
 
-The peak is what persists plus the larger of the training working set and the set-up transient."""
+The peak is what is kept plus the larger of the training working set and the set-up transient."""
 from __future__ import annotations
 
 import json
@@ -32,6 +28,7 @@ from transformers import AutoModelForCausalLM
 # RSS of a rank before it builds its model: Python 3.11, torch 2.13 (CPU), deepspeed 0.19.8, transformers and molf_ds
 # imported and the 2-rank gloo group started (benchmarks/host_memory.py's `rss_start`, 584 MiB on each rank).
 PROCESS_BYTES = 584 * 2**20
+MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's largest dynamic mmap threshold (64-bit): smaller blocks come from the heap
 NORM_CHUNK = 250_000_000  # elements DeepSpeed's gradient norm converts to fp64 at a time
 MASTER, MOMENTS = 4, 8  # bytes per trainable element: fp32 master copy, Adam's two moments
 
@@ -108,16 +105,18 @@ def persistent(lay: Layout, z: ZeroSettings) -> set[int]:
     return kept
 
 
-def gathered_peak(lay: Layout, z: ZeroSettings) -> int:
+def gathered_peak(lay: Layout, z: ZeroSettings, held_below: int = 0) -> int:
     """The most elements of non-persistent parameters gathered at once in a training step after the first (the
     first records DeepSpeed's trace and neither prefetches nor keeps anything), replaying its coordinator: each
     module fetches its parameters, prefetches the next ones in trace order up to `prefetch_bucket_size` while fewer
     than `max_live_parameters` are gathered, and afterwards releases those of its parameters that neither a later
-    module within `max_reuse_distance` elements of the trace nor an already popped prefetch entry still needs."""
+    module within `max_reuse_distance` elements of the trace nor an already popped prefetch entry still needs.
+    Parameters of fewer than `held_below` elements stay counted once gathered (the heap blocks glibc keeps)."""
     kept = persistent(lay, z)
     trace = lay.modules + lay.modules[::-1]  # forward, then backward in reverse
     queue = [(step, i) for step, module in enumerate(trace) for i in module if i not in kept]
     live: set[int] = set()
+    held: set[int] = set()
     wanted_at: dict[int, int] = {}  # the latest trace step a popped queue entry needs the parameter for
     head = peak = 0
     for step, module in enumerate(trace):
@@ -134,7 +133,8 @@ def gathered_peak(lay: Layout, z: ZeroSettings) -> int:
             if i not in live:
                 live.add(i)
                 fetched += lay.numel[i]
-        peak = max(peak, sum(lay.numel[i] for i in live))
+        held.update(i for i in live if lay.numel[i] < held_below)
+        peak = max(peak, sum(lay.numel[i] for i in live | held))
         reused, traversed = set(), 0
         for later in trace[step + 1:]:
             if traversed >= z.max_reuse_distance:
@@ -180,6 +180,9 @@ def breakdown(lay: Layout, z: ZeroSettings, *, trains_base: bool, lora: int, res
     part = -(-trainable // world)
     largest = max(lay.numel)
     # reducing the largest gradient: gloo's copy of it, then (offload_optimizer) its partition's norm in fp64
+    gathered = gathered_peak(lay, z)
+    # CPU ranks: glibc serves blocks under its mmap threshold from the heap and keeps them once freed
+    heap = gathered_peak(lay, z, MMAP_THRESHOLD_MAX // w) - gathered if cpu_ranks else 0
     reducing = max(w * largest if cpu_ranks else 0, 8 * min(-(-largest // world), NORM_CHUNK) if offload_optimizer else 0)
     items = [
         Item("parameter partitions", w * -(-sum(lay.numel) // world) + w * -(-lora // world), param_place, "kept"),
@@ -189,8 +192,11 @@ def breakdown(lay: Layout, z: ZeroSettings, *, trains_base: bool, lora: int, res
         Item("gradient accumulation partition", w * part, optimizer_place, "kept"),
         Item("persistent parameters, whole", w * sum(lay.numel[i] for i in persistent(lay, z)), "device", "kept"),
         Item("MoLF experts, whole", w * resident, "device", "kept"),
-        Item("reduce bucket", w * z.reduce_bucket_size, "device", "kept"),
-        Item("gathered parameters (peak)", w * gathered_peak(lay, z), "device", "training"),
+        # CPU ranks: the bucket's pages count once written, and the gradients fill at most all of it
+        Item("reduce bucket", w * (min(z.reduce_bucket_size, trainable) if cpu_ranks else z.reduce_bucket_size),
+             "device", "kept"),
+        Item("gathered parameters (peak)", w * gathered, "device", "training"),
+        Item("gathered parameters freed into the heap", w * heap, "host", "training"),
         Item("largest parameter's gradient", w * largest, "device", "training"),
         Item("its reduction's copy", reducing, "device", "training"),
         Item("activations", activation_bytes, "device", "training"),
