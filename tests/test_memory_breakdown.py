@@ -105,6 +105,14 @@ def test_buckets_move_the_estimate_by_their_bytes(tiny):
             == 4 * (prefetch[1] - prefetch[0]))
 
 
+def test_frozen_base_has_no_large_gradient(tiny):
+    items = {i.name: i.bytes for i in breakdown(
+        tiny, zero_settings(), trains_base=False, lora=500, resident=0, world=2, offload_optimizer=True,
+        offload_param=True, weight_bytes=2, activation_bytes=0, cpu_ranks=True)}
+    assert "largest parameter's gradient" not in items and "its reduction's copy" not in items
+    assert items["fp32 master partition"] == 4 * 250 and items["parameter partitions"] == 2 * (PARAMS // 2 + 250)
+
+
 def test_cpu_ranks_count_the_written_bucket(tiny):
     """On CPU ranks the bucket's untouched pages are no memory: the gradients fill at most all trainable elements."""
     options = dict(trains_base=True, lora=0, resident=0, world=2, offload_optimizer=True, offload_param=True,

@@ -178,7 +178,7 @@ def breakdown(lay: Layout, z: ZeroSettings, *, trains_base: bool, lora: int, res
     base = list(lay.numel) if trains_base else []
     trainable = sum(base) + lora
     part = -(-trainable // world)
-    largest = max(lay.numel)
+    largest = max(base, default=0)  # the largest trainable parameter (experts' gradients fit the bucket)
     # reducing the largest gradient: gloo's copy of it, then (offload_optimizer) its partition's norm in fp64
     gathered = gathered_peak(lay, z)
     # CPU ranks: glibc serves blocks under its mmap threshold from the heap and keeps them once freed
