@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, fields
+from typing import Sequence
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -45,7 +46,7 @@ class ZeroSettings:
     sub_group_size: int
 
 
-def zero_settings(items: list[str] = ()) -> ZeroSettings:
+def zero_settings(items: Sequence[str] = ()) -> ZeroSettings:
     """`KEY=VALUE` items (DeepSpeed's `zero_optimization` keys, e.g. reduce_bucket_size=5e7), read by DeepSpeed's own
     config model so that its names, aliases and defaults apply; a bad item raises ValueError naming it."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
@@ -179,11 +180,12 @@ def breakdown(lay: Layout, z: ZeroSettings, *, trains_base: bool, lora: int, res
     trainable = sum(base) + lora
     part = -(-trainable // world)
     largest = max(base, default=0)  # the largest trainable parameter (experts' gradients fit the bucket)
-    # reducing the largest gradient: gloo's copy of it, then (offload_optimizer) its partition's norm in fp64
     gathered = gathered_peak(lay, z)
     # CPU ranks: glibc serves blocks under its mmap threshold from the heap and keeps them once freed
     heap = gathered_peak(lay, z, MMAP_THRESHOLD_MAX // w) - gathered if cpu_ranks else 0
-    reducing = max(w * largest if cpu_ranks else 0, 8 * min(-(-largest // world), NORM_CHUNK) if offload_optimizer else 0)
+    # reducing the largest gradient: gloo's copy of it, then (offload_optimizer) its partition's norm in fp64
+    reducing = max(w * largest if cpu_ranks else 0,
+                   8 * min(-(-largest // world), NORM_CHUNK) if offload_optimizer else 0)
     items = [
         Item("parameter partitions", w * -(-sum(lay.numel) // world) + w * -(-lora // world), param_place, "kept"),
         Item("fp32 master partition", MASTER * part, optimizer_place, "kept"),
