@@ -2,9 +2,10 @@
 estimate-memory`, on CPU ranks (fp32, the model built partitioned under deepspeed.zero.Init).
 
 Each method trains warm-up + measured steps alone in fresh ranks (the bench's cells, no timing pairs). On CPU
-the "GPU" share of the estimate lives in host RAM too, so the estimate per rank is its GPU bytes plus its share
-of the CPU bytes; measured: each rank's peak RSS less its RSS before the model was built (the Python, torch and
-DeepSpeed libraries), and the peak itself.
+the "GPU" share of the estimate lives in host RAM too, so the model-states estimate per rank is its GPU bytes plus
+its share of the CPU bytes; the breakdown (`estimate-memory --breakdown --cpu-ranks`, the same --zero values) adds
+DeepSpeed's buffers, the activations and the process. Measured: each rank's peak RSS, and the peak less its RSS
+before the model was built (the Python, torch and DeepSpeed libraries).
 
     nice python benchmarks/host_memory.py --model qwen2.5-0.5b --seq 64 --steps 2 --warmup 1
 """
@@ -21,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout roo
 from benchmarks.lab import run_bench  # noqa: E402
 from benchmarks.lab.methods import Settings, default_ranks  # noqa: E402
 from benchmarks.lab.models import load_config  # noqa: E402
-from molf_ds.commands.memory import count, estimate  # noqa: E402
+from molf_ds.commands.memory import count, estimate, rank_breakdown  # noqa: E402
+from molf_ds.commands.zero3_memory import layout, zero_settings  # noqa: E402
 
 GIB = 2**30
 
@@ -44,22 +46,26 @@ def main() -> None:
                  extra_ds={key: int(float(value)) for key, value in (item.split("=", 1) for item in args.zero)})
     cells = [(3, True, m) for m in args.methods.split(",")]
     result = run_bench(s, cells, args.world, interleave=False)
-    counts = count(load_config(args.model))
+    config = load_config(args.model)
+    counts, lay, zero = count(config), layout(config), zero_settings(args.zero)
     print(f"{args.model}: ZeRO-3, optimizer and parameters offloaded, {args.world} CPU ranks, fp32, "
           f"{args.warmup + args.steps} steps of 1 x {args.seq} tokens; load {os.getloadavg()}")
-    print(f"{'method':8}{'steps':>6}{'peak/rank GiB':>15}{'- libs':>8}{'total GiB':>11}{'estimate/rank':>15}"
-          f"{'total':>7}{'measured/est.':>15}")
+    print(f"{'method':8}{'steps':>6}{'peak/rank GiB':>15}{'- libs':>8}{'total GiB':>11}{'states/rank':>13}"
+          f"{'- libs / states':>17}{'breakdown/rank':>16}{'peak / breakdown':>18}")
     for row in result["rows"]:
         if "error" in row:
             print(f"{row['method']}: {row['error']}")
             continue
         e = estimate(counts, row["method"], molf_ranks, 3, True, True, args.world, 1, weight_bytes=4)
         est = e.gpu_bytes + e.cpu_bytes_per_node / args.world
-        above = row["peak_rss_above_start_mib"] * 2**20
-        row["estimate_per_rank_bytes"] = est
-        print(f"{row['method']:8}{row['measured_steps'] + args.warmup:>6}{row['peak_rss_mib'] / 1024:>15.2f}"
-              f"{above / GIB:>8.2f}{row['peak_rss_total_mib'] / 1024:>11.2f}{est / GIB:>15.2f}"
-              f"{args.world * est / GIB:>7.2f}{above / est:>15.2f}")
+        ranks = molf_ranks if row["method"] == "molf" else s.molf_e_ranks
+        full = rank_breakdown(config, counts, lay, row["method"], ranks, zero, args.world, True, True, 4, args.seq,
+                              1, s.lora_dropout, cpu_ranks=True)["host_bytes"]
+        above, peak = row["peak_rss_above_start_mib"] * 2**20, row["peak_rss_mib"] * 2**20
+        row["estimate_per_rank_bytes"], row["breakdown_per_rank_bytes"] = est, full
+        print(f"{row['method']:8}{row['measured_steps'] + args.warmup:>6}{peak / GIB:>15.2f}"
+              f"{above / GIB:>8.2f}{row['peak_rss_total_mib'] / 1024:>11.2f}{est / GIB:>13.2f}"
+              f"{above / est:>17.2f}{full / GIB:>16.2f}{peak / full:>18.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
 

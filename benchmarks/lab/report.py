@@ -47,6 +47,9 @@ def merge(ranks: list[dict[str, Any]], timed: list[dict[str, Any]] | None = None
         peak_rss_mib=max(r["peak_rss_bytes"] for r in ranks) / MIB,
         peak_rss_total_mib=sum(r["peak_rss_bytes"] for r in ranks) / MIB,
         peak_rss_above_start_mib=max(r["peak_rss_bytes"] - r.get("rss_start_bytes", 0) for r in ranks) / MIB,
+        rss_start_mib=max(r.get("rss_start_bytes", 0) for r in ranks) / MIB,
+        peak_rss_built_mib=max(r.get("peak_rss_built_bytes", 0) for r in ranks) / MIB,
+        rss_built_mib=max(r.get("rss_built_bytes", 0) for r in ranks) / MIB,
         huge_page_mib=min(r["huge_page_bytes"] for r in ranks) / MIB,
         loss=statistics.fmean(s["loss"] for s in first["steps"]),
     )

@@ -322,6 +322,7 @@ def measure(cell: Cell, s: Settings, rank: int, world: int) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     rss_start = _rss_bytes()
     trainer = _Trainer(cell, s, rank)
+    built = {"peak_rss_built_bytes": _peak_rss_bytes(), "rss_built_bytes": _rss_bytes()}  # model and engine built
     for step in range(s.warmup + s.steps):
         trainer.step(step)
     engine = trainer.engine
@@ -330,7 +331,7 @@ def measure(cell: Cell, s: Settings, rank: int, world: int) -> dict[str, Any]:
         "optimizer": optimizer_name(engine), "trainable_params": trainable_params(engine),
         "flat_tensors": [flat.numel() for _, flat in _flat_groups(engine)], "setup_s": trainer.setup_s,
         "tokens_per_step": world * s.micro_batch * s.seq,
-        "peak_rss_bytes": _peak_rss_bytes(), "rss_start_bytes": rss_start, "rss_end_bytes": _rss_bytes(),
+        "peak_rss_bytes": _peak_rss_bytes(), "rss_start_bytes": rss_start, "rss_end_bytes": _rss_bytes(), **built,
         "huge_page_bytes": _huge_page_bytes(),
     }
     if s.device == "cuda":

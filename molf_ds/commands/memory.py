@@ -9,6 +9,8 @@ estimator counts 2 bytes less per parameter than its ZeRO-2 one; we count the fp
 (molf_ds.commands.activations: counted on the architecture for `--seq` x `--micro-batch` tokens) against N GiB.
 `speculative_update` adds a 4-byte backup per MoLF trainable parameter beside the offloaded optimizer states
 (it runs in the CPU kernel only, so without optimizer offload it costs nothing on the GPU).
+`--breakdown` (ZeRO-3) lists every buffer a rank holds beyond the model states too, from the `--zero` values and the
+model's parameters (molf_ds.commands.zero3_memory), with each rank's peak on its device and in host RAM.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from .activations import activations
 from .methods import MEMORY_METHODS, REGISTRY
 from .models import MODELS, resolve
 from .sources import SourceError, check_model
+from .zero3_memory import PROCESS_BYTES, Item, Layout, ZeroSettings, breakdown, layout, peak, zero_settings
 
 BUNDLED = Path(__file__).parent / "model_configs"
 DEFAULT_RANKS = {"lora": (128,), "molf": (128,), "molf-e": (32, 128)}
@@ -166,6 +169,24 @@ def fits(config, counts: ModelCounts, methods: Sequence[str], ranks: tuple[int, 
     return rows
 
 
+def rank_breakdown(config, counts: ModelCounts, lay: Layout, method: str, ranks: tuple[int, ...], z: ZeroSettings,
+                   world: int, offload_optimizer: bool, offload_param: bool, weight_bytes: int, seq: int,
+                   micro_batch: int, lora_dropout: float, cpu_ranks: bool) -> dict:
+    """ZeRO-3: every buffer of one rank (`items`), its peak on the device (`device_bytes`, 0 on CPU ranks, where the
+    device is host RAM) and in host RAM with the process itself (`host_bytes`)."""
+    spec = REGISTRY[method]
+    lora = counts.lora_per_rank * sum(ranks) if spec.has_lora else 0
+    acts = activations(config, method, ranks, seq, micro_batch, lora_dropout,
+                       torch.float32 if weight_bytes == 4 else torch.bfloat16).total()
+    items = breakdown(lay, z, trains_base=spec.trains_base, lora=lora, resident=lora if spec.molf else 0, world=world,
+                      offload_optimizer=offload_optimizer, offload_param=offload_param, weight_bytes=weight_bytes,
+                      activation_bytes=acts, cpu_ranks=cpu_ranks)
+    host_places = ("device", "host") if cpu_ranks else ("host",)
+    return {"method": method, "items": [asdict(i) for i in items],
+            "device_bytes": 0 if cpu_ranks else peak(items, ("device",)),
+            "host_bytes": PROCESS_BYTES + peak(items, host_places)}
+
+
 def _mode(row: dict) -> str:
     offload = [name for name, on in (("optimizer", row["offload_optimizer"]), ("params", row["offload_param"])) if on]
     return f"ZeRO-{row['stage']}" + (f" + offload {' + '.join(offload)}" if offload else "")
@@ -192,12 +213,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="activations with checkpointing: each layer keeps its input")
     parser.add_argument("--fp32", action="store_true", help="fp32 training (CPU): 4-byte weights, fp32 gradients only")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="ZeRO-3: every buffer a rank holds (model states, buckets, gathered parameters, "
+                             "activations, the process) and its peak per rank")
+    parser.add_argument("--zero", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --breakdown: a zero_optimization value, e.g. reduce_bucket_size=5e7 (repeatable; "
+                             "DeepSpeed's defaults otherwise)")
+    parser.add_argument("--cpu-ranks", action="store_true",
+                        help="with --breakdown: the ranks run on CPUs (gloo), their device memory is host RAM")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.offload_param and args.stage != 3:
         raise SystemExit("estimate-memory: --offload-param needs --stage 3")
+    if (args.breakdown or args.zero or args.cpu_ranks) and args.stage != 3:
+        raise SystemExit("estimate-memory: --breakdown, --zero and --cpu-ranks need --stage 3")
+    if (args.zero or args.cpu_ranks) and not args.breakdown:
+        raise SystemExit("estimate-memory: --zero and --cpu-ranks go with --breakdown")
     try:
         config = load_config(args.model, gguf_file=args.gguf_file)
     except SourceError as error:
@@ -208,6 +241,8 @@ def run(args: argparse.Namespace) -> int:
     ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else None
     if args.gpu_gib is not None:
         return _print_fits(args, config, counts, methods, ranks)
+    if args.breakdown:
+        return _print_breakdown(args, config, counts, methods, ranks)
     setup = (args.stage, args.offload_optimizer, args.offload_param, args.gpus_per_node, args.nodes)
     rows = [estimate(counts, m, ranks or DEFAULT_RANKS.get(m, (0,)), *setup, speculative_update=args.speculative_update,
                      weight_bytes=4 if args.fp32 else 2) for m in methods]
@@ -224,8 +259,8 @@ def run(args: argparse.Namespace) -> int:
     if deepspeed_row:
         cpu, gpu = deepspeed_row
         print(f"{'fft (DeepSpeed est.)':<22}{counts.params:>14,}{gpu / GIB:>10.2f}{cpu / GIB:>14.2f}")
-    print("Model states only: activations, logits and buffers come on top "
-          "(DeepSpeed's own estimate adds a 1.5x buffer on the CPU side).")
+    print("Model states only: activations, logits and buffers come on top (DeepSpeed's own estimate adds a 1.5x "
+          "buffer on the CPU side; --breakdown counts them under ZeRO-3).")
     return 0
 
 
@@ -246,4 +281,36 @@ def _print_fits(args: argparse.Namespace, config, counts: ModelCounts, methods: 
               f"{r['gpu_bytes'] / GIB:>9.2f}{r['cpu_bytes_per_node'] / GIB:>14.2f}  {'yes' if r['fits'] else 'no'}")
     print("GPU: model states (molf_ds's byte conventions) + activations counted on the architecture (saved tensors, "
           "the logits' gradient); allocator fragmentation and communication buffers come on top.")
+    return 0
+
+
+def _print_breakdown(args: argparse.Namespace, config, counts: ModelCounts, methods: Sequence[str],
+                     ranks: tuple[int, ...] | None) -> int:
+    try:
+        z = zero_settings(args.zero)
+    except ValueError as error:
+        print(f"molf-ds estimate-memory: {error}", file=sys.stderr)
+        return 2
+    lay = layout(config)
+    world = args.gpus_per_node * args.nodes
+    rows = [rank_breakdown(config, counts, lay, m, ranks or DEFAULT_RANKS.get(m, (0,)), z, world,
+                           args.offload_optimizer, args.offload_param, 4 if args.fp32 else 2, args.seq,
+                           args.micro_batch, args.lora_dropout, args.cpu_ranks) for m in methods]
+    if args.json:
+        print(json.dumps({"counts": asdict(counts), "zero": asdict(z), "process_bytes": PROCESS_BYTES,
+                          "breakdown": rows}, indent=2))
+        return 0
+    print(f"{args.model}: {counts.params / 1e9:.2f}B parameters; ZeRO-3, offload optimizer {args.offload_optimizer}, "
+          f"offload params {args.offload_param}, {world} ranks{' on CPUs' if args.cpu_ranks else ''}, "
+          f"{'fp32' if args.fp32 else 'bf16'}, micro-batch {args.micro_batch} x {args.seq} tokens; per rank")
+    print("zero_optimization: " + ", ".join(f"{k} {v:.3g}" for k, v in asdict(z).items()))
+    for r in rows:
+        print(f"{r['method']:<44}{'place':<8}{'phase':<10}{'GiB':>7}")
+        for i in (Item(**i) for i in r["items"]):
+            print(f"  {i.name:<42}{i.place:<8}{i.phase:<10}{i.bytes / GIB:>7.2f}")
+        print(f"  {'process (Python, torch, DeepSpeed)':<42}{'host':<8}{'kept':<10}{PROCESS_BYTES / GIB:>7.2f}")
+        device = "" if args.cpu_ranks else f"device {r['device_bytes'] / GIB:.2f} GiB, "
+        print(f"  peak per rank: {device}host {r['host_bytes'] / GIB:.2f} GiB")
+    print("Peak: what is kept plus the larger of the training working set and the set-up transient "
+          "(docs/performance.md lists each item's source).")
     return 0
