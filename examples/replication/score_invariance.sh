@@ -2,8 +2,8 @@
 # Issue 31's findings (a) and (b) under each routing score, on the fact dev half (SmolLM2-135M, seed 100, 24 steps):
 # (a) MoLF with the LoRA lr equal to the full lr, then 4x it; (b) MoLF-E with one alpha for r=32 and r=128
 # (scalings 5.66 and 2.83), then with equal scalings. EPD carries each expert's lr and a LoRA expert's scaling,
-# LDW neither: its routing should move less between the two columns.
-#   ./examples/replication/score_invariance.sh [SCORE ...]      (epd ldw by default; `compare --reuse` resumes)
+# LDW neither (PFN, the authors' lr-free score, is scale-free per element too).
+#   ./examples/replication/score_invariance.sh [SCORE ...]      (epd pfn ldw by default; `compare --reuse` resumes)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore::FutureWarning
@@ -11,7 +11,7 @@ OUT=${OUT:-examples/replication/runs/fact/scores}
 DATA=examples/replication/data/facts_smollm2_dev.json
 LR=2e-4 LR_E=1e-4                     # the dev choices of molf and molf-e on the first fact data (RESULTS.md)
 scores=("$@")
-[ ${#scores[@]} -gt 0 ] || scores=(epd ldw)
+[ ${#scores[@]} -gt 0 ] || scores=(epd pfn ldw)
 options=(--seeds 1 --first-seed 100 --reuse --methods molf,molf-e --set "molf:train.lr=$LR" --set "molf-e:train.lr=$LR_E"
          --set "molf-e:train.lora_lr=$LR_E" --set 'molf-e:molf.lora_ranks=[32,128]')
 for score in "${scores[@]}"; do
