@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The fact comparison rerun on the regenerated data (no trained neighbours), at the lrs the first data's dev half
+# chose (runs/fact/dev/chosen.txt), MoLF at equal lrs as its main row, under EPD and LDW:
+#   test/            fft, lora, adalora, molf (EPD, LoRA lr = lr), molf-e (EPD, the paper's alphas)
+#   test-ldw/        molf and molf-e under LDW
+#   test-molf-e-eq/  molf-e with equal expert scalings (alpha 64 on r=128), EPD
+# then summary.md (paired per-seed differences against FFT, LoRA and AdaLoRA) and routing.md.
+#   ./examples/replication/fact_rerun.sh      (SEEDS=3; `compare --reuse` resumes an interrupted run)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore::FutureWarning
+OUT=${OUT:-examples/replication/runs/fact-rerun}
+DATA=examples/replication/data/facts_smollm2_test.json
+SEEDS=${SEEDS:-3}
+yaml=examples/replication/fact_smollm2.yaml
+# --set=METHOD:key=value lines: the dev choices, MoLF's full lr for both of its lrs, MoLF-E's ranks
+sets=$(grep -v -e '^--set=molf:' examples/replication/runs/fact/dev/chosen.txt
+       printf '%s\n' --set=molf:train.lr=2e-4 --set=molf:train.lora_lr=2e-4 '--set=molf-e:molf.lora_ranks=[32,128]')
+
+mkdir -p "$OUT"
+[ -f "$OUT/base.json" ] || torchrun --standalone --nproc_per_node 2 -m molf_ds.commands eval smollm2-135m \
+  --task fact --data "$DATA" --batch-size 32 --max-new-tokens 48 --no-progress --output "$OUT/base.json"
+compare() {  # DIR METHODS [compare arguments ...]
+  local dir=$1 methods=$2 own
+  shift 2
+  mapfile -t own < <(grep -E "^--set=(${methods//,/|}):" <<< "$sets")   # compare refuses others' --set
+  molf-ds compare "$yaml" "$@" --methods "$methods" --seeds "$SEEDS" "${own[@]}" --reuse --output-dir "$OUT/$dir"
+  find "$OUT" \( -path '*/runs/*/final' -o -path '*/runs/*/final_peft' \) -type d -prune -exec rm -rf {} +
+}
+compare test fft,lora,adalora,molf,molf-e --set 'molf-e:molf.lora_alphas=[32,32]'
+compare test-ldw molf,molf-e molf.score=ldw --set 'molf-e:molf.lora_alphas=[32,32]'
+compare test-molf-e-eq molf-e --set 'molf-e:molf.lora_alphas=[32,64]'
+tests=("$OUT/test" "$OUT/test-ldw" "$OUT/test-molf-e-eq")
+python examples/replication/report.py summary "${tests[@]}" --base "$OUT/base.json" --output "$OUT/summary.md"
+python examples/replication/report.py routing "${tests[@]}" --output "$OUT/routing.md"
+echo "fact_rerun.sh: $OUT/summary.md, $OUT/routing.md"
