@@ -26,26 +26,28 @@ WEIGHT, LORA_A, LORA_B = range(len(ROLES))
 Channels = Callable[[list[Tensor], list[Tensor], list[Tensor], float], list[list[Tensor]]]
 
 
+def _denominators(vs: list[Tensor], eps_s: float) -> list[Tensor]:
+    """sqrt(v) + eps_s, the preconditioner every score divides by."""
+    return torch._foreach_add(torch._foreach_sqrt(vs), eps_s)
+
+
 def _epd(ms: list[Tensor], vs: list[Tensor], ps: list[Tensor], eps_s: float) -> list[list[Tensor]]:
     """Expected parameter decrease: m^2 / (sqrt(v) + eps_s)."""
-    denom = torch._foreach_add(torch._foreach_sqrt(vs), eps_s)
     q = torch._foreach_mul(ms, ms)
-    torch._foreach_div_(q, denom)
+    torch._foreach_div_(q, _denominators(vs, eps_s))
     return [q]
 
 
 def _pfn(ms: list[Tensor], vs: list[Tensor], ps: list[Tensor], eps_s: float) -> list[list[Tensor]]:
     """Preconditioned gradient norm: (m / (sqrt(v) + eps_s))^2."""
-    denom = torch._foreach_add(torch._foreach_sqrt(vs), eps_s)
-    q = torch._foreach_div(ms, denom)
+    q = torch._foreach_div(ms, _denominators(vs, eps_s))
     torch._foreach_mul_(q, q)
     return [q]
 
 
 def _ldw(ms: list[Tensor], vs: list[Tensor], ps: list[Tensor], eps_s: float) -> list[list[Tensor]]:
     """Loss decrease per weight change: with u = m / (sqrt(v) + eps_s) (Adam's step per unit lr), m*u, u^2, p^2."""
-    denom = torch._foreach_add(torch._foreach_sqrt(vs), eps_s)
-    u = torch._foreach_div(ms, denom)
+    u = torch._foreach_div(ms, _denominators(vs, eps_s))
     return [torch._foreach_mul(ms, u), torch._foreach_mul(u, u), torch._foreach_mul(ps, ps)]
 
 
