@@ -15,6 +15,7 @@ from molf_ds.commands.datagen import sql_templates
 from molf_ds.commands.train.config import DataSection, EvalSection, load_config
 from molf_ds.commands.train.data import Generation, load_task
 from molf_ds.commands.train.evaluate import sql_match
+from molf_ds.commands.datagen import city_codes
 from molf_ds.commands.datagen.known_facts import (NEIGHBOURS, RELATIONS, counterfact_records, split_dev,
                                                   with_unseen_neighbours)
 
@@ -124,14 +125,38 @@ def test_shipped_fact_files_are_disjoint_counterfact_rewrites():
     assert len(data.train) == len(halves["test"]) and data.metrics == ("efficacy", "paraphrase", "neighborhood")
 
 
-@pytest.mark.parametrize("task", ["fact", "sql"])
-def test_configs_validate_for_every_method(task, monkeypatch):
+def test_shipped_city_codes_split_each_countrys_known_cities():
+    rows = {split: [json.loads(line) for line in (DATA / f"city_codes_{split}.jsonl").read_text().splitlines()]
+            for split in SPLITS}
+    cities = {split: [r["prompt"].removeprefix("The code name of the city of ").removesuffix(" is") for r in found]
+              for split, found in rows.items()}
+    assert all(city_codes.PROMPT.format(c) == r["prompt"] for s in SPLITS for c, r in zip(cities[s], rows[s]))
+    every = [c for found in cities.values() for c in found]
+    assert len(every) == len(set(every))  # no city in two splits
+    for split, found in rows.items():
+        for city, row in zip(cities[split], found):
+            code, names = city_codes.COUNTRIES[row["country"]]
+            assert row["completion"] == f" {code}" and city in names
+    kept = {country: [c for c in names if c in every] for country, (_, names) in city_codes.COUNTRIES.items()}
+    assert city_codes.splits(kept, seed=0) == rows  # the generator's split of the cities the probe kept
+    per_country = {s: {r["country"]: sum(x["country"] == r["country"] for x in rows[s]) for r in rows[s]}
+                   for s in SPLITS}
+    assert set(per_country["train"].values()) == {city_codes.TRAIN_PER_COUNTRY}
+    assert set(per_country["dev"].values()) == {city_codes.DEV_PER_COUNTRY}
+    assert min(per_country["test"].values()) >= city_codes.TEST_AT_LEAST
+    assert per_country["train"].keys() == per_country["dev"].keys() == per_country["test"].keys()
+    codes = [city_codes.COUNTRIES[c][0] for c in city_codes.COUNTRIES]
+    assert len(set(codes)) == len(codes)  # one word per country
+
+
+@pytest.mark.parametrize("task, yaml_name", [("fact", "fact"), ("sql", "sql"), ("jsonl", "city_codes")])
+def test_configs_validate_for_every_method(task, yaml_name, monkeypatch):
     from molf_ds.commands.compare import run_overrides
     from molf_ds.commands.methods import COMPARE_METHODS
 
     monkeypatch.chdir(DATA.parents[2])  # the configs' paths start at the repository root, as run.sh runs them
     for method in COMPARE_METHODS:
         own = ["molf.lora_ranks=[32,128]", "molf.lora_alphas=[32,32]"] if method == "molf-e" else []
-        cfg = load_config(DATA.parent / f"{task}_smollm2.yaml", run_overrides([], method, own, 0, Path("out")))
+        cfg = load_config(DATA.parent / f"{yaml_name}_smollm2.yaml", run_overrides([], method, own, 0, Path("out")))
         assert cfg.method == method and cfg.data.task == task
         assert Path(cfg.data.train).is_file() and Path(cfg.eval.data).is_file()

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Issue 31's LoRA-favoured regime: a task low-rank by construction (city_codes_smollm2.yaml: one code word per
+# country, learnt from 4 cities each, tested on cities never trained). Does MoLF follow LoRA where LoRA wins?
+#   ./examples/replication/lowrank.sh      (SEEDS=3; `compare --reuse` resumes an interrupted run)
+# (0) the base model on the test cities; (1) lrs on the dev cities for fft, lora and molf (EPD, LoRA lr = lr), seed
+# 100, grid below; (2) the test comparison at the chosen lrs: fft, lora, molf under EPD (test/), LDW (test-ldw/)
+# and PFN (test-pfn/), MoLF at its EPD-chosen lr under each score; (3) summary.md and routing.md.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore::FutureWarning
+OUT=${OUT:-examples/replication/runs/city_codes}
+DATA=examples/replication/data
+SEEDS=${SEEDS:-3}
+GRID=(5e-5 1e-4 2e-4 4e-4)
+yaml=examples/replication/city_codes_smollm2.yaml
+prune() { find "$1" \( -path '*/runs/*/final' -o -path '*/runs/*/final_peft' \) -type d -prune -exec rm -rf {} +; }
+
+mkdir -p "$OUT"
+{ echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with local changes)')"; date -u
+  echo "$(nproc --all) cores: $(lscpu | sed -n 's/^Model name: *//p')"; uptime; } >> "$OUT/environment.txt"
+[ -f "$OUT/base.json" ] || torchrun --standalone --nproc_per_node 2 -m molf_ds.commands eval smollm2-135m \
+  --task jsonl --data "$DATA/city_codes_test.jsonl" --batch-size 32 --max-new-tokens 4 --no-progress \
+  --output "$OUT/base.json"
+
+for lr in "${GRID[@]}"; do
+  molf-ds compare "$yaml" eval.data="$DATA/city_codes_dev.jsonl" train.lr="$lr" train.lora_lr="$lr" \
+    --methods fft,lora,molf --seeds 1 --first-seed 100 --reuse --output-dir "$OUT/dev/lr$lr"
+  prune "$OUT/dev"
+done
+python examples/replication/report.py select "$OUT"/dev/lr* --variants fft,lora,molf --table "$OUT/dev/selection.md" \
+  --sets "$OUT/dev/chosen.txt"
+mapfile -t sets < "$OUT/dev/chosen.txt"
+mapfile -t molf_sets < <(grep '^--set=molf:' "$OUT/dev/chosen.txt")
+
+molf-ds compare "$yaml" --methods fft,lora,molf --seeds "$SEEDS" "${sets[@]}" --reuse --output-dir "$OUT/test"
+for score in ldw pfn; do
+  molf-ds compare "$yaml" molf.score=$score --methods molf --seeds "$SEEDS" "${molf_sets[@]}" --reuse \
+    --output-dir "$OUT/test-$score"
+done
+prune "$OUT"
+tests=("$OUT/test" "$OUT/test-ldw" "$OUT/test-pfn")
+python examples/replication/report.py summary "${tests[@]}" --base "$OUT/base.json" --output "$OUT/summary.md"
+python examples/replication/report.py routing "${tests[@]}" --output "$OUT/routing.md"
+echo "lowrank.sh: $OUT/dev/selection.md, $OUT/summary.md, $OUT/routing.md"
