@@ -4,6 +4,9 @@
 #   test/            fft, lora, adalora, molf (EPD, LoRA lr = lr), molf-e (EPD, the paper's alphas)
 #   test-ldw/        molf and molf-e under LDW
 #   test-molf-e-eq/  molf-e with equal expert scalings (alpha 64 on r=128), EPD
+#   test-pfn/        molf and molf-e under the authors' PFN
+#   test-lora-4x/    molf with LoRA lr = 4 x lr, EPD (LDW's decisions do not depend on it: tests/test_scores.py)
+#   test-top2/       molf-e with top_k=2 of its 2 experts, the authors' public command: both update every step
 # then summary.md (paired per-seed differences against FFT, LoRA and AdaLoRA) and routing.md.
 #   ./examples/replication/fact_rerun.sh      (SEEDS=3; `compare --reuse` resumes an interrupted run)
 set -euo pipefail
@@ -20,17 +23,24 @@ sets=$(grep -v -e '^--set=molf:' examples/replication/runs/fact/dev/chosen.txt
 mkdir -p "$OUT"
 [ -f "$OUT/base.json" ] || torchrun --standalone --nproc_per_node 2 -m molf_ds.commands eval smollm2-135m \
   --task fact --data "$DATA" --batch-size 32 --max-new-tokens 48 --no-progress --output "$OUT/base.json"
-compare() {  # DIR METHODS [compare arguments ...]
-  local dir=$1 methods=$2 own
+compare() {  # DIR METHODS [compare arguments ...]; an argument --set=METHOD:key=value replaces the chosen key
+  local dir=$1 methods=$2 own arg rest replaced=(-e '^$')
   shift 2
-  mapfile -t own < <(grep -E "^--set=(${methods//,/|}):" <<< "$sets")   # compare refuses others' --set
+  for arg in "$@"; do
+    rest=${arg#--set=}
+    [[ $arg == --set=* ]] && replaced+=(-e "^--set=${rest%%=*}=")
+  done
+  mapfile -t own < <(grep -E "^--set=(${methods//,/|}):" <<< "$sets" | grep -v "${replaced[@]}")   # compare refuses others' --set
   molf-ds compare "$yaml" "$@" --methods "$methods" --seeds "$SEEDS" "${own[@]}" --reuse --output-dir "$OUT/$dir"
   find "$OUT" \( -path '*/runs/*/final' -o -path '*/runs/*/final_peft' \) -type d -prune -exec rm -rf {} +
 }
 compare test fft,lora,adalora,molf,molf-e --set 'molf-e:molf.lora_alphas=[32,32]'
 compare test-ldw molf,molf-e molf.score=ldw --set 'molf-e:molf.lora_alphas=[32,32]'
 compare test-molf-e-eq molf-e --set 'molf-e:molf.lora_alphas=[32,64]'
-tests=("$OUT/test" "$OUT/test-ldw" "$OUT/test-molf-e-eq")
+compare test-pfn molf,molf-e molf.score=pfn --set 'molf-e:molf.lora_alphas=[32,32]'
+compare test-lora-4x molf --set=molf:train.lora_lr=8e-4
+compare test-top2 molf-e --set 'molf-e:molf.lora_alphas=[32,32]' --set=molf-e:molf.top_k=2
+tests=("$OUT/test" "$OUT/test-ldw" "$OUT/test-molf-e-eq" "$OUT/test-pfn" "$OUT/test-lora-4x" "$OUT/test-top2")
 python examples/replication/report.py summary "${tests[@]}" --base "$OUT/base.json" --output "$OUT/summary.md"
 python examples/replication/report.py routing "${tests[@]}" --output "$OUT/routing.md"
 echo "fact_rerun.sh: $OUT/summary.md, $OUT/routing.md"
