@@ -8,13 +8,13 @@
 #   test-lora-4x/    molf with LoRA lr = 4 x lr, EPD (LDW's decisions do not depend on it: tests/test_scores.py)
 #   test-top2/       molf-e with top_k=2 of its 2 experts, the authors' public command: both update every step
 # then summary.md (paired per-seed differences against FFT, LoRA and AdaLoRA) and routing.md.
-#   ./examples/replication/fact_rerun.sh      (SEEDS=3; `compare --reuse` resumes an interrupted run)
+#   ./examples/replication/fact_rerun.sh      (SEEDS=5; `compare --reuse` resumes an interrupted run)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore::FutureWarning
 OUT=${OUT:-examples/replication/runs/fact-rerun}
 DATA=examples/replication/data/facts_smollm2_test.json
-SEEDS=${SEEDS:-3}
+SEEDS=${SEEDS:-5}
 yaml=examples/replication/fact_smollm2.yaml
 # --set=METHOD:key=value lines: the dev choices, MoLF's full lr for both of its lrs, MoLF-E's ranks
 sets=$(grep -v -e '^--set=molf:' examples/replication/runs/fact/dev/chosen.txt
