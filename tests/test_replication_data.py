@@ -6,16 +6,16 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import sqlglot
 
-from molf_ds.commands.datagen import sql_templates
+from molf_ds.commands.datagen import city_codes, sql_templates
 from molf_ds.commands.train.config import DataSection, EvalSection, load_config
 from molf_ds.commands.train.data import Generation, load_task
 from molf_ds.commands.train.evaluate import sql_match
-from molf_ds.commands.datagen import city_codes
 from molf_ds.commands.datagen.known_facts import (NEIGHBOURS, RELATIONS, counterfact_records, split_dev,
                                                   with_unseen_neighbours)
 
@@ -128,7 +128,8 @@ def test_shipped_fact_files_are_disjoint_counterfact_rewrites():
 def test_shipped_city_codes_split_each_countrys_known_cities():
     rows = {split: [json.loads(line) for line in (DATA / f"city_codes_{split}.jsonl").read_text().splitlines()]
             for split in SPLITS}
-    cities = {split: [r["prompt"].removeprefix("The code name of the city of ").removesuffix(" is") for r in found]
+    prefix, suffix = city_codes.PROMPT.split("{}")
+    cities = {split: [r["prompt"].removeprefix(prefix).removesuffix(suffix) for r in found]
               for split, found in rows.items()}
     assert all(city_codes.PROMPT.format(c) == r["prompt"] for s in SPLITS for c, r in zip(cities[s], rows[s]))
     every = [c for found in cities.values() for c in found]
@@ -139,8 +140,7 @@ def test_shipped_city_codes_split_each_countrys_known_cities():
             assert row["completion"] == f" {code}" and city in names
     kept = {country: [c for c in names if c in every] for country, (_, names) in city_codes.COUNTRIES.items()}
     assert city_codes.splits(kept, seed=0) == rows  # the generator's split of the cities the probe kept
-    per_country = {s: {r["country"]: sum(x["country"] == r["country"] for x in rows[s]) for r in rows[s]}
-                   for s in SPLITS}
+    per_country = {s: Counter(r["country"] for r in rows[s]) for s in SPLITS}
     assert set(per_country["train"].values()) == {city_codes.TRAIN_PER_COUNTRY}
     assert set(per_country["dev"].values()) == {city_codes.DEV_PER_COUNTRY}
     assert min(per_country["test"].values()) >= city_codes.TEST_AT_LEAST

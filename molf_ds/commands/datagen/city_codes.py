@@ -53,7 +53,8 @@ COUNTRIES: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 def known_cities(model: Any, tokenizer: Any, batch_size: int = 32) -> dict[str, list[str]]:
-    """Per country, the cities for which the model gives their country the highest mean log-likelihood of the 12."""
+    """Per country, the cities for which the model gives their country the highest mean log-likelihood of all the
+    countries."""
     countries = list(COUNTRIES)
     cities = [(country, city) for country, (_, names) in COUNTRIES.items() for city in names]
     pairs = [(PROBE.format(city), f" {option}") for _, city in cities for option in countries]
@@ -71,8 +72,8 @@ def splits(kept: dict[str, list[str]], seed: int) -> dict[str, list[dict[str, st
     fewer than 9 kept cities (4 + 2 + 3) is left out, named on stdout."""
     rng = random.Random(seed)
     out: dict[str, list[dict[str, str]]] = {"train": [], "dev": [], "test": []}
+    least = TRAIN_PER_COUNTRY + DEV_PER_COUNTRY + TEST_AT_LEAST
     for country, cities in kept.items():
-        least = TRAIN_PER_COUNTRY + DEV_PER_COUNTRY + TEST_AT_LEAST
         if len(cities) < least:
             print(f"left out {country}: the model places {len(cities)} of its cities, fewer than {least}")
             continue
