@@ -85,12 +85,12 @@ def _summarize(model: nn.Module) -> WrapSummary:
     for _, module in modules:
         for expert, params in module.expert_parameters().items():
             seen.update(map(id, params))
-            counts["full" if expert == "full" else "lora"] += sum(_numel(p) for p in params)
-    counts["other"] = sum(_numel(p) for p in model.parameters() if p.requires_grad and id(p) not in seen)
+            counts["full" if expert == "full" else "lora"] += sum(full_numel(p) for p in params)
+    counts["other"] = sum(full_numel(p) for p in model.parameters() if p.requires_grad and id(p) not in seen)
     return WrapSummary(tuple(n for n, _ in modules), counts)
 
 
-def _numel(p: torch.Tensor) -> int:
+def full_numel(p: torch.Tensor) -> int:
     """Element count, also for parameters partitioned by ZeRO-3 (whose local shape is empty)."""
     return getattr(p, "ds_numel", p.numel())
 

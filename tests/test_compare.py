@@ -18,6 +18,19 @@ from molf_ds.commands.train.config import load_config
 
 
 
+def test_overrides_may_follow_the_options():
+    """`molf-ds compare run.yaml --methods fft train.lr=1e-4` (and generate's prompts after its options) parse as the
+    same command with every positional in order; an unknown option is still an error."""
+    from molf_ds.commands.cli import parse, parser
+
+    args = parse(parser(), ["compare", "run.yaml", "a=1", "--methods", "fft,lora", "b=2", "--seeds", "3"])
+    assert (args.config, args.overrides, args.methods, args.seeds) == ("run.yaml", ["a=1", "b=2"], "fft,lora", 3)
+    assert parse(parser(), ["generate", "out", "hi", "--max-new-tokens", "3", "there"]).prompts == ["hi", "there"]
+    assert parse(parser(), ["train", "run.yaml", "--local_rank=0", "x=1"]).overrides == ["x=1"]
+    with pytest.raises(SystemExit):
+        parse(parser(), ["compare", "run.yaml", "--no-such-option"])
+
+
 def test_report_arithmetic(tmp_path):
     def result(method, seed, efficacy, routing=None):
         r = RunResult(method, seed, tmp_path / f"{method}{seed}", scores={"efficacy": efficacy},

@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="the training YAML (see README: Training: molf-ds train)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides, YAML values")
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
-    train.set_defaults(func=_train)
+    train.set_defaults(func=_train, command_parser=train)
     _add(commands, "estimate-memory", "memory", "bytes of model states per GPU and per node, for each method")
     _add(commands, "eval", "evaluate", f"a task's metrics ({' / '.join(TASKS)}) for a saved model")
     _add(commands, "generate", "generate", "text from a saved model, a run or a checkpoint for prompts (or stdin)")
@@ -76,18 +76,25 @@ def _add(commands, name: str, module: str, help: str) -> None:
     plugin = importlib.import_module(f"molf_ds.commands.{module}")
     sub = commands.add_parser(name, help=help, description=plugin.__doc__.splitlines()[0])
     plugin.add_arguments(sub)
-    sub.set_defaults(func=plugin.run)
+    sub.set_defaults(func=plugin.run, command_parser=sub)
 
 
 CLI_EXTRA = ("datasets", "peft", "yaml", "matplotlib", "tqdm", "sqlglot")  # pip install "molf-ds[cli]"
 
 
+def parse(root: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """The command's arguments, positionals also after options (`compare run.yaml --methods fft train.lr=1e-4`:
+    argparse alone stops a `nargs="*"` positional at the first option)."""
+    args, unknown = root.parse_known_args(argv)
+    if not unknown or getattr(args, "takes_any_arguments", False):
+        return args
+    rest = argv[argv.index(args.command) + 1:]
+    return args.command_parser.parse_intermixed_args(rest, argparse.Namespace(command=args.command))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        root = parser()
-        args, unknown = root.parse_known_args(argv)
-        if unknown and not getattr(args, "takes_any_arguments", False):
-            root.error(f"unrecognized arguments: {' '.join(unknown)}")  # as parse_args says it
+        args = parse(parser(), list(sys.argv[1:] if argv is None else argv))
         return args.func(args)
     except ModuleNotFoundError as error:  # the library is installed without the command's extra
         missing = (error.name or "").partition(".")[0]

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..wrapping import _numel, molf_modules
+from ..wrapping import full_numel, molf_modules
 from .routing import FULL, FULL_BIAS, LORA_A_KIND, LORA_B_KIND
 
 
@@ -56,7 +56,7 @@ class ExpertIndex:
                 for p in params:
                     self.cell_of[id(p)] = cell
                     self.kind_of[id(p)] = _kind(p, module)
-                sizes[m, e] = sum(_numel(p) for p in params)
+                sizes[m, e] = sum(full_numel(p) for p in params)
             n_full = len(self.expert_names) - len(module.scaling)
             scalings[m, n_full:] = torch.tensor(module.scaling, dtype=torch.float64)
         self.sizes = sizes  # N_e per (module, expert)
