@@ -155,13 +155,17 @@ class ScoreSums:
         self.sums = torch.zeros(n_cells, width, dtype=torch.float64)
         self.took_part = torch.zeros(n_cells, dtype=torch.bool)
         self._fresh = True
+        self._placed: dict[tuple[int, torch.device], torch.Tensor] = {}
 
-    def kind_columns(self, n_kinds: int) -> torch.Tensor:
-        """`columns` for `n_kinds` kinds (the one-column default repeated), checked."""
-        columns = self.columns.expand(n_kinds, -1).contiguous() if len(self.columns) == 1 else self.columns
-        if len(columns) != n_kinds:
-            raise ValueError(f"ScoreSums has columns for {len(columns)} kinds, the scale for {n_kinds}")
-        return columns
+    def kind_columns(self, n_kinds: int, device: torch.device) -> torch.Tensor:
+        """`columns` for `n_kinds` kinds (the one-column default repeated) on `device`, checked; copied there once."""
+        key = (n_kinds, device)
+        if key not in self._placed:
+            columns = self.columns.expand(n_kinds, -1).contiguous() if len(self.columns) == 1 else self.columns
+            if len(columns) != n_kinds:
+                raise ValueError(f"ScoreSums has columns for {len(columns)} kinds, the scale for {n_kinds}")
+            self._placed[key] = columns.to(device)
+        return self._placed[key]
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(sums, took_part) on `device`, to add into."""
@@ -207,10 +211,10 @@ def moments_and_scores_multi(
 ) -> None:
     """m, v of every tensor; out.sums[cell, column] += (sum of each channel of each row) * scale[kind], in row
     order (`params`, before the step, read where the score needs them)."""
-    columns = _columns(score, out, scale)
     _check_batch(segments, params, grads, exp_avgs, exp_avg_sqs)
     impl = _impl([*params, *grads, *exp_avgs, *exp_avg_sqs])
     sums, took_part = out.on(grads[0].device if grads and impl is not cpp_impl else torch.device("cpu"))
+    columns = _columns(score, out, scale, sums.device)
     if impl is cpp_impl:
         cpp_impl.moments_and_scores_multi(params, grads, exp_avgs, exp_avg_sqs, segments.table, scale, columns, sums,
                                           took_part, beta1, beta2, score, eps_s)
@@ -223,9 +227,9 @@ def moments_and_scores_multi(
                                       took_part, beta1, beta2, score, eps_s)
 
 
-def _columns(score: str, out: ScoreSums, scale: torch.Tensor) -> torch.Tensor:
-    """out's columns per kind, checked against the score's channels."""
-    columns = out.kind_columns(scale.numel())
+def _columns(score: str, out: ScoreSums, scale: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """out's columns per kind on `device`, checked against the score's channels."""
+    columns = out.kind_columns(scale.numel(), device)
     n_channels = score_named(score).n_channels
     if columns.shape[1] != n_channels:
         raise ValueError(f"score {score!r} sums {n_channels} channels per element: ScoreSums needs as many columns "
@@ -280,7 +284,7 @@ def moments_scores_speculate_multi(
 ) -> int:
     """`moments_and_scores_multi`, plus in every row whose cell is `presumed` (bool per cell) to win: backup = p,
     then the AdamW update of p, in the same pass. Returns the elements updated; `settle_multi` finishes the step."""
-    columns = _columns(score, out, scale)
+    columns = _columns(score, out, scale, torch.device("cpu"))
     _check_batch(segments, grads, params, exp_avgs, exp_avg_sqs, backups)
     if not can_speculate([*params, *grads, *exp_avgs, *exp_avg_sqs, *backups]):
         raise ValueError("the speculative step needs the C++ kernel (contiguous fp32 CPU tensors)")
