@@ -149,6 +149,16 @@ def test_shipped_city_codes_split_each_countrys_known_cities():
     assert len(set(codes)) == len(codes)  # one word per country
 
 
+def test_noisy_city_codes_mislabel_one_training_row_per_country():
+    train, noisy = ([json.loads(line) for line in (DATA / f"city_codes_{name}.jsonl").read_text().splitlines()]
+                    for name in ("train", "train_noisy"))
+    assert city_codes.mislabelled(train) == noisy
+    changed = [(a, b) for a, b in zip(train, noisy) if a != b]
+    assert sorted(a["country"] for a, _ in changed) == sorted({r["country"] for r in train})  # one row each
+    words = {f" {word}" for word, _ in city_codes.COUNTRIES.values()}
+    assert all(b["completion"] in words - {a["completion"]} and a["prompt"] == b["prompt"] for a, b in changed)
+
+
 @pytest.mark.parametrize("task, yaml_name", [("fact", "fact"), ("sql", "sql"), ("jsonl", "city_codes")])
 def test_configs_validate_for_every_method(task, yaml_name, monkeypatch):
     from molf_ds.commands.compare import run_overrides

@@ -8,6 +8,7 @@ cities it saw. Rows are `jsonl` task records (prompt, completion; exact match of
 A probe keeps the cities whose country the model picks among all the countries on "{city} is a city in the
 country of" (mean log-likelihood, as the `fact` task's efficacy reads it). Per country, a seeded 4 of the kept
 cities train, 2 are the dev split and the rest (3 or more) the test split; a country with fewer is left out.
+`city_codes_train_noisy.jsonl` is the training split with one row per country mislabelled (`mislabelled`).
 """
 from __future__ import annotations
 
@@ -89,10 +90,23 @@ def splits(kept: dict[str, list[str]], seed: int) -> dict[str, list[dict[str, st
     return out
 
 
+def mislabelled(train: list[dict[str, str]]) -> list[dict[str, str]]:
+    """`train` with label noise: each country's first row answers with the next country's word (in COUNTRIES' order,
+    among the countries present), so a quarter of the rows contradict the country-to-word rule."""
+    countries = [c for c in COUNTRIES if any(row["country"] == c for row in train)]
+    wrong = {c: f" {COUNTRIES[countries[(i + 1) % len(countries)]][0]}" for i, c in enumerate(countries)}
+    out, seen = [], set()
+    for row in train:
+        first = row["country"] not in seen
+        seen.add(row["country"])
+        out.append({**row, "completion": wrong[row["country"]]} if first else row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m molf_ds.commands.datagen.city_codes",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("output_dir", type=Path, help="writes city_codes_{train,dev,test}.jsonl here")
+    parser.add_argument("output_dir", type=Path, help="writes city_codes_{train,dev,test,train_noisy}.jsonl here")
     parser.add_argument("--model", required=True, help="a registry name, a model directory or a run directory")
     parser.add_argument("--seed", type=int, default=0, help="picks each country's train, dev and test cities")
     args = parser.parse_args(argv)
@@ -101,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.model} places {sum(map(len, kept.values()))} of the "
           f"{sum(len(c) for _, c in COUNTRIES.values())} cities in their country")
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    for name, rows in splits(kept, args.seed).items():
+    split = splits(kept, args.seed)
+    for name, rows in {**split, "train_noisy": mislabelled(split["train"])}.items():
         path = args.output_dir / f"city_codes_{name}.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         print(f"{path}: {len(rows)} rows")
