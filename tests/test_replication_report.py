@@ -1,4 +1,5 @@
-"""examples/replication/report.py: each variant's lrs chosen from the dev runs (compare output directories)."""
+"""examples/replication/report.py: each variant's lrs chosen from the dev runs (compare output directories), the
+summary's gaps and paired intervals, and the table of lora_regimes.sh's candidates."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,14 +11,15 @@ import yaml
 REPORT = Path(__file__).parent.parent / "examples" / "replication" / "report.py"
 
 
-def _fake_run(root: Path, method: str, lr: float, lora_lr: float, scores: dict, alphas=(32, 32), seed=100) -> None:
+def _fake_run(root: Path, method: str, lr: float, lora_lr: float, scores: dict, alphas=(32, 32), seed=100) -> Path:
     run = root / f"lr{lr}" / "runs" / f"{method}-seed{seed}"
     run.mkdir(parents=True)
-    config = {"method": method, "molf": {"lora_ranks": [32, 128], "lora_alphas": list(alphas)},
-              "data": {"task": "fact"}, "train": {"seed": seed, "lr": lr, "lora_lr": lora_lr}}
+    config = {"method": method, "molf": {"lora_ranks": [32, 128], "lora_alphas": list(alphas)}, "lora": {"r": 32},
+              "data": {"task": "fact"}, "train": {"seed": seed, "lr": lr, "lora_lr": lora_lr, "max_steps": 4}}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     (run / "metrics.jsonl").write_text(json.dumps({"step": 4, "loss": 1.0}) + "\n")
     (run / "eval.jsonl").write_text(json.dumps({"step": 4, **scores}) + "\n")
+    return run
 
 
 def test_report_selects_each_variants_best_dev_setting(tmp_path):
@@ -73,3 +75,21 @@ def test_paired_interval_and_verdict():
     assert mean == 2.0 and abs(low - (2 - 4.303 / 3**0.5)) < 1e-12 and abs(high - (2 + 4.303 / 3**0.5)) < 1e-12
     assert report.verdict(-1.5, 3.0) == "**within**" and report.verdict(-5.0, -1.6) == "below"
     assert report.verdict(-2.0, 1.0) == "undecided" and report.verdict(*report.paired_interval([4.0])[1:]) == "one seed"
+
+
+def test_pilots_table_gives_loras_lead_and_the_neighbourhood_kept(tmp_path):
+    spec = importlib.util.spec_from_file_location("replication_report", REPORT)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    assert report.main(["pilots", str(tmp_path), "--output", str(tmp_path / "summary.md")]) == 1  # nothing yet
+    fft = _fake_run(tmp_path, "fft", 2e-4, 2e-4, {"efficacy": 0.8, "paraphrase": 0.8, "neighborhood": 0.8})
+    _fake_run(tmp_path, "lora", 2e-4, 2e-4, {"efficacy": 0.6, "paraphrase": 0.6, "neighborhood": 0.6})
+    _fake_run(tmp_path, "lora", 4e-4, 4e-4, {"efficacy": 0.9, "paraphrase": 0.9, "neighborhood": 0.9})
+    (fft / "forgetting.json").write_text(json.dumps({"efficacy": 0.1, "paraphrase": 0.1, "neighborhood": 0.75}))
+    (tmp_path / "base.json").write_text(json.dumps({"efficacy": 0.0, "paraphrase": 0.0, "neighborhood": 0.938}))
+    assert report.main(["pilots", str(tmp_path), "--output", str(tmp_path / "summary.md")]) == 0
+    lines = (tmp_path / "summary.md").read_text().splitlines()
+    assert "neighbourhood kept (base 0.938)" in lines[0] and len(lines) == 5
+    assert lines[2:] == ["| lr0.0002 | fft | 4 |  | 0.0002 | 0.800 |  | 1.0000 | 0.750 |",
+                         "| lr0.0002 | lora | 4 | 32 | 0.0002 | 0.600 | -0.200 | 1.0000 |  |",
+                         "| lr0.0004 | lora | 4 | 32 | 0.0004 | 0.900 |  | 1.0000 |  |"]

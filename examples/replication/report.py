@@ -1,8 +1,9 @@
-"""Issue 19's replication helpers (run.sh calls them).
+"""Issue 19's replication helpers (run.sh, fact_rerun.sh, lowrank.sh and lora_regimes.sh call them).
 
     python examples/replication/report.py select DIR... --variants fft,lora --table T.md --sets T.txt  # lrs
     python examples/replication/report.py routing DIR... --output routing.md   # shares per projection type
     python examples/replication/report.py summary DIR... --base base.json --output summary.md  # the results table
+    python examples/replication/report.py pilots ROOT --output summary.md  # lora_regimes.sh's candidates
 
 DIR is a `molf-ds compare` output directory. `select` reads every run under DIR/runs/ (its config.yaml and its final
 evaluation), writes the table of every setting tried and its score, and writes `--set=METHOD:train.lr=...` and
@@ -10,7 +11,8 @@ evaluation), writes the table of every setting tried and its score, and writes `
 stdout: importing molf_ds prints DeepSpeed's accelerator notice there); `routing` writes its table likewise;
 `summary` writes each variant's mean ± std over seeds of every metric and of the score, its lrs and wall time, the
 MoLF variants' gaps to the better of FFT and LoRA (per metric and score), MoLF-E minus AdaLoRA, and every MoLF
-variant's paired per-seed differences against FFT, LoRA and AdaLoRA with 95% intervals and the verdict they give. A
+variant's paired per-seed differences against FFT, LoRA and AdaLoRA with 95% intervals and the verdict they give;
+`pilots` writes one row per run of lora_regimes.sh's candidates (dev score, LoRA minus FFT, forgetting). A
 variant is the method, or `molf-e-eq` for MoLF-E whose experts share one scaling. The score is the harmonic mean of
 the task's metrics (for `fact`, CounterFact's Score over efficacy, paraphrase and neighborhood; for `sql`, exact
 match); ties go to the lower final training loss.
@@ -192,6 +194,35 @@ def summary(directories: list[Path], base: Path | None, output: Path) -> int:
     return 0
 
 
+FORGETTING = "forgetting.json"  # a run's fact neighbourhood scores (lora_regimes.sh), beside its config.yaml
+
+
+def pilots(root: Path, output: Path) -> int:
+    """One row per run of each compare directory under `root` (lora_regimes.sh's candidates): its setting, its score
+    on the dev split and LoRA's lead over FFT there; the fact neighbourhood it kept, where measured."""
+    base = root / "base.json"
+    kept = json.loads(base.read_text())["neighborhood"] if base.is_file() else math.nan
+    lines = ["| candidate | method | steps | LoRA rank | lr | dev score | LoRA minus FFT | final loss "
+             f"| neighbourhood kept (base {kept:.3f}) |", "| --- |" + " --- |" * 8]
+    directories = sorted(d for d in root.iterdir() if (d / "runs").is_dir())
+    if not directories:
+        print(f"report.py pilots: no compare directories under {root}", file=sys.stderr)
+        return 1
+    for directory in directories:
+        found = {c["method"]: (c, r) for c, r in runs([directory]) if r.status == "ok"}
+        values = {m: score(r, TASKS[c["data"]["task"]].metrics) for m, (c, r) in found.items()}
+        lead = f"{values['lora'] - values['fft']:+.3f}" if {"fft", "lora"} <= values.keys() else ""
+        for method, (config, result) in found.items():
+            rank = config["lora"]["r"] if method == "lora" else ""
+            forgetting = result.out / FORGETTING
+            neighbourhood = json.loads(forgetting.read_text())["neighborhood"] if forgetting.is_file() else None
+            lines.append(f"| {directory.name} | {method} | {config['train']['max_steps']} | {rank} | "
+                         f"{config['train']['lr']:g} | {values[method]:.3f} | {lead if method == 'lora' else ''} | "
+                         f"{result.final_loss:.4f} | {'' if neighbourhood is None else f'{neighbourhood:.3f}'} |")
+    output.write_text("\n".join(lines) + "\n")
+    return 0
+
+
 # t quantile 0.975 by degrees of freedom (a 95% two-sided interval); 1.96 past the table
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -268,11 +299,16 @@ def main(argv: list[str] | None = None) -> int:
     results.add_argument("dirs", type=Path, nargs="+")
     results.add_argument("--base", type=Path, help="the base model's scores (molf-ds eval --output)")
     results.add_argument("--output", type=Path, required=True, help="the markdown tables")
+    candidates = commands.add_parser("pilots", help="lora_regimes.sh's candidates: dev scores and forgetting")
+    candidates.add_argument("root", type=Path, help="the directory of the candidates' compare directories")
+    candidates.add_argument("--output", type=Path, required=True, help="the markdown table")
     args = parser.parse_args(argv)
     if args.command == "select":
         return select(args.dirs, args.variants.split(","), args.table, args.sets)
     if args.command == "summary":
         return summary(args.dirs, args.base, args.output)
+    if args.command == "pilots":
+        return pilots(args.root, args.output)
     return routing(args.dirs, args.output)
 
 
