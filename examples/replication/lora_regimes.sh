@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
 # Issue 31's search for a regime where LoRA beats FFT: each candidate on a dev split, fft and lora, one seed (100).
-# A candidate where LoRA led would get the full comparison (MoLF under each score, 5 seeds, as lowrank.sh does).
 #   ./examples/replication/lora_regimes.sh      (`compare --reuse` resumes an interrupted run)
 # City codes, the 20 dev cities:
 #   steps24  lowrank.sh's own setting (24 steps) at its dev-chosen lrs, kept to measure forgetting below;
@@ -10,11 +9,13 @@
 #   forgetting: every city-codes model above on the fact test half's neighbourhood prompts (known facts no run
 #            trains), base.json the base model's.
 # Sql, the 100 dev rows: sql48, 4x the training (48 steps, 384 of the 600 rows) at run.sh's dev-chosen lrs.
+# No candidate put LoRA ahead on dev; noise, a tie there, then runs the full comparison on the test cities (test/).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore::FutureWarning
 OUT=${OUT:-examples/replication/runs/lora-regimes}
 DATA=examples/replication/data
+SEEDS=${SEEDS:-5}
 codes=(examples/replication/city_codes_smollm2.yaml eval.data="$DATA/city_codes_dev.jsonl")
 facts=(--task fact --data "$DATA/facts_smollm2_test.json" --no-progress)
 
@@ -22,8 +23,9 @@ mkdir -p "$OUT"
 { echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with local changes)')"; date -u
   echo "$(nproc --all) cores: $(lscpu | sed -n 's/^Model name: *//p')"; uptime; } >> "$OUT/environment.txt"
 
-lrs() {  # FFT_LR LORA_LR: compare's --set arguments, each method's lr and lora_lr alike
-  echo "--set=fft:train.lr=$1 --set=fft:train.lora_lr=$1 --set=lora:train.lr=$2 --set=lora:train.lora_lr=$2"
+lrs() {  # METHOD=LR...: compare's --set arguments, each method's lr and lora_lr alike
+  local pair
+  for pair in "$@"; do echo "--set=${pair%%=*}:train.lr=${pair#*=} --set=${pair%%=*}:train.lora_lr=${pair#*=}"; done
 }
 pilot() {  # NAME CONFIG ARGS...: one seed of the methods ARGS name, into $OUT/NAME
   local name=$1; shift
@@ -31,10 +33,11 @@ pilot() {  # NAME CONFIG ARGS...: one seed of the methods ARGS name, into $OUT/N
 }
 # shellcheck disable=SC2046  # lrs' words are separate arguments
 {
-  pilot steps24 "${codes[@]}" --methods fft,lora $(lrs 4e-4 8e-4)
-  pilot steps96 "${codes[@]}" train.max_steps=96 --methods fft,lora $(lrs 2e-4 4e-4)
-  pilot rank8 "${codes[@]}" train.max_steps=96 molf.lora_ranks=[8] lora.r=8 --methods lora $(lrs 2e-4 4e-4)
-  pilot noise "${codes[@]}" data.train="$DATA/city_codes_train_noisy.jsonl" --methods fft,lora $(lrs 4e-4 8e-4)
+  pilot steps24 "${codes[@]}" --methods fft,lora $(lrs fft=4e-4 lora=8e-4)
+  pilot steps96 "${codes[@]}" train.max_steps=96 --methods fft,lora $(lrs fft=2e-4 lora=4e-4)
+  pilot rank8 "${codes[@]}" train.max_steps=96 molf.lora_ranks=[8] lora.r=8 --methods lora $(lrs lora=4e-4)
+  pilot noise "${codes[@]}" data.train="$DATA/city_codes_train_noisy.jsonl" --methods fft,lora \
+    $(lrs fft=4e-4 lora=8e-4)
 }
 [ -f "$OUT/base.json" ] || molf-ds eval smollm2-135m "${facts[@]}" --output "$OUT/base.json"
 for run in "$OUT"/{steps24,steps96,rank8,noise}/runs/*; do  # before the prune below takes final/
@@ -42,7 +45,20 @@ for run in "$OUT"/{steps24,steps96,rank8,noise}/runs/*; do  # before the prune b
 done
 # shellcheck disable=SC2046
 pilot sql48 examples/replication/sql_smollm2.yaml eval.data="$DATA/sql_dev.jsonl" train.max_steps=48 \
-  --methods fft,lora $(lrs 5e-5 1e-4)
+  --methods fft,lora $(lrs fft=5e-5 lora=1e-4)
+# noise, a tie on dev and the cheapest to test, on the 49 test cities at $SEEDS seeds (test/): fft, lora and MoLF
+# under each score, at lowrank.sh's dev-chosen lrs (the clean task's)
+noisy=(examples/replication/city_codes_smollm2.yaml data.train="$DATA/city_codes_train_noisy.jsonl" --seeds "$SEEDS"
+       --reuse)
+# shellcheck disable=SC2046
+molf-ds compare "${noisy[@]}" --methods fft,lora,molf $(lrs fft=4e-4 lora=8e-4 molf=4e-4) --output-dir "$OUT/test/noise"
+for score in pfn ldw; do
+  # shellcheck disable=SC2046
+  molf-ds compare "${noisy[@]}" molf.score=$score --methods molf $(lrs molf=4e-4) --output-dir "$OUT/test/noise-$score"
+done
 find "$OUT" \( -path '*/runs/*/final' -o -path '*/runs/*/final_peft' \) -type d -prune -exec rm -rf {} +
 python examples/replication/report.py pilots "$OUT" --output "$OUT/summary.md"
-echo "lora_regimes.sh: $OUT/summary.md"
+tests=("$OUT/test/noise" "$OUT/test/noise-pfn" "$OUT/test/noise-ldw")
+python examples/replication/report.py summary "${tests[@]}" --output "$OUT/test/summary.md"
+python examples/replication/report.py routing "${tests[@]}" --output "$OUT/test/routing.md"
+echo "lora_regimes.sh: $OUT/summary.md, $OUT/test/summary.md, $OUT/test/routing.md"
