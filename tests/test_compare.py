@@ -27,8 +27,9 @@ def test_overrides_may_follow_the_options():
     assert (args.config, args.overrides, args.methods, args.seeds) == ("run.yaml", ["a=1", "b=2"], "fft,lora", 3)
     assert parse(parser(), ["generate", "out", "hi", "--max-new-tokens", "3", "there"]).prompts == ["hi", "there"]
     assert parse(parser(), ["train", "run.yaml", "--local_rank=0", "x=1"]).overrides == ["x=1"]
-    with pytest.raises(SystemExit):
-        parse(parser(), ["compare", "run.yaml", "--no-such-option"])
+    for wrong in (["compare", "run.yaml", "--no-such-option"], ["models", "list", "extra"]):
+        with pytest.raises(SystemExit):
+            parse(parser(), wrong)
 
 
 def test_report_arithmetic(tmp_path):

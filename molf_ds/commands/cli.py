@@ -88,8 +88,11 @@ def parse(root: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namesp
     args, unknown = root.parse_known_args(argv)
     if not unknown or getattr(args, "takes_any_arguments", False):
         return args
-    rest = argv[argv.index(args.command) + 1:]
-    return args.command_parser.parse_intermixed_args(rest, argparse.Namespace(command=args.command))
+    rest, command = argv[argv.index(args.command) + 1:], args.command_parser
+    try:
+        return command.parse_intermixed_args(rest, argparse.Namespace(command=args.command))
+    except TypeError:  # argparse cannot intermix a command with subcommands of its own (`models list`)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
