@@ -8,6 +8,7 @@
 #   noise    one of the 4 training cities of each country mislabelled (data/city_codes_train_noisy.jsonl);
 #   forgetting: every city-codes model above on the fact test half's neighbourhood prompts (known facts no run
 #            trains), base.json the base model's.
+# Fact, the regenerated dev half (44 rewrites): fft and lora over lrs 1e-4 to 8e-4 (fact-lrLR).
 # Sql, the 100 dev rows: sql48, 4x the training (48 steps, 384 of the 600 rows) at run.sh's dev-chosen lrs.
 # No candidate put LoRA ahead on dev; noise, a tie there, then runs the full comparison on the test cities (test/).
 set -euo pipefail
@@ -42,6 +43,12 @@ pilot() {  # NAME CONFIG ARGS...: one seed of the methods ARGS name, into $OUT/N
 [ -f "$OUT/base.json" ] || molf-ds eval smollm2-135m "${facts[@]}" --output "$OUT/base.json"
 for run in "$OUT"/{steps24,steps96,rank8,noise}/runs/*; do  # before the prune below takes final/
   [ -f "$run/forgetting.json" ] || molf-ds eval "$run" "${facts[@]}" --output "$run/forgetting.json"
+done
+# Fact, its regenerated dev half: fft and lora over one lr grid (fact-lrLR). fact_rerun.sh uses the first fact
+# data's choices, made where a trained neighbour counted against every rewrite that succeeded.
+for lr in 1e-4 2e-4 4e-4 8e-4; do
+  pilot "fact-lr$lr" examples/replication/fact_smollm2.yaml data.train="$DATA/facts_smollm2_dev.json" \
+    eval.data="$DATA/facts_smollm2_dev.json" train.lr=$lr train.lora_lr=$lr --methods fft,lora
 done
 # shellcheck disable=SC2046
 pilot sql48 examples/replication/sql_smollm2.yaml eval.data="$DATA/sql_dev.jsonl" train.max_steps=48 \
