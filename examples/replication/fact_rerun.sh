@@ -11,7 +11,7 @@
 #   ./examples/replication/fact_rerun.sh      (SEEDS=5; `compare --reuse` resumes an interrupted run)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore::FutureWarning
+source examples/replication/common.sh
 OUT=${OUT:-examples/replication/runs/fact-rerun}
 DATA=examples/replication/data/facts_smollm2_test.json
 SEEDS=${SEEDS:-5}
@@ -32,7 +32,7 @@ compare() {  # DIR METHODS [compare arguments ...]; an argument --set=METHOD:key
   done
   mapfile -t own < <(grep -E "^--set=(${methods//,/|}):" <<< "$sets" | grep -v "${replaced[@]}")   # compare refuses others' --set
   molf-ds compare "$yaml" "$@" --methods "$methods" --seeds "$SEEDS" "${own[@]}" --reuse --output-dir "$OUT/$dir"
-  find "$OUT" \( -path '*/runs/*/final' -o -path '*/runs/*/final_peft' \) -type d -prune -exec rm -rf {} +
+  prune "$OUT"
 }
 compare test fft,lora,adalora,molf,molf-e --set 'molf-e:molf.lora_alphas=[32,32]'
 compare test-ldw molf,molf-e molf.score=ldw --set 'molf-e:molf.lora_alphas=[32,32]'

@@ -14,16 +14,14 @@
 # (test/noise*); fact's test half runs fft and lora at the lrs its dev half chose (test/fact).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore::FutureWarning
+source examples/replication/common.sh
 OUT=${OUT:-examples/replication/runs/lora-regimes}
 DATA=examples/replication/data
 SEEDS=${SEEDS:-5}
 codes=(examples/replication/city_codes_smollm2.yaml eval.data="$DATA/city_codes_dev.jsonl")
 facts=(--task fact --data "$DATA/facts_smollm2_test.json" --no-progress)
 
-mkdir -p "$OUT"
-{ echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with local changes)')"; date -u
-  echo "$(nproc --all) cores: $(lscpu | sed -n 's/^Model name: *//p')"; uptime; } >> "$OUT/environment.txt"
+record_environment "$OUT/environment.txt"
 
 lrs() {  # METHOD=LR...: compare's --set arguments, each method's lr and lora_lr alike
   local pair
@@ -70,7 +68,7 @@ done
 # shellcheck disable=SC2046
 molf-ds compare examples/replication/fact_smollm2.yaml --methods fft,lora --seeds "$SEEDS" --reuse \
   $(lrs fft=4e-4 lora=8e-4) --output-dir "$OUT/test/fact"
-find "$OUT" \( -path '*/runs/*/final' -o -path '*/runs/*/final_peft' \) -type d -prune -exec rm -rf {} +
+prune "$OUT"
 python examples/replication/report.py pilots "$OUT" --output "$OUT/summary.md"
 tests=("$OUT/test/noise" "$OUT/test/noise-pfn" "$OUT/test/noise-ldw")
 python examples/replication/report.py summary "${tests[@]}" --output "$OUT/test/summary.md"

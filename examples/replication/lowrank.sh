@@ -8,17 +8,14 @@
 # routing.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore::FutureWarning
+source examples/replication/common.sh
 OUT=${OUT:-examples/replication/runs/city_codes}
 DATA=examples/replication/data
 SEEDS=${SEEDS:-5}
 GRID=(5e-5 1e-4 2e-4 4e-4)
 yaml=examples/replication/city_codes_smollm2.yaml
-prune() { find "$1" \( -path '*/runs/*/final' -o -path '*/runs/*/final_peft' \) -type d -prune -exec rm -rf {} +; }
 
-mkdir -p "$OUT"
-{ echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with local changes)')"; date -u
-  echo "$(nproc --all) cores: $(lscpu | sed -n 's/^Model name: *//p')"; uptime; } >> "$OUT/environment.txt"
+record_environment "$OUT/environment.txt"
 [ -f "$OUT/base.json" ] || torchrun --standalone --nproc_per_node 2 -m molf_ds.commands eval smollm2-135m \
   --task jsonl --data "$DATA/city_codes_test.jsonl" --batch-size 32 --max-new-tokens 4 --no-progress \
   --output "$OUT/base.json"

@@ -16,7 +16,7 @@
 #   OVERRIDES="train.max_steps=2" run.sh      (GRID, RATIO4, ADALORA_GRID, BEYOND replace the task's grids)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore::FutureWarning
+source examples/replication/common.sh
 OUT=${OUT:-examples/replication/runs}
 DATA=examples/replication/data
 FIGURES=${FIGURES:-examples/replication/figures}
@@ -28,16 +28,9 @@ MOLF_E_EQ=(--set 'molf-e:molf.lora_ranks=[32,128]' --set 'molf-e:molf.lora_alpha
 tasks=("$@")
 [ ${#tasks[@]} -gt 0 ] || tasks=(fact sql)
 
-prune() {  # the runs' merged models: their scores are in eval.jsonl already
-  [ "${KEEP_FINAL:-0}" = 1 ] || find "$1" \( -path '*/runs/*/final' -o -path '*/runs/*/final_peft' \) -type d -prune -exec rm -rf {} +
-}
-
-mkdir -p "$OUT"
-{ echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with local changes)')"; date -u
-  echo "$(nproc --all) cores: $(lscpu | sed -n 's/^Model name: *//p')"; uptime
-  python -c 'from importlib.metadata import version as v
-print(*(f"{p} {v(p)}" for p in ("torch", "deepspeed", "transformers", "peft")), sep=", ")'
-} >> "$OUT/environment.txt" 2>/dev/null
+record_environment "$OUT/environment.txt"
+python -c 'from importlib.metadata import version as v
+print(*(f"{p} {v(p)}" for p in ("torch", "deepspeed", "transformers", "peft")), sep=", ")' >> "$OUT/environment.txt"
 
 for task in "${tasks[@]}"; do
   yaml=examples/replication/${task}_smollm2.yaml

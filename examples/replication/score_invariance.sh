@@ -6,7 +6,7 @@
 #   ./examples/replication/score_invariance.sh [SCORE ...]      (epd pfn ldw by default; `compare --reuse` resumes)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore::FutureWarning
+source examples/replication/common.sh
 OUT=${OUT:-examples/replication/runs/fact/scores}
 DATA=examples/replication/data/facts_smollm2_dev.json
 LR=2e-4 LR_E=1e-4                     # the dev choices of molf and molf-e on the first fact data (RESULTS.md)
@@ -20,7 +20,7 @@ for score in "${scores[@]}"; do
     --set 'molf-e:molf.lora_alphas=[32,32]' --output-dir "$OUT/$score-as-set"
   molf-ds compare "${run[@]}" --set "molf:train.lora_lr=$(python -c "print(4 * $LR)")" \
     --set 'molf-e:molf.lora_alphas=[32,64]' --output-dir "$OUT/$score-changed"
-  find "$OUT" \( -path '*/runs/*/final' -o -path '*/runs/*/final_peft' \) -type d -prune -exec rm -rf {} +
+  prune "$OUT"
 done
 dirs=()
 for score in "${scores[@]}"; do dirs+=("$OUT/$score-as-set" "$OUT/$score-changed"); done
